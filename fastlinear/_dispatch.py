@@ -1,0 +1,152 @@
+"""Backend registry and resolution: argument > ``use_backend`` context > ``FASTLINEAR_BACKEND`` > auto.
+
+One dict maps each backend name to the module that implements it (``fastlinear.backends``
+documents the interface). Modules are imported on first use only, so an optional library that is
+missing costs nothing until its backend is chosen, and then raises an error naming the extra.
+"""
+
+import contextlib
+import contextvars
+import importlib
+import os
+
+ENV_VAR = "FASTLINEAR_BACKEND"
+AUTO = "auto"
+
+# name -> module path; the one source of truth for which backends exist.
+BACKENDS = {
+    "numpy": "fastlinear.backends.numpy",
+    "numba": "fastlinear.backends.numba",
+    "cupy": "fastlinear.backends.cupy",
+}
+
+# Preference order of ``auto`` per array library: fastest first. ``auto`` takes the first
+# available backend; numpy is always available for NumPy arrays.
+AUTO_ORDER = {
+    "numpy": ("numba", "numpy"),
+    "cupy": ("cupy",),
+}
+
+VALID_NAMES = (*BACKENDS, AUTO)
+
+_context_backend = contextvars.ContextVar("fastlinear_backend", default=None)
+_modules = {}
+_env_cache = [None, None]  # [raw value of the variable, normalised name]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run on this machine (the message says why)."""
+
+
+def normalize_name(name, source="backend"):
+    """Return the canonical backend name for ``name`` (case and surrounding space ignored)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{source} must be a str naming one of {VALID_NAMES}, got {name!r}")
+    canonical = name.strip().lower()
+    if canonical not in VALID_NAMES:
+        raise ValueError(
+            f"unknown {source} {name!r}: expected one of {', '.join(repr(n) for n in VALID_NAMES)}"
+        )
+    return canonical
+
+
+def _load(name):
+    """Import (once) and return the module of backend ``name``; raise if it cannot run."""
+    module = _modules.get(name)
+    if module is None:
+        try:
+            module = importlib.import_module(BACKENDS[name])
+        except ImportError as exc:  # a backend module imports only what it can guard
+            raise BackendUnavailableError(f"backend {name!r} failed to import: {exc}") from exc
+        reason = module.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+        _modules[name] = module
+    return module
+
+
+def unavailable_reason(name):
+    """``None`` if backend ``name`` can run here, else the reason it cannot."""
+    try:
+        _load(normalize_name(name))
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+def available_backends():
+    """Map every registered backend name to ``None`` (available) or the reason it is not.
+
+    Examples
+    --------
+    >>> import fastlinear
+    >>> fastlinear.available_backends()["numpy"] is None
+    True
+    """
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+def _env_backend():
+    """The normalised value of ``FASTLINEAR_BACKEND`` (``None`` when unset or blank)."""
+    raw = os.environ.get(ENV_VAR)
+    if raw != _env_cache[0]:
+        name = None
+        if raw is not None and raw.strip():
+            name = normalize_name(raw, source=f"{ENV_VAR} value")
+        _env_cache[:] = [raw, name]
+    return _env_cache[1]
+
+
+def requested_backend(backend=None):
+    """The backend name asked for, by precedence: argument, context, environment, else auto."""
+    if backend is not None:
+        return normalize_name(backend)
+    name = _context_backend.get()
+    if name is not None:
+        return name
+    return _env_backend() or AUTO
+
+
+def resolve(backend, array_library):
+    """Return the backend module for this call.
+
+    ``array_library`` is the library of the call's arrays (``"numpy"`` or ``"cupy"``); ``auto``
+    picks the fastest available backend for it.
+    """
+    name = requested_backend(backend)
+    if name != AUTO:
+        return _load(name)
+    for candidate in AUTO_ORDER.get(array_library, ()):
+        try:
+            return _load(candidate)
+        except BackendUnavailableError:
+            continue
+    raise BackendUnavailableError(f"no backend is available for {array_library} arrays")
+
+
+def current_backend(array_library="numpy"):
+    """The name of the backend a call on ``array_library`` arrays would use right now."""
+    return resolve(None, array_library).NAME
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Use backend ``name`` for fastlinear calls in this thread/context within the block.
+
+    The ``backend=`` argument of a call still wins over it; it wins over ``FASTLINEAR_BACKEND``.
+    The choice is held in a context variable, so one thread's choice never leaks into another's.
+
+    Examples
+    --------
+    >>> import numpy as np, fastlinear
+    >>> with fastlinear.use_backend("numpy"):
+    ...     Y = fastlinear.linear_forward(np.ones((2, 3)), np.ones((3, 4)))
+    """
+    canonical = normalize_name(name)
+    if canonical != AUTO:
+        _load(canonical)  # fail at the `with`, not at the first call inside it
+    token = _context_backend.set(canonical)
+    try:
+        yield canonical
+    finally:
+        _context_backend.reset(token)

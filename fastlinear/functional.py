@@ -1,0 +1,238 @@
+"""The functional API: ``linear_forward`` and ``linear_backward`` validate once, then dispatch.
+
+All input checks live here, so backends stay free of them. Conventions (the classic NumPy layer's,
+not PyTorch's): ``W`` has shape ``(in_features, out_features)`` = ``(D, M)``, ``X`` has shape
+``(N, D)`` or ``(*, D)``, ``b`` has shape ``(M,)`` or ``(1, M)``, ``Y`` has shape ``(N, M)`` or
+``(*, M)``.
+
+Rules
+-----
+* Array type in = array type out. NumPy and CuPy arrays are accepted; Python lists and tuples are
+  converted with ``numpy.asarray(x, dtype=W.dtype)`` (a list has no dtype of its own); anything
+  else is a ``TypeError``. Masked arrays are refused (the mask would be ignored silently).
+* Every array of a call has the same floating dtype, from the backend's ``DTYPES`` (float32 and
+  float64 everywhere, float16 on the GPU too). float32 stays float32. Mixed dtypes and integer,
+  bool, complex or object arrays are a ``TypeError``; nothing is cast behind your back.
+* Shapes must agree exactly; nothing is broadcast except the bias over rows.
+* NaN and inf propagate as in NumPy; they are not checked for.
+"""
+
+import numpy as np
+
+from fastlinear import _dispatch
+
+__all__ = ["linear_forward", "linear_backward"]
+
+
+def _library(x):
+    """Root module of an array's type: ``"numpy"``, ``"cupy"``, ``"builtins"`` ..."""
+    return type(x).__module__.partition(".")[0]
+
+
+def _as_array(x, name, dtype=None):
+    """Return ``x`` as an array (converting lists/tuples), or raise TypeError naming what came."""
+    library = _library(x)
+    if library == "cupy":
+        return x
+    if isinstance(x, np.ndarray):
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(
+                f"{name} is a numpy masked array; fastlinear would ignore its mask. "
+                f"Pass {name}.filled(...) or an unmasked ndarray"
+            )
+        return x if type(x) is np.ndarray else np.asarray(x)
+    if isinstance(x, (list, tuple)):
+        try:
+            return np.asarray(x, dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} could not be converted to a {dtype} array: {exc}") from exc
+    raise TypeError(
+        f"{name} must be a numpy.ndarray or cupy.ndarray (or a list of numbers), "
+        f"got {type(x).__module__}.{type(x).__qualname__}"
+    )
+
+
+def _check_dtype(x, name, dtype):
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the call computes in {dtype} (the dtype of W); "
+            f"fastlinear does not cast: convert with {name}.astype({dtype.name!r})"
+        )
+
+
+def _check_weight(W, module):
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
+    if W.dtype not in module.DTYPES:
+        names = ", ".join(d.name for d in module.DTYPES)
+        raise TypeError(
+            f"W has dtype {W.dtype}; the {module.NAME!r} backend computes in {names}"
+        )
+
+
+def _check_bias(b, M, dtype):
+    """Return ``b`` as a 1-D ``(M,)`` view; ``(1, M)`` is accepted as the notebook uses it."""
+    _check_dtype(b, "b", dtype)
+    if b.ndim == 2 and b.shape[0] == 1:
+        b = b.reshape(b.shape[1])
+    if b.ndim != 1 or b.shape[0] != M:
+        raise ValueError(f"b must have shape ({M},) or (1, {M}) to match W's {M} columns, "
+                         f"got shape {b.shape}")
+    return b
+
+
+def _check_rows(x, name, width, what):
+    """Check ``x`` is ``(*, width)``; return it flattened to 2-D ``(rows, width)``."""
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be 2-D (N, {width}) or (*, {width}), got shape {x.shape}"
+                         f"; for a single row use {name}.reshape(1, -1)")
+    if x.shape[-1] != width:
+        raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
+                         f"(shape {x.shape})")
+    return x if x.ndim == 2 else x.reshape(-1, width)
+
+
+def _shares_memory(a, b):
+    if _library(a) == "cupy":
+        import cupy
+
+        return cupy.shares_memory(a, b)
+    return np.may_share_memory(a, b)
+
+
+def _check_out(buf, name, shape, dtype, library, inputs):
+    """Check a caller-supplied output buffer of exactly ``shape``; return it as 2-D (or 1-D)."""
+    if _library(buf) != library:
+        raise TypeError(f"{name} must be a {library}.ndarray like the inputs, "
+                        f"got {type(buf).__module__}.{type(buf).__qualname__}")
+    if buf.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {buf.dtype}")
+    if buf.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {buf.shape}")
+    if not buf.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {buf.strides}")
+    if not buf.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for input_name, array in inputs:
+        if array is not None and _shares_memory(buf, array):
+            raise ValueError(f"{name} overlaps the input {input_name}; pass a separate buffer")
+    return buf if buf.ndim <= 2 else buf.reshape(-1, shape[-1])
+
+
+def _prepare(W, arrays, backend):
+    """Common checks: array library, backend, W. Returns (module, library, W)."""
+    W = _as_array(W, "W")
+    library = _library(W)
+    module = _dispatch.resolve(backend, library)
+    if library not in module.ARRAY_LIBRARIES:
+        raise TypeError(f"the {module.NAME!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
+                        f"arrays, got W as a {library}.ndarray")
+    _check_weight(W, module)
+    checked = []
+    for name, x in arrays:
+        if x is None:
+            checked.append(None)
+            continue
+        x = _as_array(x, name, W.dtype)
+        if _library(x) != library:
+            raise TypeError(f"{name} is a {_library(x)}.ndarray but W is a {library}.ndarray; "
+                            f"move all arrays to one library")
+        _check_dtype(x, name, W.dtype)
+        checked.append(x)
+    return module, library, W, checked
+
+
+def linear_forward(X, W, b=None, *, backend=None, out=None):
+    """Forward pass of a linear layer, ``Y = X @ W + b``, with the bias add fused where possible.
+
+    Parameters
+    ----------
+    X : array, shape (N, D) or (*, D)
+        Input rows. Leading dimensions are batch dimensions.
+    W : array, shape (D, M)
+        Weights as ``(in_features, out_features)`` (the transpose of PyTorch's ``weight``).
+    b : array, shape (M,) or (1, M), optional
+        Bias, added to every row.
+    backend : str, optional
+        ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"auto"``; overrides ``use_backend`` and
+        ``FASTLINEAR_BACKEND``.
+    out : array, shape (N, M) or (*, M), optional
+        C-contiguous buffer of the result dtype that receives ``Y``.
+
+    Returns
+    -------
+    Y : array, shape (N, M) or (*, M), same dtype and array type as ``X``.
+
+    Raises
+    ------
+    TypeError
+        Non-array input, non-float or mixed dtypes, arrays of different libraries.
+    ValueError
+        Shapes that do not agree, a bad ``out`` buffer, an unknown backend name.
+    fastlinear.BackendUnavailableError
+        The backend asked for cannot run here (the message says why and what to install).
+    """
+    module, library, W, (X, b) = _prepare(W, (("X", X), ("b", b)), backend)
+    D, M = W.shape
+    lead = X.shape[:-1]
+    X2 = _check_rows(X, "X", D, "features")
+    if b is not None:
+        b = _check_bias(b, M, W.dtype)
+    if out is not None:
+        out = _check_out(out, "out", (*lead, M), W.dtype, library,
+                         (("X", X), ("W", W), ("b", b)))
+    Y = module.forward(X2, W, b, out)
+    return Y if len(lead) == 1 else Y.reshape(*lead, M)
+
+
+def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accumulate=False,
+                    dX=None, dW=None, db=None):
+    """Backward pass of a linear layer: ``dX = dY @ W.T``, ``dW = X.T @ dY``, ``db = dY.sum(0)``.
+
+    Parameters
+    ----------
+    dY : array, shape (N, M) or (*, M)
+        Upstream gradient, the shape of the forward output.
+    X : array, shape (N, D) or (*, D)
+        The forward input.
+    W : array, shape (D, M)
+        Weights as ``(in_features, out_features)``.
+    has_bias : bool
+        Compute ``db`` (else it is returned as ``None``).
+    need_dX : bool
+        Compute ``dX`` (else it is returned as ``None``; a first layer does not need it).
+    backend : str, optional
+        As for ``linear_forward``.
+    accumulate : bool
+        Add the gradients into the given ``dW`` (and ``db``) buffers instead of overwriting them
+        (gradient accumulation). Both buffers are then required.
+    dX, dW, db : arrays, optional
+        C-contiguous output buffers of shapes ``X.shape``, ``(D, M)``, ``(M,)``.
+
+    Returns
+    -------
+    (dX, dW, db) : tuple of arrays (``dX``/``db`` may be ``None``, see above)
+    """
+    module, library, W, (dY, X) = _prepare(W, (("dY", dY), ("X", X)), backend)
+    D, M = W.shape
+    X2 = _check_rows(X, "X", D, "features")
+    if dY.shape != (*X.shape[:-1], M):
+        raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
+                         f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
+    dY2 = dY if dY.ndim == 2 else dY.reshape(-1, M)
+    inputs = (("dY", dY), ("X", X), ("W", W))
+    if accumulate and (dW is None or (has_bias and db is None)):
+        raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
+                         "(and db when has_bias)")
+    if dW is not None:
+        dW = _check_out(dW, "dW", (D, M), W.dtype, library, inputs)
+    if has_bias and db is not None:
+        db = _check_out(db, "db", (M,), W.dtype, library, inputs)
+    if need_dX and dX is not None:
+        dX = _check_out(dX, "dX", X.shape, W.dtype, library, inputs)
+    dX2, dW, db = module.backward(dY2, X2, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
+                                  accumulate=bool(accumulate), dX=dX if need_dX else None,
+                                  dW=dW, db=db if has_bias else None)
+    if dX2 is not None and X.ndim != 2:
+        dX2 = dX2.reshape(X.shape)
+    return dX2, dW, db

@@ -1,0 +1,141 @@
+"""``fastlinear.Linear``: a drop-in for the classic NumPy ``Linear`` class of teaching notebooks.
+
+Code written for that class runs unchanged: ``W`` (``randn * 0.01``, shape ``(in, out)``), ``b``
+(zeros), ``dW``, ``db`` and the cached input ``X`` are plain attributes the user may read and
+assign; ``forward(X)`` returns ``Y``; ``backward(dY)`` stores ``dW``/``db`` and returns ``dX``.
+The math lives in ``fastlinear.functional``; the layer only holds state.
+"""
+
+import importlib
+
+import numpy as np
+
+from fastlinear import _dispatch
+from fastlinear.functional import linear_backward, linear_forward
+
+__all__ = ["Linear"]
+
+
+class Linear:
+    """A linear (dense) layer ``Y = X @ W + b`` with the gradients of its backward pass.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        ``D`` and ``M``: ``W`` has shape ``(D, M)``, ``b`` shape ``(M,)``.
+    bias : bool
+        Whether the layer has a bias (``b`` and ``db`` are ``None`` when it has not).
+    dtype : numpy dtype
+        float32 or float64 (float16 too on the GPU backend). Default float64, as the notebook.
+    backend : str, optional
+        Backend for this layer's calls (``"numpy"``, ``"numba"``, ``"cupy"``, ``"auto"``); when
+        ``None`` the ``use_backend`` context, then ``FASTLINEAR_BACKEND``, then ``auto`` decide at
+        each call. With the cupy backend the parameters live on the GPU (CuPy arrays).
+    rng : numpy.random.Generator or int, optional
+        Source of the initial weights. ``None`` uses ``np.random.randn`` like the notebook, so
+        ``np.random.seed`` reproduces its weights.
+
+    Attributes
+    ----------
+    W : array (D, M)
+    b : array (M,) or None
+    dW, db : gradients of the last ``backward`` (zeros before it)
+    X : the input cached by the last ``forward`` (``None`` before it)
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float64, backend=None,
+                 rng=None):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"dtype must be a floating dtype (float32, float64), got {dtype}")
+        self.backend = None if backend is None else _dispatch.normalize_name(backend)
+        shape = (int(in_features), int(out_features))
+        if rng is None:
+            W = np.random.randn(*shape) * 0.01
+        else:
+            W = np.random.default_rng(rng).standard_normal(shape) * 0.01
+        xp = self._array_module()
+        self.W = xp.asarray(W, dtype=dtype)
+        self.b = xp.zeros(shape[1], dtype=dtype) if bias else None
+        self.dW = xp.zeros_like(self.W)
+        self.db = xp.zeros_like(self.b) if bias else None
+        self.X = None
+
+    def _array_module(self):
+        """CuPy when this layer's backend is cupy (parameters live on the device), else NumPy."""
+        if self.backend is None or self.backend == _dispatch.AUTO:
+            return np
+        return importlib.import_module(_dispatch._load(self.backend).ARRAY_LIBRARIES[0])
+
+    @property
+    def in_features(self):
+        return self.W.shape[0]
+
+    @property
+    def out_features(self):
+        return self.W.shape[1]
+
+    @property
+    def dtype(self):
+        return self.W.dtype
+
+    def forward(self, X):
+        """Return ``Y = X @ W + b`` for ``X`` of shape ``(N, in_features)`` or ``(*, in_features)``.
+
+        The input is cached in ``self.X`` for ``backward``.
+        """
+        Y = linear_forward(X, self.W, self.b, backend=self.backend)
+        self.X = X
+        return Y
+
+    __call__ = forward
+
+    def backward(self, dY, *, accumulate=False, need_dX=True):
+        """Store ``dW = X.T @ dY`` and ``db = dY.sum(0)``; return ``dX = dY @ W.T``.
+
+        ``dY`` has the shape of the last ``forward`` output. With ``accumulate=True`` the
+        gradients are added to ``self.dW``/``self.db`` (gradient accumulation) instead of
+        replacing them. ``need_dX=False`` skips ``dX`` (returns ``None``), e.g. for a first layer.
+        If the call raises, ``dW`` and ``db`` keep their previous values.
+        """
+        if self.X is None:
+            raise RuntimeError("backward() called before forward(): the layer has no cached input "
+                               "X; call forward(X) first")
+        has_bias = self.b is not None
+        # linear_backward validates everything before a backend writes, so a call that raises
+        # leaves the stored gradients untouched, also when accumulating into them in place.
+        dW, db = (self.dW, self.db) if accumulate else (None, None)
+        dX, dW, db = linear_backward(dY, self.X, self.W, has_bias=has_bias, need_dX=need_dX,
+                                     backend=self.backend, accumulate=accumulate, dW=dW, db=db)
+        self.dW, self.db = dW, db
+        return dX
+
+    def zero_grad(self):
+        """Reset ``dW`` and ``db`` to zeros, in place when their shapes still match."""
+        xp = self._array_module()
+        grads = [("dW", self.W.shape)]
+        if self.b is not None:
+            grads.append(("db", (self.out_features,)))
+        else:
+            self.db = None
+        for name, shape in grads:
+            grad = getattr(self, name)
+            if grad is not None and grad.shape == shape and grad.dtype == self.dtype:
+                grad[...] = 0
+            else:
+                setattr(self, name, xp.zeros(shape, dtype=self.dtype))
+
+    def parameters(self):
+        """List of ``(parameter, gradient)`` pairs: ``[(W, dW), (b, db)]`` (no bias pair if none)."""
+        pairs = [(self.W, self.dW)]
+        if self.b is not None:
+            pairs.append((self.b, self.db))
+        return pairs
+
+    def __repr__(self):
+        backend = self.backend or "default"
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.b is not None}, dtype={self.dtype.name}, backend={backend!r})")
