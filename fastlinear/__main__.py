@@ -1,0 +1,25 @@
+"""Command line: ``python -m fastlinear info | demo | bench`` (``--help`` on each)."""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastlinear", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="backends, their availability, versions, threads, devices",
+                        add_help=False)
+    commands.add_parser("demo", help="train a small MLP on scikit-learn's digits", add_help=False)
+    commands.add_parser("bench", help="side-by-side benchmark of every backend", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        from fastlinear.info import main as command
+    elif args.command == "demo":
+        from fastlinear.demo import main as command
+    else:
+        from fastlinear.bench import main as command
+    return command(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
