@@ -1,4 +1,4 @@
-"""Backend registry and resolution: argument > ``use_backend`` context > ``FASTLINEAR_BACKEND`` > auto.
+"""Backend registry and resolution: argument > ``use_backend`` > ``FASTLINEAR_BACKEND`` > auto.
 
 One dict maps each backend name to the module that implements it (``fastlinear.backends``
 documents the interface). Modules are imported on first use only, so an optional library that is

@@ -10,6 +10,10 @@ Rules
 * Array type in = array type out. NumPy and CuPy arrays are accepted; Python lists and tuples are
   converted with ``numpy.asarray(x, dtype=W.dtype)`` (a list has no dtype of its own); anything
   else is a ``TypeError``. Masked arrays are refused (the mask would be ignored silently).
+  The CPU backends take NumPy arrays only. The cupy backend takes CuPy arrays, and NumPy arrays
+  too, which it copies to the device: ``Y`` and ``dX`` come back in the library of the data input
+  (``X``, ``dY``), ``dW`` and ``db`` in the library of ``W`` (so a layer whose parameters live on
+  the GPU keeps its gradients there).
 * Every array of a call has the same floating dtype, from the backend's ``DTYPES`` (float32 and
   float64 everywhere, float16 on the GPU too). float32 stays float32. Mixed dtypes and integer,
   bool, complex or object arrays are a ``TypeError``; nothing is cast behind your back.
@@ -93,6 +97,8 @@ def _check_rows(x, name, width, what):
 
 
 def _shares_memory(a, b):
+    if _library(a) != _library(b):
+        return False  # host and device memory never overlap
     if _library(a) == "cupy":
         import cupy
 
@@ -120,26 +126,26 @@ def _check_out(buf, name, shape, dtype, library, inputs):
 
 
 def _prepare(W, arrays, backend):
-    """Common checks: array library, backend, W. Returns (module, library, W)."""
+    """Convert and check the call's arrays and resolve its backend.
+
+    ``arrays`` is ``((name, array), ...)`` with the data input (X or dY) first: its library
+    decides what ``auto`` picks. Returns ``(module, W, [arrays...])``.
+    """
     W = _as_array(W, "W")
-    library = _library(W)
-    module = _dispatch.resolve(backend, library)
-    if library not in module.ARRAY_LIBRARIES:
-        raise TypeError(f"the {module.NAME!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
-                        f"arrays, got W as a {library}.ndarray")
+    arrays = [(name, None if x is None and name == "b" else _as_array(x, name, W.dtype))
+              for name, x in arrays]
+    module = _dispatch.resolve(backend, _library(arrays[0][1]))
+    for name, x in (("W", W), *arrays):
+        if x is not None and _library(x) not in module.ARRAY_LIBRARIES:
+            raise TypeError(
+                f"the {module.NAME!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
+                f"arrays, got {name} as a {type(x).__module__}.{type(x).__qualname__}"
+            )
     _check_weight(W, module)
-    checked = []
     for name, x in arrays:
-        if x is None:
-            checked.append(None)
-            continue
-        x = _as_array(x, name, W.dtype)
-        if _library(x) != library:
-            raise TypeError(f"{name} is a {_library(x)}.ndarray but W is a {library}.ndarray; "
-                            f"move all arrays to one library")
-        _check_dtype(x, name, W.dtype)
-        checked.append(x)
-    return module, library, W, checked
+        if x is not None:
+            _check_dtype(x, name, W.dtype)
+    return module, W, [x for _, x in arrays]
 
 
 def linear_forward(X, W, b=None, *, backend=None, out=None):
@@ -172,14 +178,14 @@ def linear_forward(X, W, b=None, *, backend=None, out=None):
     fastlinear.BackendUnavailableError
         The backend asked for cannot run here (the message says why and what to install).
     """
-    module, library, W, (X, b) = _prepare(W, (("X", X), ("b", b)), backend)
+    module, W, (X, b) = _prepare(W, (("X", X), ("b", b)), backend)
     D, M = W.shape
     lead = X.shape[:-1]
     X2 = _check_rows(X, "X", D, "features")
     if b is not None:
         b = _check_bias(b, M, W.dtype)
     if out is not None:
-        out = _check_out(out, "out", (*lead, M), W.dtype, library,
+        out = _check_out(out, "out", (*lead, M), W.dtype, _library(X),
                          (("X", X), ("W", W), ("b", b)))
     Y = module.forward(X2, W, b, out)
     return Y if len(lead) == 1 else Y.reshape(*lead, M)
@@ -213,7 +219,7 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
     -------
     (dX, dW, db) : tuple of arrays (``dX``/``db`` may be ``None``, see above)
     """
-    module, library, W, (dY, X) = _prepare(W, (("dY", dY), ("X", X)), backend)
+    module, W, (dY, X) = _prepare(W, (("dY", dY), ("X", X)), backend)
     D, M = W.shape
     X2 = _check_rows(X, "X", D, "features")
     if dY.shape != (*X.shape[:-1], M):
@@ -225,11 +231,11 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
         raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
                          "(and db when has_bias)")
     if dW is not None:
-        dW = _check_out(dW, "dW", (D, M), W.dtype, library, inputs)
+        dW = _check_out(dW, "dW", (D, M), W.dtype, _library(W), inputs)
     if has_bias and db is not None:
-        db = _check_out(db, "db", (M,), W.dtype, library, inputs)
+        db = _check_out(db, "db", (M,), W.dtype, _library(W), inputs)
     if need_dX and dX is not None:
-        dX = _check_out(dX, "dX", X.shape, W.dtype, library, inputs)
+        dX = _check_out(dX, "dX", X.shape, W.dtype, _library(dY), inputs)
     dX2, dW, db = module.backward(dY2, X2, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
                                   accumulate=bool(accumulate), dX=dX if need_dX else None,
                                   dW=dW, db=db if has_bias else None)

@@ -54,7 +54,7 @@ class Linear:
         self.backend = None if backend is None else _dispatch.normalize_name(backend)
         shape = (int(in_features), int(out_features))
         if rng is None:
-            W = np.random.randn(*shape) * 0.01
+            W = np.random.randn(*shape) * 0.01  # noqa: NPY002 (the notebook's global RNG)
         else:
             W = np.random.default_rng(rng).standard_normal(shape) * 0.01
         xp = self._array_module()
@@ -129,7 +129,7 @@ class Linear:
                 setattr(self, name, xp.zeros(shape, dtype=self.dtype))
 
     def parameters(self):
-        """List of ``(parameter, gradient)`` pairs: ``[(W, dW), (b, db)]`` (no bias pair if none)."""
+        """``[(W, dW), (b, db)]``: parameter/gradient pairs (no bias pair without a bias)."""
         pairs = [(self.W, self.dW)]
         if self.b is not None:
             pairs.append((self.b, self.db))

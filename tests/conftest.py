@@ -29,6 +29,13 @@ def _clean_backend_env(monkeypatch):
     monkeypatch.delenv(fastlinear.ENV_VAR, raising=False)
 
 
+def to_numpy(a):
+    """A NumPy copy/view of a NumPy or CuPy array (``None`` stays ``None``)."""
+    if a is None:
+        return None
+    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
+
+
 def error_bound(dtype, terms, magnitude):
     """Worst-case rounding error of a sum of ``terms`` products, elementwise.
 

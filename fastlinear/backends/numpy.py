@@ -1,4 +1,4 @@
-"""The NumPy reference backend: the textbook math, and the oracle every other backend is tested against.
+"""The NumPy reference backend: the textbook math, the oracle every other backend is tested against.
 
 It avoids needless temporaries where NumPy allows: the forward pass fills ``Y`` with the bias and
 adds the product into it in place, and the backward pass writes straight into the caller's
