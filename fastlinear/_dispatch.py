@@ -30,7 +30,9 @@ AUTO_ORDER = {
 VALID_NAMES = (*BACKENDS, AUTO)
 
 _context_backend = contextvars.ContextVar("fastlinear_backend", default=None)
-_modules = {}
+_modules = {}  # name -> backend module that can run
+_unavailable = {}  # name -> reason it cannot
+_auto_choice = {}  # array library -> module that auto picks
 _env_cache = [None, None]  # [raw value of the variable, normalised name]
 
 
@@ -51,18 +53,27 @@ def normalize_name(name, source="backend"):
 
 
 def _load(name):
-    """Import (once) and return the module of backend ``name``; raise if it cannot run."""
+    """Import (once) and return the module of backend ``name``; raise if it cannot run.
+
+    Both outcomes are cached: a backend that cannot run is not re-imported on every call.
+    """
     module = _modules.get(name)
-    if module is None:
+    if module is not None:
+        return module
+    reason = _unavailable.get(name)
+    if reason is None:
         try:
             module = importlib.import_module(BACKENDS[name])
         except ImportError as exc:  # a backend module imports only what it can guard
-            raise BackendUnavailableError(f"backend {name!r} failed to import: {exc}") from exc
-        reason = module.unavailable_reason()
-        if reason is not None:
-            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
-        _modules[name] = module
-    return module
+            reason = f"backend {name!r} failed to import: {exc}"
+        else:
+            why = module.unavailable_reason()
+            if why is None:
+                _modules[name] = module
+                return module
+            reason = f"backend {name!r} is not available: {why}"
+        _unavailable[name] = reason
+    raise BackendUnavailableError(reason)
 
 
 def unavailable_reason(name):
@@ -116,12 +127,20 @@ def resolve(backend, array_library):
     name = requested_backend(backend)
     if name != AUTO:
         return _load(name)
-    for candidate in AUTO_ORDER.get(array_library, ()):
-        try:
-            return _load(candidate)
-        except BackendUnavailableError:
-            continue
-    raise BackendUnavailableError(f"no backend is available for {array_library} arrays")
+    module = _auto_choice.get(array_library)
+    if module is None:
+        for candidate in AUTO_ORDER.get(array_library, ()):
+            try:
+                module = _load(candidate)
+                break
+            except BackendUnavailableError:
+                continue
+        else:
+            raise BackendUnavailableError(
+                f"no backend is available for {array_library} arrays "
+                f"(auto tries {', '.join(AUTO_ORDER.get(array_library, ())) or 'none'})")
+        _auto_choice[array_library] = module
+    return module
 
 
 def current_backend(array_library="numpy"):

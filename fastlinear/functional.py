@@ -35,8 +35,9 @@ def _library(x):
 
 def _as_array(x, name, dtype=None):
     """Return ``x`` as an array (converting lists/tuples), or raise TypeError naming what came."""
-    library = _library(x)
-    if library == "cupy":
+    if type(x) is np.ndarray:
+        return x
+    if _library(x) == "cupy":
         return x
     if isinstance(x, np.ndarray):
         if isinstance(x, np.ma.MaskedArray):
@@ -129,23 +130,26 @@ def _prepare(W, arrays, backend):
     """Convert and check the call's arrays and resolve its backend.
 
     ``arrays`` is ``((name, array), ...)`` with the data input (X or dY) first: its library
-    decides what ``auto`` picks. Returns ``(module, W, [arrays...])``.
+    decides what ``auto`` picks. Returns ``(module, W, [arrays...])``. This runs on every call,
+    so it is written for speed: one pass per array, no work for arrays already in order.
     """
     W = _as_array(W, "W")
-    arrays = [(name, None if x is None and name == "b" else _as_array(x, name, W.dtype))
-              for name, x in arrays]
-    module = _dispatch.resolve(backend, _library(arrays[0][1]))
-    for name, x in (("W", W), *arrays):
-        if x is not None and _library(x) not in module.ARRAY_LIBRARIES:
+    dtype = W.dtype
+    checked = [None if x is None and name == "b" else _as_array(x, name, dtype)
+               for name, x in arrays]
+    module = _dispatch.resolve(backend, _library(checked[0]))
+    libraries = module.ARRAY_LIBRARIES
+    for name, x in (("W", W), *zip((name for name, _ in arrays), checked)):
+        if x is not None and _library(x) not in libraries:
             raise TypeError(
-                f"the {module.NAME!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
+                f"the {module.NAME!r} backend takes {' or '.join(libraries)} "
                 f"arrays, got {name} as a {type(x).__module__}.{type(x).__qualname__}"
             )
     _check_weight(W, module)
-    for name, x in arrays:
-        if x is not None:
-            _check_dtype(x, name, W.dtype)
-    return module, W, [x for _, x in arrays]
+    for (name, _), x in zip(arrays, checked):
+        if x is not None and x.dtype != dtype:
+            _check_dtype(x, name, dtype)
+    return module, W, checked
 
 
 def linear_forward(X, W, b=None, *, backend=None, out=None):

@@ -34,6 +34,8 @@ def fakes(monkeypatch):
     """Replace every backend by a recorder, so resolution is observable without numba/cupy."""
     recorders = {name: Recorder(name) for name in _dispatch.BACKENDS}
     monkeypatch.setattr(_dispatch, "_modules", dict(recorders))
+    monkeypatch.setattr(_dispatch, "_unavailable", {})
+    monkeypatch.setattr(_dispatch, "_auto_choice", {})
     return recorders
 
 
@@ -109,6 +111,7 @@ def test_unavailable_backend_by_name_raises_with_reason(monkeypatch):
             return 'numba is not installed: pip install "fastlinear[numba]"'
 
     monkeypatch.setattr(_dispatch, "_modules", {})
+    monkeypatch.setattr(_dispatch, "_unavailable", {})
     monkeypatch.setattr(_dispatch.importlib, "import_module", lambda path: Missing)
     for call in (
         lambda: fastlinear.linear_forward(X, W, backend="numba"),
@@ -132,6 +135,7 @@ def test_auto_skips_unavailable_backends(monkeypatch):
         return real_load(name)
 
     monkeypatch.setattr(_dispatch, "_load", only_numpy)
+    monkeypatch.setattr(_dispatch, "_auto_choice", {})
     assert fastlinear.current_backend() == "numpy"
     np.testing.assert_allclose(fastlinear.linear_forward(X, W), X @ W)
 
