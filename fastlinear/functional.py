@@ -139,14 +139,14 @@ def _prepare(W, arrays, backend):
                for name, x in arrays]
     module = _dispatch.resolve(backend, _library(checked[0]))
     libraries = module.ARRAY_LIBRARIES
-    for name, x in (("W", W), *zip((name for name, _ in arrays), checked)):
+    for name, x in (("W", W), *zip((name for name, _ in arrays), checked, strict=True)):
         if x is not None and _library(x) not in libraries:
             raise TypeError(
                 f"the {module.NAME!r} backend takes {' or '.join(libraries)} "
                 f"arrays, got {name} as a {type(x).__module__}.{type(x).__qualname__}"
             )
     _check_weight(W, module)
-    for (name, _), x in zip(arrays, checked):
+    for (name, _), x in zip(arrays, checked, strict=True):
         if x is not None and x.dtype != dtype:
             _check_dtype(x, name, dtype)
     return module, W, checked
