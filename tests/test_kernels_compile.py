@@ -1,4 +1,4 @@
-"""The CUDA sources in kernels/ compile with nvcc, warning-free, and match what the backend launches.
+"""kernels/*.cu compile with nvcc, warning-free, and export what the cupy backend launches.
 
 No GPU is needed: nvcc compiles for sm_80 (A100) and sm_90 (H100) on any machine. Warnings are
 errors here: nvcc's own (``-Werror all-warnings``), the host compiler's, and ptxas's, including
@@ -82,7 +82,7 @@ def test_block_shapes_agree_with_the_backend():
 
 def test_line_prefix_points_compiler_errors_at_the_real_file(tmp_path):
     broken = tmp_path / "broken_kernel.cu"
-    broken.write_text("// line 1\n// line 2\nextern \"C\" __global__ void k() { undeclared = 1; }\n")
+    broken.write_text('// line 1\n// line 2\nextern "C" __global__ void k() { undeclared = 1; }\n')
     combined = tmp_path / "combined.cu"
     combined.write_text("// unrelated first line\n" + cupy_backend.kernel_source([broken]))
     result = _nvcc("-arch=sm_90", "--ptx", "-o", tmp_path / "combined.ptx", combined)

@@ -132,8 +132,9 @@ def kernel_source(paths=None):
     for path in paths:
         path = pathlib.Path(path)
         quoted = str(path).replace("\\", "\\\\").replace('"', '\\"')
-        parts.append(f'#line 1 "{quoted}"\n{path.read_text(encoding="utf-8")}')
-    return "\n".join(parts)
+        text = path.read_text(encoding="utf-8")
+        parts.append(f'#line 1 "{quoted}"\n{text}' + ("" if text.endswith("\n") else "\n"))
+    return "".join(parts)
 
 
 def blas_layout(shape, strides, itemsize):
@@ -221,7 +222,7 @@ def column_sum_launch(rows, cols, sm_count):
     """
     col_tiles = math.ceil(cols / COLSUM_LANES)
     target_splits = (COLSUM_BLOCKS_PER_SM * sm_count) // col_tiles
-    splits = max(1, min(math.ceil(rows / COLSUM_MIN_ROWS_PER_SPLIT), target_splits, MAX_GRID_Y))
+    splits = max(1, min(rows // COLSUM_MIN_ROWS_PER_SPLIT, target_splits, MAX_GRID_Y))
     rows_per_split = max(1, math.ceil(rows / splits))
     splits = max(1, math.ceil(rows / rows_per_split))
     return (col_tiles, splits, 1), (COLSUM_LANES, COLSUM_ROW_LANES, 1), rows_per_split
