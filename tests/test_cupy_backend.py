@@ -12,7 +12,14 @@ import types
 
 import numpy as np
 import pytest
-from conftest import assert_close, error_bound, make_inputs, reference64
+from conftest import assert_close, make_inputs, reference64
+from gpu_emulation import (
+    LAYOUTS,
+    assert_matches,
+    emulated_gemm,
+    flat_from_first_element,
+    make_layout,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,31 +31,6 @@ GPU_REASON = _dispatch.unavailable_reason("cupy")
 requires_gpu = pytest.mark.skipif(GPU_REASON is not None,
                                   reason=f"needs CuPy and a CUDA device: {GPU_REASON}")
 GPU_DTYPES = (np.float16, np.float32, np.float64)
-LAYOUTS = ("C", "F", "rows_padded", "cols_padded", "every_other_col", "reversed")
-
-
-def make_layout(xp, a, layout):
-    """``a`` (C-ordered, on ``xp``'s device) as a view with the memory layout ``layout``."""
-    rows, cols = a.shape
-    if layout == "C":
-        return xp.ascontiguousarray(a)
-    if layout == "F":
-        return xp.asfortranarray(a)
-    if layout == "rows_padded":  # row-major, rows further apart than their length
-        big = xp.zeros((rows, cols + 3), dtype=a.dtype)
-        big[:, :cols] = a
-        return big[:, :cols]
-    if layout == "cols_padded":  # column-major, columns further apart than their length
-        big = xp.zeros((rows + 3, cols), dtype=a.dtype, order="F")
-        big[:rows] = a
-        return big[:rows]
-    if layout == "every_other_col":  # no unit stride: cuBLAS cannot read it in place
-        big = xp.zeros((rows, 2 * cols), dtype=a.dtype)
-        big[:, ::2] = a
-        return big[:, ::2]
-    if layout == "reversed":  # negative strides
-        return xp.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]
-    raise ValueError(layout)
 
 
 # --- availability and dispatch (no GPU needed) -------------------------------------------------
@@ -127,33 +109,6 @@ def test_auto_without_device_has_no_backend_for_cupy_arrays(cupy_unavailable):
 
 # --- pure helpers (no GPU needed) --------------------------------------------------------------
 
-def _flat_from_first_element(view):
-    """A 1-D view of the memory of ``view``'s base, starting at ``view``'s first element."""
-    base = view
-    while base.base is not None:
-        base = base.base
-    offset = view.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-    return base.ravel(order="K")[offset // view.itemsize:]
-
-
-def _column_major(flat, rows, cols, leading):
-    """cuBLAS's reading of a buffer: element (i, j) at ``i + j * leading``, bounds-checked."""
-    assert leading >= max(1, rows), f"leading dimension {leading} < rows {rows}"
-    if rows and cols:
-        assert (rows - 1) + (cols - 1) * leading < flat.size, "reads past the buffer"
-    return np.lib.stride_tricks.as_strided(
-        flat, shape=(rows, cols), strides=(flat.itemsize, leading * flat.itemsize))
-
-
-def emulated_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc):
-    """cuBLAS column-major ``C = op(A) @ op(B)`` on flat NumPy buffers, with its argument rules."""
-    N, T = cupy_backend.CUBLAS_OP_N, cupy_backend.CUBLAS_OP_T
-    op_a = _column_major(A, m, k, lda) if transa == N else _column_major(A, k, m, lda).T
-    op_b = _column_major(B, k, n, ldb) if transb == N else _column_major(B, n, k, ldb).T
-    assert transa in (N, T) and transb in (N, T)
-    _column_major(C, m, n, ldc)[...] = op_a @ op_b
-
-
 def _blas_ready(a):
     """What the backend hands cuBLAS: ``a`` itself when it can, else a C-ordered copy."""
     layout = cupy_backend.blas_layout(a.shape, a.strides, a.itemsize)
@@ -177,8 +132,8 @@ def test_gemm_arguments_compute_the_row_major_product(n, k, m, p_layout, q_layou
     transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_backend.gemm_arguments(p_blas, q_blas,
                                                                             n, m, k)
     C = np.full((n, m), np.nan)
-    emulated_gemm(transa, transb, m_, n_, k_, _flat_from_first_element(Q_ready), lda,
-                  _flat_from_first_element(P_ready), ldb, C.reshape(-1), ldc)
+    emulated_gemm(transa, transb, m_, n_, k_, flat_from_first_element(Q_ready), lda,
+                  flat_from_first_element(P_ready), ldb, C.reshape(-1), ldc)
     np.testing.assert_allclose(C, P @ Q, rtol=1e-12, atol=1e-12)
 
 
@@ -261,32 +216,6 @@ def cp():
     import cupy
 
     return cupy
-
-
-def assert_matches(actual, key, reference, dtype, what, previous=None):
-    """Check a GPU result against the float64 reference (plus ``previous`` when accumulating).
-
-    float16 is computed with float32 sums and rounded to float16 at most twice (the
-    cublas_epilogue path rounds the product, then the sum with b), hence the extra eps16 term.
-    """
-    import cupy
-
-    expected, magnitude, terms = reference[key]
-    if previous is not None:
-        previous = cupy.asnumpy(previous).astype(np.float64)
-        expected, magnitude, terms = expected + previous, magnitude + np.abs(previous), terms + 1
-    actual = cupy.asnumpy(actual) if not isinstance(actual, np.ndarray) else actual
-    assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype}"
-    if np.dtype(dtype) != np.float16:
-        assert_close(actual, expected, dtype, terms, magnitude, what)
-        return
-    assert actual.shape == expected.shape, what
-    bound = (error_bound(np.float32, terms, magnitude)
-             + np.finfo(np.float16).eps * magnitude + np.finfo(np.float16).tiny)
-    err = np.abs(actual.astype(np.float64) - expected)
-    bad = ~(err <= bound)
-    assert not bad.any(), (f"{what}: {bad.sum()} of {err.size} elements off; worst "
-                           f"{np.max(err - bound)} over the bound")
 
 
 FORWARD_SHAPES = [(1, 1, 1), (1, 257, 33), (3, 300, 31), (8, 256, 32), (9, 17, 65),
