@@ -25,10 +25,24 @@ def host_kernels(tmp_path_factory):
     return host
 
 
+class NumpyAsCupy:
+    """NumPy under the name of CuPy: the few functions the backend calls, ``asnumpy`` included."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def asnumpy(array, out=None):
+        if out is None:
+            return array.copy()
+        out[...] = array
+        return out
+
+
 @pytest.fixture
 def backend(host_kernels, monkeypatch):
     """The cupy backend computing on NumPy arrays: CPU kernels, emulated cuBLAS, 4 SMs."""
-    monkeypatch.setattr(cupy_backend, "_cupy", lambda: np)
+    monkeypatch.setattr(cupy_backend, "_cupy", NumpyAsCupy)
     monkeypatch.setattr(cupy_backend, "_kernel",
                         lambda name, device_id: HostKernel(host_kernels, name))
     monkeypatch.setattr(cupy_backend, "_device_id", lambda: 0)
@@ -95,3 +109,21 @@ def test_column_sums_splits_rows_when_asked(backend, rng):
     db = np.empty(40)
     backend._column_sums(dY, db, accumulate=False)
     np.testing.assert_allclose(db, dY.sum(0), rtol=1e-13)
+
+
+def test_public_functions_round_trip_host_arrays(backend, rng):
+    """forward/backward with NumPy arrays: moved 'to the device' and back into the buffers."""
+    X, W, b, dY = make_inputs(rng, 12, 9, 20, np.float32)
+    reference = reference64(X, W, b, dY)
+    out = np.full((12, 20), np.nan, np.float32)
+    assert backend.forward(X, W, b, out) is out
+    assert_matches(out, "Y", reference, np.float32, "Y")
+    dW0 = rng.standard_normal((9, 20)).astype(np.float32)
+    db0 = rng.standard_normal(20).astype(np.float32)
+    dX_buffer, dW, db = np.empty((12, 9), np.float32), dW0.copy(), db0.copy()
+    dX, dW_out, db_out = backend.backward(dY, X, W, has_bias=True, need_dX=True, accumulate=True,
+                                          dX=dX_buffer, dW=dW, db=db)
+    assert dX is dX_buffer and dW_out is dW and db_out is db
+    assert_matches(dX, "dX", reference, np.float32, "dX")
+    assert_matches(dW, "dW", reference, np.float32, "dW", previous=dW0)
+    assert_matches(db, "db", reference, np.float32, "db", previous=db0)

@@ -456,8 +456,8 @@ def _to_host(device_array, host_buffer):
     if device_array is None:
         return None
     if host_buffer is None:
-        return device_array.get()
-    device_array.get(out=host_buffer)
+        return _cupy().asnumpy(device_array)
+    _cupy().asnumpy(device_array, out=host_buffer)
     return host_buffer
 
 
