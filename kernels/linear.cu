@@ -145,6 +145,7 @@ __device__ void column_sums(const T* dY, index_t row_stride, index_t col_stride,
     if (!is_last_block) {
         return;
     }
+    __threadfence();  // acquire side: order the reads below after the other blocks' tickets
     if (row_lane == 0 && col < cols) {
         // volatile: read the other blocks' partials from L2, never from a stale L1 line
         const volatile acc_t* split_sums = partials;
@@ -214,7 +215,9 @@ __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
         if (col < cols) {
             const int chunk = (int)smaller(SMALL_BATCH_CHUNK, inner - k0);
             const T* w_column = W + k0 * w_row_stride + col * w_col_stride;
-#pragma unroll 4
+            // Unrolled so that each thread has several loads of W in flight: with few rows of X
+            // the kernel is bound by how fast W streams in.
+#pragma unroll 8
             for (int k = slice; k < chunk; k += SMALL_BATCH_SLICES) {
                 const acc_t w = widen(w_column[k * w_row_stride]);
 #pragma unroll
