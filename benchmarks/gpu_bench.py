@@ -6,7 +6,8 @@ Run from the repository root on a machine with a CUDA GPU, CuPy and PyTorch::
     python benchmarks/gpu_bench.py --reps 50 --log my.log
 
 For each shape (N, D, M) and dtype it times, with CUDA events on the default stream (the
-median of ``--reps`` runs after ``--warmup`` runs):
+median of ``--reps`` runs after ``--warmup`` runs; host work the GPU waits for, such as argument
+checks and launches, counts for both libraries):
 
 * forward  ``Y = X @ W + b``: ``fastlinear.linear_forward(..., backend="cupy")`` (the shape rule
   picks the path) vs ``F.linear(X, W.T, b)`` (the same memory, shared through DLPack);

@@ -6,13 +6,15 @@ CuPy; CuPy is imported when the backend is first asked for.
 Arrays
     CuPy arrays in, CuPy arrays out, with no host round trip. NumPy arrays are accepted too: they
     are copied to the device, computed there and the results copied back (into ``out``/``dX``/
-    ``dW``/``db`` when those are NumPy buffers). That costs two PCIe transfers per call, so a
-    training loop should keep its arrays on the device: ``fastlinear.Linear(..., backend="cupy")``
-    does so for its parameters and gradients.
+    ``dW``/``db`` when those are NumPy buffers). That copies every input and result over PCIe on
+    every call, so a training loop should keep its arrays on the device:
+    ``fastlinear.Linear(..., backend="cupy")`` keeps its parameters and gradients there (its
+    input X must then be a CuPy array too).
 Precision
     float64 in float64; float32 in float32 (cuBLAS with CUBLAS_COMPUTE_32F: no TF32 unless the
     cuBLAS handle's math mode allows it, which CuPy does not by default); float16 with float32
-    accumulation and one rounding to float16 per output element.
+    accumulation, rounded to float16 once per output element (twice on the cublas_epilogue
+    path: the product, then its sum with b).
 Forward, ``Y = X @ W + b`` (one of these paths, see ``forward_path``)
     ``cublas_beta``: ``fill_rows_with_bias`` writes b into every row of Y, then one cuBLAS GEMM
     with beta = 1 adds ``X @ W`` in its epilogue: 2 launches, no read-modify-write pass for b.
