@@ -6,9 +6,14 @@ register spills (``-warn-spills``), which would silently cost the kernels their 
 accepted at present; accept one by adding its suppression flag to ``NVCC_FLAGS`` with a reason.
 """
 
+import ctypes
+import ctypes.util
+import os
+import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -21,7 +26,7 @@ NVCC_FLAGS = ("-std=c++17", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wex
               "-Xptxas", "-Werror,-warn-spills")
 PTX_PARAM_TYPES = {"ptr": "u64", "i64": "u64", "i32": "u32"}
 
-pytestmark = pytest.mark.skipif(
+needs_nvcc = pytest.mark.skipif(
     NVCC is None, reason="nvcc is not on PATH: install the CUDA toolkit to compile-check kernels/")
 
 SOURCES = _kernels.kernel_sources()
@@ -32,6 +37,7 @@ def _nvcc(*args):
                           timeout=300)
 
 
+@needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.name)
 def test_source_compiles_without_warnings(source, arch, tmp_path):
@@ -60,6 +66,7 @@ def _ptx_entries(ptx):
     return entries
 
 
+@needs_nvcc
 def test_module_exports_every_launched_kernel_with_its_argument_types(module_ptx):
     entries = _ptx_entries(module_ptx)
     expected = {}
@@ -80,6 +87,7 @@ def test_block_shapes_agree_with_the_backend():
         assert defines[name] == getattr(cupy_backend, name), name
 
 
+@needs_nvcc
 def test_line_prefix_points_compiler_errors_at_the_real_file(tmp_path):
     broken = tmp_path / "broken_kernel.cu"
     broken.write_text('// line 1\n// line 2\nextern "C" __global__ void k() { undeclared = 1; }\n')
@@ -88,3 +96,63 @@ def test_line_prefix_points_compiler_errors_at_the_real_file(tmp_path):
     result = _nvcc("-arch=sm_90", "--ptx", "-o", tmp_path / "combined.ptx", combined)
     assert result.returncode != 0
     assert re.search(r"broken_kernel\.cu\(3\)", result.stderr), result.stderr
+
+
+def _find_nvrtc():
+    """NVRTC, the compiler CuPy's RawModule uses: $FASTLINEAR_NVRTC, the loader's search path,
+    pip's nvidia-cuda-nvrtc wheels, or the toolkit next to nvcc. None if there is none."""
+    candidates = [os.environ.get("FASTLINEAR_NVRTC"), ctypes.util.find_library("nvrtc")]
+    for entry in sys.path:
+        candidates += sorted(pathlib.Path(entry).glob("nvidia/*/lib/libnvrtc.so*"))
+    if NVCC:
+        candidates += sorted((pathlib.Path(NVCC).resolve().parents[1] / "lib64").glob(
+            "libnvrtc.so*"))
+    for candidate in candidates:
+        if candidate:
+            try:
+                return ctypes.CDLL(str(candidate))
+            except OSError:
+                continue
+    return None
+
+
+NVRTC = _find_nvrtc()
+
+
+def _nvrtc_compile(source, name, options):
+    """Compile ``source`` with NVRTC; return (status, log, ptx)."""
+    program = ctypes.c_void_p()
+    status = NVRTC.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0,
+                                      None, None)
+    assert status == 0, f"nvrtcCreateProgram failed ({status})"
+    try:
+        encoded = [option.encode() for option in options]
+        status = NVRTC.nvrtcCompileProgram(program, len(encoded),
+                                           (ctypes.c_char_p * len(encoded))(*encoded))
+        size = ctypes.c_size_t()
+        NVRTC.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        NVRTC.nvrtcGetProgramLog(program, log)
+        ptx = ""
+        if status == 0:
+            NVRTC.nvrtcGetPTXSize(program, ctypes.byref(size))
+            buffer = ctypes.create_string_buffer(size.value)
+            NVRTC.nvrtcGetPTX(program, buffer)
+            ptx = buffer.value.decode()
+        return status, log.value.decode().strip(), ptx
+    finally:
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@pytest.mark.skipif(NVRTC is None, reason="no libnvrtc found (CuPy's runtime compiler); set "
+                    "FASTLINEAR_NVRTC=/path/to/libnvrtc.so or pip install nvidia-cuda-nvrtc")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_module_compiles_with_nvrtc_as_cupy_compiles_it(arch):
+    """NVRTC includes no CUDA headers implicitly, unlike nvcc: the source must not need them."""
+    status, log, ptx = _nvrtc_compile(cupy_backend.kernel_source(), "fastlinear_kernels.cu",
+                                      [f"-arch={arch}", *cupy_backend.COMPILE_OPTIONS])
+    assert status == 0, f"NVRTC failed ({arch}):\n{log}"
+    assert not log, f"NVRTC printed diagnostics ({arch}):\n{log}"
+    assert set(_ptx_entries(ptx)) == {f"{kernel}_{suffix}"
+                                      for kernel in cupy_backend.KERNEL_SIGNATURES
+                                      for suffix in cupy_backend.DTYPE_SUFFIXES.values()}
