@@ -118,7 +118,8 @@ def _check_out(buf, name, shape, dtype, library, inputs):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {buf.shape}")
     if not buf.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got strides {buf.strides}")
-    if not buf.flags.writeable:
+    # Some CuPy versions have no flags.writeable (their arrays are always writable).
+    if not getattr(buf.flags, "writeable", True):
         raise ValueError(f"{name} is read-only")
     for input_name, array in inputs:
         if array is not None and _shares_memory(buf, array):

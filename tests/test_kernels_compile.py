@@ -1,0 +1,158 @@
+"""kernels/*.cu compile with nvcc, warning-free, and export what the cupy backend launches.
+
+No GPU is needed: nvcc compiles for sm_80 (A100) and sm_90 (H100) on any machine. Warnings are
+errors here: nvcc's own (``-Werror all-warnings``), the host compiler's, and ptxas's, including
+register spills (``-warn-spills``), which would silently cost the kernels their speed. None is
+accepted at present; accept one by adding its suppression flag to ``NVCC_FLAGS`` with a reason.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastlinear import _kernels
+from fastlinear.backends import cupy as cupy_backend
+
+NVCC = shutil.which("nvcc")
+ARCHS = ("sm_80", "sm_90")
+NVCC_FLAGS = ("-std=c++17", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror",
+              "-Xptxas", "-Werror,-warn-spills")
+PTX_PARAM_TYPES = {"ptr": "u64", "i64": "u64", "i32": "u32"}
+
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc is not on PATH: install the CUDA toolkit to compile-check kernels/")
+
+SOURCES = _kernels.kernel_sources()
+
+
+def _nvcc(*args):
+    return subprocess.run([NVCC, *NVCC_FLAGS, *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.name)
+def test_source_compiles_without_warnings(source, arch, tmp_path):
+    result = _nvcc(f"-arch={arch}", "--cubin", "-o", tmp_path / "kernels.cubin", source)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0, f"nvcc failed for {source.name} ({arch}):\n{output}"
+    assert not output, f"nvcc printed diagnostics for {source.name} ({arch}):\n{output}"
+
+
+@pytest.fixture(scope="module")
+def module_ptx(tmp_path_factory):
+    """PTX of exactly the source the backend hands to NVRTC (``#line`` prefixes included)."""
+    directory = tmp_path_factory.mktemp("ptx")
+    source = directory / "module.cu"
+    source.write_text(cupy_backend.kernel_source())
+    result = _nvcc("-arch=sm_90", "--ptx", "-o", directory / "module.ptx", source)
+    assert result.returncode == 0, result.stderr
+    return (directory / "module.ptx").read_text()
+
+
+def _ptx_entries(ptx):
+    """``{kernel name: (param type, ...)}`` of the PTX's visible entry points."""
+    entries = {}
+    for match in re.finditer(r"\.visible\s+\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.DOTALL):
+        entries[match.group(1)] = tuple(re.findall(r"\.param\s+\.(\w+)", match.group(2)))
+    return entries
+
+
+@needs_nvcc
+def test_module_exports_every_launched_kernel_with_its_argument_types(module_ptx):
+    entries = _ptx_entries(module_ptx)
+    expected = {}
+    for kernel, signature in cupy_backend.KERNEL_SIGNATURES.items():
+        for suffix in cupy_backend.DTYPE_SUFFIXES.values():
+            expected[f"{kernel}_{suffix}"] = tuple(PTX_PARAM_TYPES[kind] for kind in signature)
+    assert entries == expected
+
+
+def test_block_shapes_agree_with_the_backend():
+    defines = {}
+    for source in SOURCES:
+        for name, value in re.findall(r"^#define\s+(\w+)\s+(\d+)\s*$", source.read_text(), re.M):
+            defines[name] = int(value)
+    for name in ("BIAS_THREADS", "COLSUM_LANES", "COLSUM_ROW_LANES", "SMALL_BATCH_ROWS",
+                 "SMALL_BATCH_COLS", "SMALL_BATCH_SLICES", "TILE_ROWS", "TILE_COLS",
+                 "TILE_THREADS"):
+        assert defines[name] == getattr(cupy_backend, name), name
+
+
+@needs_nvcc
+def test_line_prefix_points_compiler_errors_at_the_real_file(tmp_path):
+    broken = tmp_path / "broken_kernel.cu"
+    broken.write_text('// line 1\n// line 2\nextern "C" __global__ void k() { undeclared = 1; }\n')
+    combined = tmp_path / "combined.cu"
+    combined.write_text("// unrelated first line\n" + cupy_backend.kernel_source([broken]))
+    result = _nvcc("-arch=sm_90", "--ptx", "-o", tmp_path / "combined.ptx", combined)
+    assert result.returncode != 0
+    assert re.search(r"broken_kernel\.cu\(3\)", result.stderr), result.stderr
+
+
+def _find_nvrtc():
+    """NVRTC, the compiler CuPy's RawModule uses: $FASTLINEAR_NVRTC, the loader's search path,
+    pip's nvidia-cuda-nvrtc wheels, or the toolkit next to nvcc. None if there is none."""
+    candidates = [os.environ.get("FASTLINEAR_NVRTC"), ctypes.util.find_library("nvrtc")]
+    for entry in sys.path:
+        candidates += sorted(pathlib.Path(entry).glob("nvidia/*/lib/libnvrtc.so*"))
+    if NVCC:
+        candidates += sorted((pathlib.Path(NVCC).resolve().parents[1] / "lib64").glob(
+            "libnvrtc.so*"))
+    for candidate in candidates:
+        if candidate:
+            try:
+                return ctypes.CDLL(str(candidate))
+            except OSError:
+                continue
+    return None
+
+
+NVRTC = _find_nvrtc()
+
+
+def _nvrtc_compile(source, name, options):
+    """Compile ``source`` with NVRTC; return (status, log, ptx)."""
+    program = ctypes.c_void_p()
+    status = NVRTC.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0,
+                                      None, None)
+    assert status == 0, f"nvrtcCreateProgram failed ({status})"
+    try:
+        encoded = [option.encode() for option in options]
+        status = NVRTC.nvrtcCompileProgram(program, len(encoded),
+                                           (ctypes.c_char_p * len(encoded))(*encoded))
+        size = ctypes.c_size_t()
+        NVRTC.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        NVRTC.nvrtcGetProgramLog(program, log)
+        ptx = ""
+        if status == 0:
+            NVRTC.nvrtcGetPTXSize(program, ctypes.byref(size))
+            buffer = ctypes.create_string_buffer(size.value)
+            NVRTC.nvrtcGetPTX(program, buffer)
+            ptx = buffer.value.decode()
+        return status, log.value.decode().strip(), ptx
+    finally:
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@pytest.mark.skipif(NVRTC is None, reason="no libnvrtc found (CuPy's runtime compiler); set "
+                    "FASTLINEAR_NVRTC=/path/to/libnvrtc.so or pip install nvidia-cuda-nvrtc")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_module_compiles_with_nvrtc_as_cupy_compiles_it(arch):
+    """NVRTC includes no CUDA headers implicitly, unlike nvcc: the source must not need them."""
+    status, log, ptx = _nvrtc_compile(cupy_backend.kernel_source(), "fastlinear_kernels.cu",
+                                      [f"-arch={arch}", *cupy_backend.COMPILE_OPTIONS])
+    assert status == 0, f"NVRTC failed ({arch}):\n{log}"
+    assert not log, f"NVRTC printed diagnostics ({arch}):\n{log}"
+    assert set(_ptx_entries(ptx)) == {f"{kernel}_{suffix}"
+                                      for kernel in cupy_backend.KERNEL_SIGNATURES
+                                      for suffix in cupy_backend.DTYPE_SUFFIXES.values()}
