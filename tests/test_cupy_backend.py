@@ -12,20 +12,20 @@ import types
 
 import numpy as np
 import pytest
-from conftest import assert_close, make_inputs, reference64
-from gpu_emulation import (
-    LAYOUTS,
-    assert_matches,
-    emulated_gemm,
-    flat_from_first_element,
-    make_layout,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlinear
 from fastlinear import _dispatch
 from fastlinear.backends import cupy as cupy_backend
+from tests.conftest import assert_close, make_inputs, reference64
+from tests.gpu_emulation import (
+    LAYOUTS,
+    assert_matches,
+    emulated_gemm,
+    flat_from_first_element,
+    make_layout,
+)
 
 GPU_REASON = _dispatch.unavailable_reason("cupy")
 requires_gpu = pytest.mark.skipif(GPU_REASON is not None,
@@ -72,7 +72,8 @@ def test_reason_says_no_cuda_device(monkeypatch):
 def cupy_unavailable(monkeypatch):
     """Make the cupy backend report no device, on any machine."""
     monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device: (test)")
-    monkeypatch.setattr(_dispatch, "_modules", {})
+    for cache in ("_modules", "_unavailable", "_auto_choice"):
+        monkeypatch.setattr(_dispatch, cache, {})
 
 
 def test_env_var_cupy_without_device_raises(cupy_unavailable, monkeypatch):
@@ -385,3 +386,23 @@ def test_auto_picks_cupy_for_cupy_arrays(cp):
     assert fastlinear.current_backend("cupy") == "cupy"
     Y = fastlinear.linear_forward(cp.ones((2, 3)), cp.ones((3, 4)))
     assert isinstance(Y, cp.ndarray)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_device_layer_takes_host_data(cp, rng):
+    """NumPy data into a layer whose parameters live on the GPU: Y and dX come back as NumPy,
+    dW and db stay on the device with the parameters."""
+    layer = fastlinear.Linear(6, 4, backend="cupy", rng=2)
+    X = rng.standard_normal((5, 6))
+    Y = layer.forward(X)
+    assert type(Y) is np.ndarray
+    np.testing.assert_allclose(Y, X @ cp.asnumpy(layer.W) + cp.asnumpy(layer.b), rtol=1e-12)
+    dY = rng.standard_normal((5, 4))
+    dX = layer.backward(dY)
+    assert type(dX) is np.ndarray
+    assert isinstance(layer.dW, cp.ndarray) and isinstance(layer.db, cp.ndarray)
+    np.testing.assert_allclose(dX, dY @ cp.asnumpy(layer.W).T, rtol=1e-12)
+    np.testing.assert_allclose(cp.asnumpy(layer.dW), X.T @ dY, rtol=1e-12)
+    layer.backward(dY, accumulate=True)
+    np.testing.assert_allclose(cp.asnumpy(layer.db), 2 * dY.sum(0), rtol=1e-12)

@@ -9,10 +9,16 @@ covered here: CuPy and cuBLAS themselves, NVRTC, and blocks running concurrently
 
 import numpy as np
 import pytest
-from conftest import make_inputs, reference64
-from gpu_emulation import HostKernel, assert_matches, backend_gemm, build_host_kernels, make_layout
 
 from fastlinear.backends import cupy as cupy_backend
+from tests.conftest import make_inputs, reference64
+from tests.gpu_emulation import (
+    HostKernel,
+    assert_matches,
+    backend_gemm,
+    build_host_kernels,
+    make_layout,
+)
 
 DTYPES = (np.float16, np.float32, np.float64)
 

@@ -8,8 +8,9 @@ Arrays
     are copied to the device, computed there and the results copied back (into ``out``/``dX``/
     ``dW``/``db`` when those are NumPy buffers). That copies every input and result over PCIe on
     every call, so a training loop should keep its arrays on the device:
-    ``fastlinear.Linear(..., backend="cupy")`` keeps its parameters and gradients there (its
-    input X must then be a CuPy array too).
+    ``fastlinear.Linear(..., backend="cupy")`` keeps its parameters and gradients there. Arrays
+    of both libraries may be mixed in one call: ``Y`` and ``dX`` come back in the library of the
+    data (``X``, ``dY``), ``dW`` and ``db`` in the library of ``W``.
 Precision
     float64 in float64; float32 in float32 (cuBLAS with CUBLAS_COMPUTE_32F: no TF32 unless the
     cuBLAS handle's math mode allows it, which CuPy does not by default); float16 with float32
@@ -449,8 +450,23 @@ def _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db):
     return dX, dW, db
 
 
+def _is_host(array):
+    return isinstance(array, np.ndarray)
+
+
 def _to_device(array):
     return None if array is None else _cupy().asarray(array)
+
+
+def _device_buffer(buffer, accumulate):
+    """The device buffer a result is computed into.
+
+    A device buffer is used as it is; a host buffer gets a device copy when the result is added
+    into its values (``accumulate``), else the result is computed into a new device array.
+    """
+    if buffer is None or not _is_host(buffer):
+        return buffer
+    return _to_device(buffer) if accumulate else None
 
 
 def _to_host(device_array, host_buffer):
@@ -463,23 +479,30 @@ def _to_host(device_array, host_buffer):
     return host_buffer
 
 
+def _result(device_array, on_host, buffer):
+    """A result in the library asked for: on the device, or copied to the host (into buffer)."""
+    return _to_host(device_array, buffer) if on_host else device_array
+
+
 # --- the backend interface ---------------------------------------------------------------------
 
 def forward(X, W, b, out):
-    """``Y = X @ W + b`` on the GPU; see ``fastlinear.backends`` and this module's docstring."""
-    if isinstance(W, np.ndarray):
-        Y = _forward_device(_to_device(X), _to_device(W), _to_device(b), None)
-        return _to_host(Y, out)
-    return _forward_device(X, W, b, out)
+    """``Y = X @ W + b`` on the GPU; see ``fastlinear.backends`` and this module's docstring.
+
+    NumPy inputs are copied to the device; ``Y`` comes back in the library of ``X``.
+    """
+    Y = _forward_device(_to_device(X), _to_device(W), _to_device(b), _device_buffer(out, False))
+    return _result(Y, _is_host(X), out)
 
 
 def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
-    """``dX = dY @ W.T``, ``dW = X.T @ dY``, ``db = dY.sum(0)`` on the GPU; see the module doc."""
-    if isinstance(W, np.ndarray):
-        results = _backward_device(
-            _to_device(dY), _to_device(X), _to_device(W), has_bias, need_dX, accumulate,
-            None, _to_device(dW) if accumulate else None,
-            _to_device(db) if accumulate and has_bias else None)
-        pairs = zip(results, (dX, dW, db), strict=True)
-        return tuple(_to_host(result, buffer) for result, buffer in pairs)
-    return _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db)
+    """``dX = dY @ W.T``, ``dW = X.T @ dY``, ``db = dY.sum(0)`` on the GPU; see the module doc.
+
+    NumPy inputs are copied to the device; ``dX`` comes back in the library of ``dY``, ``dW`` and
+    ``db`` in the library of ``W`` (a layer's gradients stay where its parameters are).
+    """
+    dX_device, dW_device, db_device = _backward_device(
+        _to_device(dY), _to_device(X), _to_device(W), has_bias, need_dX, accumulate,
+        _device_buffer(dX, False), _device_buffer(dW, accumulate), _device_buffer(db, accumulate))
+    return (_result(dX_device, _is_host(dY), dX), _result(dW_device, _is_host(W), dW),
+            _result(db_device, _is_host(W), db))
