@@ -19,7 +19,17 @@ Rules
   bool, complex or object arrays are a ``TypeError``; nothing is cast behind your back.
 * Shapes must agree exactly; nothing is broadcast except the bias over rows.
 * NaN and inf propagate as in NumPy; they are not checked for.
+* Output buffers (``out``, ``dX``, ``dW``, ``db``) overlap no input and no other output; the
+  buffer given is the array returned, also with leading batch dimensions.
+* Outputs that fastlinear allocates in host memory and that would not fit in it (more bytes than
+  the machine's physical memory) are refused with a ``MemoryError`` before anything is
+  allocated; an operating system that overcommits memory would otherwise accept the allocation
+  and kill the process when it is filled.
 """
+
+import functools
+import math
+import os
 
 import numpy as np
 
@@ -125,6 +135,38 @@ def _check_out(buf, name, shape, dtype, library, inputs):
     return buf if buf.ndim <= 2 else buf.reshape(-1, shape[-1])
 
 
+@functools.cache
+def _host_memory_bytes():
+    """Bytes an output may take: this machine's physical memory, at most the largest array size."""
+    largest = int(np.iinfo(np.intp).max)
+    try:
+        return min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), largest)
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): NumPy's own check
+        return largest
+
+
+def _check_size(outputs, dtype):
+    """Raise MemoryError, before allocating, if the host ``outputs`` ((name, shape) pairs) of
+    ``dtype`` need more bytes than this machine's memory (or than an array can address)."""
+    total = sum(math.prod(shape) for _, shape in outputs) * dtype.itemsize
+    limit = _host_memory_bytes()
+    if total > limit:
+        what = ", ".join(f"{name} {tuple(shape)}" for name, shape in outputs)
+        raise MemoryError(f"the {dtype} outputs {what} would need {total / 2**30:.4g} GiB, more "
+                          f"than the {limit / 2**30:.4g} GiB this machine can hold; split the "
+                          f"batch into smaller chunks")
+
+
+def _check_outputs_apart(outputs):
+    """Raise ValueError if two given output buffers ((name, buffer or None) pairs) overlap."""
+    given = [(name, buf) for name, buf in outputs if buf is not None]
+    for i, (name, buf) in enumerate(given):
+        for other_name, other in given[:i]:
+            if _shares_memory(buf, other):
+                raise ValueError(f"{name} overlaps the output {other_name}; "
+                                 f"pass separate buffers")
+
+
 def _prepare(W, arrays, backend):
     """Convert and check the call's arrays and resolve its backend.
 
@@ -185,9 +227,12 @@ def linear_forward(X, W, b=None, *, backend=None, out=None):
     if b is not None:
         b = _check_bias(b, M, W.dtype)
     if out is not None:
-        out = _check_out(out, "out", (*lead, M), W.dtype, _library(X),
-                         (("X", X), ("W", W), ("b", b)))
-    Y = module.forward(X2, W, b, out)
+        out_2d = _check_out(out, "out", (*lead, M), W.dtype, _library(X),
+                            (("X", X), ("W", W), ("b", b)))
+        module.forward(X2, W, b, out_2d)
+        return out
+    _check_size([("Y", (*lead, M))] if _library(X) == "numpy" else [], W.dtype)
+    Y = module.forward(X2, W, b, None)
     return Y if len(lead) == 1 else Y.reshape(*lead, M)
 
 
@@ -234,11 +279,23 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
         dW = _check_out(dW, "dW", (D, M), W.dtype, _library(W), inputs)
     if has_bias and db is not None:
         db = _check_out(db, "db", (M,), W.dtype, _library(W), inputs)
-    if need_dX and dX is not None:
+    dX_given = dX if need_dX else None
+    if dX_given is not None:
         dX = _check_out(dX, "dX", X.shape, W.dtype, _library(dY), inputs)
+    db_given = db if has_bias else None
+    _check_outputs_apart((("dX", dX_given), ("dW", dW), ("db", db_given)))
+    allocated = []  # outputs the backend will allocate in host memory
+    if need_dX and dX_given is None and _library(dY) == "numpy":
+        allocated.append(("dX", X.shape))
+    if _library(W) == "numpy":
+        allocated += [("dW", (D, M))] if dW is None else []
+        allocated += [("db", (M,))] if has_bias and db_given is None else []
+    _check_size(allocated, W.dtype)
     dX2, dW, db = module.backward(dY2, X2, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
                                   accumulate=bool(accumulate), dX=dX if need_dX else None,
-                                  dW=dW, db=db if has_bias else None)
+                                  dW=dW, db=db_given)
+    if dX_given is not None:
+        return dX_given, dW, db
     if dX2 is not None and X.ndim != 2:
         dX2 = dX2.reshape(X.shape)
     return dX2, dW, db
