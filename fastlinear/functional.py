@@ -103,7 +103,8 @@ def _check_rows(x, name, width, what):
     if x.shape[-1] != width:
         raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
                          f"(shape {x.shape})")
-    return x if x.ndim == 2 else x.reshape(-1, width)
+    # an explicit row count: reshape(-1, 0) is ambiguous when a dimension is 0
+    return x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), width)
 
 
 def _shares_memory(a, b):
@@ -132,7 +133,7 @@ def _check_out(buf, name, shape, dtype, library, inputs):
     for input_name, array in inputs:
         if array is not None and _shares_memory(buf, array):
             raise ValueError(f"{name} overlaps the input {input_name}; pass a separate buffer")
-    return buf if buf.ndim <= 2 else buf.reshape(-1, shape[-1])
+    return buf if buf.ndim <= 2 else buf.reshape(math.prod(shape[:-1]), shape[-1])
 
 
 @functools.cache
@@ -270,7 +271,7 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
     if dY.shape != (*X.shape[:-1], M):
         raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
                          f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
-    dY2 = dY if dY.ndim == 2 else dY.reshape(-1, M)
+    dY2 = dY if dY.ndim == 2 else dY.reshape(X2.shape[0], M)
     inputs = (("dY", dY), ("X", X), ("W", W))
     if accumulate and (dW is None or (has_bias and db is None)):
         raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
