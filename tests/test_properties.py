@@ -30,7 +30,7 @@ from tests.conftest import assert_close, reference64, to_numpy
 
 PROFILE_VAR = "FASTLINEAR_HYPOTHESIS_PROFILE"
 PROFILES = {
-    "ci": {"max_examples": 100},
+    "ci": {"max_examples": 25},
     "thorough": {"max_examples": 2000},
 }
 for _name, _options in PROFILES.items():
