@@ -284,6 +284,21 @@ def test_buffers_with_batch_dims_are_returned_as_given(backend):
     np.testing.assert_allclose(dX, dY3 @ W.T, rtol=1e-12)
 
 
+@pytest.mark.parametrize("D,M", [(0, 4), (5, 0), (0, 0)])
+def test_batch_dims_with_an_empty_feature_axis(backend, D, M):
+    """Found by the property tests: X (2, 3, 0) crashed in reshape(-1, 0) with NumPy's error."""
+    X3 = rng.standard_normal((2, 3, D))
+    W0 = rng.standard_normal((D, M))
+    b0 = rng.standard_normal(M)
+    Y = to_numpy(fastlinear.linear_forward(X3, W0, b0, backend=backend))
+    np.testing.assert_array_equal(Y, np.broadcast_to(b0, (2, 3, M)) if D == 0 else X3 @ W0 + b0)
+    dY3 = rng.standard_normal((2, 3, M))
+    dX, dW, db = (to_numpy(a) for a in fastlinear.linear_backward(dY3, X3, W0, backend=backend))
+    assert dX.shape == (2, 3, D) and dW.shape == (D, M) and db.shape == (M,)
+    np.testing.assert_allclose(dX, dY3 @ W0.T, atol=1e-12)
+    np.testing.assert_allclose(db, dY3.sum((0, 1)), rtol=1e-12)
+
+
 # --- NaN and inf: propagate as NumPy does, in both passes ---------------------------------------
 
 def test_nan_and_inf_propagate_in_backward(backend):
