@@ -27,7 +27,6 @@ Rules
   and kill the process when it is filled.
 """
 
-import functools
 import math
 import os
 
@@ -136,7 +135,6 @@ def _check_out(buf, name, shape, dtype, library, inputs):
     return buf if buf.ndim <= 2 else buf.reshape(math.prod(shape[:-1]), shape[-1])
 
 
-@functools.cache
 def _host_memory_bytes():
     """Bytes an output may take: this machine's physical memory, at most the largest array size."""
     largest = int(np.iinfo(np.intp).max)
@@ -146,16 +144,19 @@ def _host_memory_bytes():
         return largest
 
 
+HOST_MEMORY_BYTES = _host_memory_bytes()
+
+
 def _check_size(outputs, dtype):
     """Raise MemoryError, before allocating, if the host ``outputs`` ((name, shape) pairs) of
-    ``dtype`` need more bytes than this machine's memory (or than an array can address)."""
+    ``dtype`` need more than ``HOST_MEMORY_BYTES``. Callers first compare a quick upper bound,
+    so a call that fits pays one multiplication."""
     total = sum(math.prod(shape) for _, shape in outputs) * dtype.itemsize
-    limit = _host_memory_bytes()
-    if total > limit:
+    if total > HOST_MEMORY_BYTES:
         what = ", ".join(f"{name} {tuple(shape)}" for name, shape in outputs)
         raise MemoryError(f"the {dtype} outputs {what} would need {total / 2**30:.4g} GiB, more "
-                          f"than the {limit / 2**30:.4g} GiB this machine can hold; split the "
-                          f"batch into smaller chunks")
+                          f"than the {HOST_MEMORY_BYTES / 2**30:.4g} GiB this machine can hold; "
+                          f"split the batch into smaller chunks")
 
 
 def _check_outputs_apart(outputs):
@@ -232,7 +233,8 @@ def linear_forward(X, W, b=None, *, backend=None, out=None):
                             (("X", X), ("W", W), ("b", b)))
         module.forward(X2, W, b, out_2d)
         return out
-    _check_size([("Y", (*lead, M))] if _library(X) == "numpy" else [], W.dtype)
+    if X2.shape[0] * M * W.dtype.itemsize > HOST_MEMORY_BYTES and _library(X) == "numpy":
+        _check_size([("Y", (*lead, M))], W.dtype)
     Y = module.forward(X2, W, b, None)
     return Y if len(lead) == 1 else Y.reshape(*lead, M)
 
@@ -285,13 +287,14 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
         dX = _check_out(dX, "dX", X.shape, W.dtype, _library(dY), inputs)
     db_given = db if has_bias else None
     _check_outputs_apart((("dX", dX_given), ("dW", dW), ("db", db_given)))
-    allocated = []  # outputs the backend will allocate in host memory
-    if need_dX and dX_given is None and _library(dY) == "numpy":
-        allocated.append(("dX", X.shape))
-    if _library(W) == "numpy":
-        allocated += [("dW", (D, M))] if dW is None else []
-        allocated += [("db", (M,))] if has_bias and db_given is None else []
-    _check_size(allocated, W.dtype)
+    if (X2.size + D * M + M) * W.dtype.itemsize > HOST_MEMORY_BYTES:
+        allocated = []  # the outputs the backend will allocate in host memory
+        if need_dX and dX_given is None and _library(dY) == "numpy":
+            allocated.append(("dX", X.shape))
+        if _library(W) == "numpy":
+            allocated += [("dW", (D, M))] if dW is None else []
+            allocated += [("db", (M,))] if has_bias and db_given is None else []
+        _check_size(allocated, W.dtype)
     dX2, dW, db = module.backward(dY2, X2, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
                                   accumulate=bool(accumulate), dX=dX if need_dX else None,
                                   dW=dW, db=db_given)
