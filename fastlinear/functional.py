@@ -19,7 +19,16 @@ Rules
   bool, complex or object arrays are a ``TypeError``; nothing is cast behind your back.
 * Shapes must agree exactly; nothing is broadcast except the bias over rows.
 * NaN and inf propagate as in NumPy; they are not checked for.
+* Output buffers (``out``, ``dX``, ``dW``, ``db``) overlap no input and no other output; the
+  buffer given is the array returned, also with leading batch dimensions.
+* Outputs that fastlinear allocates in host memory and that would not fit in it (more bytes than
+  the machine's physical memory) are refused with a ``MemoryError`` before anything is
+  allocated; an operating system that overcommits memory would otherwise accept the allocation
+  and kill the process when it is filled.
 """
+
+import math
+import os
 
 import numpy as np
 
@@ -94,7 +103,8 @@ def _check_rows(x, name, width, what):
     if x.shape[-1] != width:
         raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
                          f"(shape {x.shape})")
-    return x if x.ndim == 2 else x.reshape(-1, width)
+    # an explicit row count: reshape(-1, 0) is ambiguous when a dimension is 0
+    return x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), width)
 
 
 def _shares_memory(a, b):
@@ -124,7 +134,41 @@ def _check_out(buf, name, shape, dtype, library, inputs):
     for input_name, array in inputs:
         if array is not None and _shares_memory(buf, array):
             raise ValueError(f"{name} overlaps the input {input_name}; pass a separate buffer")
-    return buf if buf.ndim <= 2 else buf.reshape(-1, shape[-1])
+    return buf if buf.ndim <= 2 else buf.reshape(math.prod(shape[:-1]), shape[-1])
+
+
+def _host_memory_bytes():
+    """Bytes an output may take: this machine's physical memory, at most the largest array size."""
+    largest = int(np.iinfo(np.intp).max)
+    try:
+        return min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), largest)
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): NumPy's own check
+        return largest
+
+
+HOST_MEMORY_BYTES = _host_memory_bytes()
+
+
+def _check_size(outputs, dtype):
+    """Raise MemoryError, before allocating, if the host ``outputs`` ((name, shape) pairs) of
+    ``dtype`` need more than ``HOST_MEMORY_BYTES``. Callers first compare a quick upper bound,
+    so a call that fits pays one multiplication."""
+    total = sum(math.prod(shape) for _, shape in outputs) * dtype.itemsize
+    if total > HOST_MEMORY_BYTES:
+        what = ", ".join(f"{name} {tuple(shape)}" for name, shape in outputs)
+        raise MemoryError(f"the {dtype} outputs {what} would need {total / 2**30:.4g} GiB, more "
+                          f"than the {HOST_MEMORY_BYTES / 2**30:.4g} GiB this machine can hold; "
+                          f"split the batch into smaller chunks")
+
+
+def _check_outputs_apart(outputs):
+    """Raise ValueError if two given output buffers ((name, buffer or None) pairs) overlap."""
+    given = [(name, buf) for name, buf in outputs if buf is not None]
+    for i, (name, buf) in enumerate(given):
+        for other_name, other in given[:i]:
+            if _shares_memory(buf, other):
+                raise ValueError(f"{name} overlaps the output {other_name}; "
+                                 f"pass separate buffers")
 
 
 def _prepare(W, arrays, backend):
@@ -190,9 +234,13 @@ def linear_forward(X, W, b=None, *, backend=None, out=None):
     if b is not None:
         b = _check_bias(b, M, W.dtype)
     if out is not None:
-        out = _check_out(out, "out", (*lead, M), W.dtype, _library(X),
-                         (("X", X), ("W", W), ("b", b)))
-    Y = module.forward(X2, W, b, out)
+        out_2d = _check_out(out, "out", (*lead, M), W.dtype, _library(X),
+                            (("X", X), ("W", W), ("b", b)))
+        module.forward(X2, W, b, out_2d)
+        return out
+    if X2.shape[0] * M * W.dtype.itemsize > HOST_MEMORY_BYTES and _library(X) == "numpy":
+        _check_size([("Y", (*lead, M))], W.dtype)
+    Y = module.forward(X2, W, b, None)
     return Y if len(lead) == 1 else Y.reshape(*lead, M)
 
 
@@ -230,7 +278,7 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
     if dY.shape != (*X.shape[:-1], M):
         raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
                          f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
-    dY2 = dY if dY.ndim == 2 else dY.reshape(-1, M)
+    dY2 = dY if dY.ndim == 2 else dY.reshape(X2.shape[0], M)
     inputs = (("dY", dY), ("X", X), ("W", W))
     if accumulate and (dW is None or (has_bias and db is None)):
         raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
@@ -239,11 +287,25 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
         dW = _check_out(dW, "dW", (D, M), W.dtype, _library(W), inputs)
     if has_bias and db is not None:
         db = _check_out(db, "db", (M,), W.dtype, _library(W), inputs)
-    if need_dX and dX is not None:
+    dX_given = dX if need_dX else None
+    if dX_given is not None:
         dX = _check_out(dX, "dX", X.shape, W.dtype, _library(dY), inputs)
+    db_given = db if has_bias else None
+    if (dX_given is not None) + (dW is not None) + (db_given is not None) > 1:
+        _check_outputs_apart((("dX", dX_given), ("dW", dW), ("db", db_given)))
+    if (X2.size + D * M + M) * W.dtype.itemsize > HOST_MEMORY_BYTES:
+        allocated = []  # the outputs the backend will allocate in host memory
+        if need_dX and dX_given is None and _library(dY) == "numpy":
+            allocated.append(("dX", X.shape))
+        if _library(W) == "numpy":
+            allocated += [("dW", (D, M))] if dW is None else []
+            allocated += [("db", (M,))] if has_bias and db_given is None else []
+        _check_size(allocated, W.dtype)
     dX2, dW, db = module.backward(dY2, X2, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
                                   accumulate=bool(accumulate), dX=dX if need_dX else None,
-                                  dW=dW, db=db if has_bias else None)
+                                  dW=dW, db=db_given)
+    if dX_given is not None:
+        return dX_given, dW, db
     if dX2 is not None and X.ndim != 2:
         dX2 = dX2.reshape(X.shape)
     return dX2, dW, db
