@@ -712,8 +712,9 @@ def resolve_options(options):
     return options
 
 
-def run_benchmark(options, argv=(), out=sys.stdout):
+def run_benchmark(options, argv=(), out=None):
     """Run the whole comparison for parsed ``options``; print the report; return it as a dict."""
+    out = sys.stdout if out is None else out
     status = fastlinear.available_backends()
     if options.backends is None:
         backends = [name for name, reason in status.items() if reason is None]
