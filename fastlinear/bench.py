@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -181,7 +182,10 @@ def thread_report(torch_module):
         pools.append("threadpoolctl not installed (BLAS threads unknown)")
     else:
         for info in threadpool_info():
-            owner = os.path.basename(os.path.dirname(info.get("filepath", "")))
+            # The package that ships the library: ".../site-packages/torch/lib/libgomp.so" -> torch
+            path = info.get("filepath", "")
+            owner = (path.partition("-packages" + os.sep)[2].split(os.sep)[0]
+                     or os.path.basename(path))
             pools.append(f"{info.get('internal_api')} {info.get('version') or ''} [{owner}] "
                          f"{info.get('num_threads')} threads".replace("  ", " "))
     if "numba" in sys.modules:
@@ -580,7 +584,7 @@ def plot(cases, path, header):
     style[GPU_GEMM_LABEL] = {"color": "black", "marker": "", "lw": 1.2, "ls": ":"}
 
     figure, axes = plt.subplots(len(PASSES), len(dtypes), figsize=(6.2 * len(dtypes), 8.6),
-                                squeeze=False, sharex=True)
+                                squeeze=False, sharex=True, layout="constrained")
     positions = {shape: index for index, shape in enumerate(shapes)}
     for row_index, pass_name in enumerate(PASSES):
         for col_index, dtype in enumerate(dtypes):
@@ -617,12 +621,18 @@ def plot(cases, path, header):
             if name not in names:
                 handles.append(handle)
                 names.append(name)
-    figure.legend(handles, names, loc="upper center", ncol=min(len(names), 6), frameon=False,
-                  bbox_to_anchor=(0.5, 0.955))
+    figure.legend(handles, names, loc="outside lower center", ncol=min(len(names), 6),
+                  frameon=False)
     machine = header["machine"].split(", load")[0]
-    figure.suptitle(f"fastlinear bench, {header['date']}: {machine}\n{header['versions']}",
-                    fontsize=9, y=0.995)
-    figure.tight_layout(rect=(0, 0, 1, 0.92))
+    threads = []
+    for pool in header["threads"]:  # "openblas 0.3.31 [numpy.libs] 2 threads" -> "openblas 2"
+        count = re.search(r"(\d+) (?:intra-op )?threads", pool)
+        owner = re.search(r"\[(.*)\]", pool)
+        if count:
+            threads.append(f"{pool.split()[0]}{f' ({owner.group(1)})' if owner else ''} "
+                           f"{count.group(1)}")
+    figure.suptitle(f"fastlinear bench, {header['date']}: {machine}\n{header['versions']}\n"
+                    f"threads: {', '.join(threads)}", fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
