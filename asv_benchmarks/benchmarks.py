@@ -61,9 +61,10 @@ class LayerCase:
 
     params = PARAMS
     param_names = PARAM_NAMES
-    # Few, short samples: the grid, not the sample count, is what costs time here.
-    rounds = 2
-    repeat = (3, 10, 4.0)
+    # Few, short samples: the grid, not the sample count, is what costs time here (one process
+    # per benchmark and round; min 3, max 10 samples, stop sampling after 2 s).
+    rounds = 1
+    repeat = (3, 10, 2.0)
     warmup_time = 0.1
 
     def setup(self, backend, shape, dtype):

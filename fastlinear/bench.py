@@ -61,7 +61,7 @@ LARGE_SIZE = 1024**3
 # (8192 elements) that a broadcast in-place add such as ``Y += b`` takes.
 ALLOC_SLACK = 96 * 1024
 
-# Row labels of the baselines (fastlinear backends are labelled by their backend name).
+# Row labels of the baselines (a fastlinear backend's row is ``backend_label(name)``).
 NUMPY_LABEL = "NumPy"
 TORCH_LABEL = "torch"
 GEMM_LABEL = "GEMM A@B"
