@@ -102,7 +102,7 @@ class LayerCase:
                 step()
             self.synchronize()
             samples.append((time.perf_counter() - start) / calls)
-        return flops / np.median(samples) / 1e9
+        return float(f"{flops / np.median(samples) / 1e9:.4g}")  # 4 digits; more is noise
 
 
 class Forward(LayerCase):
