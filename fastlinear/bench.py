@@ -675,8 +675,7 @@ def build_parser():
         prog="python -m fastlinear bench",
         description="Time every available fastlinear backend side by side with NumPy's X @ W + b,"
                     " PyTorch (when installed) and the machine's GEMM rate; print a table and "
-                    "write a PNG plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "write a PNG plot.")
     parser.add_argument("--quick", action="store_true",
                         help=f"a few shapes ({', '.join(map(shape_text, QUICK_SHAPES))}), "
                              "fewer rounds, shorter blocks: a smoke test in seconds")
@@ -684,7 +683,7 @@ def build_parser():
                         help="comma-separated NxDxM list; default: the Numba issue's grid "
                              f"{','.join(map(shape_text, DEFAULT_SHAPES))}")
     parser.add_argument("--dtypes", type=parse_names, default=DEFAULT_DTYPES,
-                        help="comma-separated dtypes")
+                        help="comma-separated dtypes; default float32,float64")
     parser.add_argument("--backends", type=parse_names, default=None,
                         help="comma-separated fastlinear backends; default: every available one")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
@@ -694,15 +693,16 @@ def build_parser():
                         help="seconds a timed block lasts at least (tiny shapes repeat the call); "
                              "default 0.02, --quick 0.005")
     parser.add_argument("--pause", type=float, default=0.3,
-                        help="seconds to sleep between blocks of different libraries")
+                        help="seconds to sleep between blocks of different libraries; "
+                             "default 0.3")
     parser.add_argument("--case-budget", type=float, default=None,
                         help="seconds one shape x dtype may take; large shapes get fewer rounds "
                              "(at least 3); default 12, --quick 4, 0 = no limit")
     parser.add_argument("--plot", metavar="PATH", default="bench.png",
-                        help="PNG to write ('' for none)")
+                        help="PNG to write, default bench.png ('' for none)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write every sample, median and ratio, with the header, as JSON")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs; default 0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
