@@ -1,0 +1,1 @@
+"""airspeed velocity (asv) benchmark suite of fastlinear; ``asv.conf.json`` points here."""
