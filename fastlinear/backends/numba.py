@@ -45,9 +45,8 @@ SKINNY_ROWS = 4
 _BLAS_THREADS_MIN_WORK = 1 << 20
 
 try:
-    import llvmlite.binding as _llvm_binding
     import numba
-    import scipy.linalg.cython_blas  # noqa: F401  (the BLAS the kernels call)
+    import scipy.linalg.cython_blas  # noqa: F401  (the fallback BLAS; SciPy is required)
     from llvmlite import ir as _ir
     from numba import njit, prange, types
     from numba.core import cgutils
@@ -67,34 +66,72 @@ def unavailable_reason():
 
 
 # ---------------------------------------------------------------------------------------------
-# BLAS threads: follow Numba's thread count, on SciPy's BLAS only.
+# Which BLAS the kernels call, and its threads.
+#
+# NumPy's own BLAS is preferred: it is the BLAS that ``X @ W`` uses, so there is one thread pool
+# in the process (two OpenBLAS pools that both spin-wait after a call fight over the cores when
+# NumPy and fastlinear calls alternate). SciPy's ``cython_blas`` is the fallback (LP64 ints).
 
-_blas_controllers = None
+# Symbol templates of NumPy's BLAS (OpenBLAS, ILP64 in NumPy's wheels) and their int width.
+_NUMPY_BLAS_SYMBOLS = (("scipy_{}_64_", 64), ("{}_64_", 64), ("{}64_", 64))
+_ROUTINES = ("gemm", "gemv")
+
+_blas = {}  # "routines": {(routine, dtype): (address, int bits)}, "controllers": threadpoolctl's
 _blas_lock = threading.Lock()
 
 
-def _scipy_blas_controllers():
-    """threadpoolctl controllers of the BLAS library that SciPy (hence the kernels) uses."""
-    global _blas_controllers
-    if _blas_controllers is None:
-        with _blas_lock:
-            if _blas_controllers is None:
-                import scipy
-                from threadpoolctl import ThreadpoolController
+def _routine_names(dtype):
+    return {name: ("s" if dtype == np.float32 else "d") + name for name in _ROUTINES}
 
-                scipy_dir = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
-                prefixes = (os.path.join(scipy_dir, "scipy.libs"),
-                            os.path.join(scipy_dir, "scipy", ""))
-                controllers = ThreadpoolController().select(user_api="blas").lib_controllers
-                _blas_controllers = [c for c in controllers
-                                     if os.path.abspath(c.filepath).startswith(prefixes)]
-    return _blas_controllers
+
+def _find_blas():
+    """Find gemm and gemv (NumPy's BLAS, else SciPy's) and that BLAS's threadpoolctl controller."""
+    import ctypes
+
+    from threadpoolctl import ThreadpoolController
+
+    numpy_dir = os.path.dirname(os.path.abspath(np.__file__))
+    controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+    for controller in controllers:
+        if not os.path.abspath(controller.filepath).startswith((numpy_dir + os.sep,
+                                                               numpy_dir + ".libs")):
+            continue
+        for template, bits in _NUMPY_BLAS_SYMBOLS:
+            try:
+                routines = {
+                    (name, dtype): (ctypes.cast(getattr(controller.dynlib, template.format(
+                        symbol)), ctypes.c_void_p).value, bits)
+                    for dtype in DTYPES for name, symbol in _routine_names(dtype).items()}
+            except AttributeError:
+                continue
+            return routines, [controller]
+    import scipy
+
+    routines = {(name, dtype): (get_cython_function_address("scipy.linalg.cython_blas", symbol),
+                                32)
+                for dtype in DTYPES for name, symbol in _routine_names(dtype).items()}
+    scipy_dir = os.path.dirname(os.path.abspath(scipy.__file__))
+    own = [c for c in controllers
+           if os.path.abspath(c.filepath).startswith((scipy_dir + os.sep, scipy_dir + ".libs"))]
+    return routines, own
+
+
+def _routines(dtype):
+    """``(gemm address, gemv address, int bits)`` of the BLAS the kernels call for ``dtype``."""
+    routines = _blas.get("routines")
+    if routines is None:
+        with _blas_lock:
+            if "routines" not in _blas:
+                _blas["routines"], _blas["controllers"] = _find_blas()
+            routines = _blas["routines"]
+    gemm, bits = routines["gemm", dtype]
+    return gemm, routines["gemv", dtype][0], bits
 
 
 def _match_blas_threads():
-    """Give SciPy's BLAS as many threads as Numba may use (no more: no oversubscription)."""
+    """Give the BLAS as many threads as Numba may use (no more: no oversubscription)."""
     wanted = numba.get_num_threads()
-    for controller in _scipy_blas_controllers():
+    for controller in _blas["controllers"]:
         if controller.get_num_threads() != wanted:
             controller.set_num_threads(wanted)
 
@@ -122,70 +159,78 @@ def _run_parallel(kernel, *args):
 
 if _IMPORT_ERROR is None:
     # ---------------------------------------------------------------------------------------
-    # gemm from inside @njit. The symbol names are registered with LLVM in every process
-    # before any kernel is linked, so cached machine code resolves them afresh each time.
-
-    _GEMM_SYMBOLS = {np.dtype(np.float32): "fastlinear_scipy_sgemm",
-                     np.dtype(np.float64): "fastlinear_scipy_dgemm"}
-    for _dtype, _symbol in _GEMM_SYMBOLS.items():
-        _routine = "sgemm" if _dtype == np.float32 else "dgemm"
-        _llvm_binding.add_symbol(
-            _symbol, get_cython_function_address("scipy.linalg.cython_blas", _routine))
+    # gemm from inside @njit. Its address and int width come as arguments at run time, so the
+    # machine code holds no process-specific address and can be cached.
 
     _TRANS_N = ord("N")
     _TRANS_T = ord("T")
 
-    @intrinsic
-    def _gemm(typingctx, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-        """Column-major ``C = alpha op(A) op(B) + beta C`` (Fortran BLAS ?gemm, LP64 ints).
+    def _blas_codegen(kinds, dtype):
+        """Code that calls a Fortran BLAS routine: every argument by reference.
 
-        ``a``, ``b``, ``c`` are arrays whose data pointer is the first matrix element; the
-        ``trans_*`` arguments are the ASCII codes of ``'N'``/``'T'``.
+        The intrinsic's arguments are ``(routine, int_bits, *blas_args)``: the routine's address,
+        the width of its ints (32: LP64, 64: ILP64), then the BLAS arguments, whose ``kinds``
+        are ``c`` (a char, given as its ASCII code), ``i`` (a BLAS int), ``r`` (a real of
+        ``dtype``) or ``a`` (an array: its data pointer, the first element, is passed).
         """
-        symbol = _GEMM_SYMBOLS[np.dtype(str(c.dtype))]
-        sig = types.void(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
         def codegen(context, builder, signature, args):
-            (ta, tb, m_, n_, k_, alpha_, a_, lda_, b_, ldb_, beta_, c_, ldc_) = args
-            arg_types = signature.args
-            real = context.get_value_type(c.dtype)
-            char_t, int_t = _ir.IntType(8), _ir.IntType(32)
             voidptr = _ir.IntType(8).as_pointer()
+            real = context.get_value_type(dtype)
+            routine, int_bits = args[:2]
+            blas_args = list(zip(kinds, args[2:], signature.args[2:], strict=True))
 
-            def by_reference(value, from_type, to_llvm, to_type=None):
-                slot = cgutils.alloca_once(builder, to_llvm)
-                if to_type is not None:
-                    value = context.cast(builder, value, from_type, to_type)
+            def by_reference(value, llvm_type, value_type=None):
+                slot = cgutils.alloca_once(builder, llvm_type)
+                if value_type is not None:
+                    value = context.cast(builder, value, value_type, dtype)
+                elif value.type.width < llvm_type.width:
+                    value = builder.sext(value, llvm_type)
                 else:
-                    value = builder.trunc(value, to_llvm)
+                    value = builder.trunc(value, llvm_type)
                 builder.store(value, slot)
                 return builder.bitcast(slot, voidptr)
 
-            def data(value, array_type):
-                array = context.make_array(array_type)(context, builder, value)
-                return builder.bitcast(array.data, voidptr)
+            fixed = {}  # position -> pointer, for arguments that do not depend on the int width
+            for position, (kind, value, value_type) in enumerate(blas_args):
+                if kind == "c":
+                    fixed[position] = by_reference(value, _ir.IntType(8))
+                elif kind == "r":
+                    fixed[position] = by_reference(value, real, value_type)
+                elif kind == "a":
+                    array = context.make_array(value_type)(context, builder, value)
+                    fixed[position] = builder.bitcast(array.data, voidptr)
+            fnty = _ir.FunctionType(_ir.VoidType(), [voidptr] * len(kinds))
+            function = builder.inttoptr(routine, fnty.as_pointer())
 
-            call_args = [
-                by_reference(ta, arg_types[0], char_t),
-                by_reference(tb, arg_types[1], char_t),
-                by_reference(m_, arg_types[2], int_t),
-                by_reference(n_, arg_types[3], int_t),
-                by_reference(k_, arg_types[4], int_t),
-                by_reference(alpha_, arg_types[5], real, c.dtype),
-                data(a_, arg_types[6]),
-                by_reference(lda_, arg_types[7], int_t),
-                data(b_, arg_types[8]),
-                by_reference(ldb_, arg_types[9], int_t),
-                by_reference(beta_, arg_types[10], real, c.dtype),
-                data(c_, arg_types[11]),
-                by_reference(ldc_, arg_types[12], int_t),
-            ]
-            fnty = _ir.FunctionType(_ir.VoidType(), [voidptr] * 13)
-            fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
-            builder.call(fn, call_args)
+            def call(int_type):
+                pointers = [fixed[position] if kind != "i" else by_reference(value, int_type)
+                            for position, (kind, value, _) in enumerate(blas_args)]
+                builder.call(function, pointers)
+
+            is_lp64 = builder.icmp_signed("==", int_bits, int_bits.type(32))
+            with builder.if_else(is_lp64) as (lp64, ilp64):
+                with lp64:
+                    call(_ir.IntType(32))
+                with ilp64:
+                    call(_ir.IntType(64))
             return context.get_dummy_value()
 
-        return sig, codegen
+        return codegen
+
+    @intrinsic
+    def _gemm(typingctx, routine, int_bits, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+              beta, c, ldc):
+        """Column-major ``C = alpha op(A) op(B) + beta C``: Fortran BLAS ``?gemm``."""
+        sig = types.void(routine, int_bits, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+                         beta, c, ldc)
+        return sig, _blas_codegen("cciiiraiairai", c.dtype)
+
+    @intrinsic
+    def _gemv(typingctx, routine, int_bits, trans, m, n, alpha, a, lda, x, incx, beta, y, incy):
+        """Column-major ``y = alpha op(A) x + beta y``: Fortran BLAS ``?gemv``."""
+        sig = types.void(routine, int_bits, trans, m, n, alpha, a, lda, x, incx, beta, y, incy)
+        return sig, _blas_codegen("ciiraiairai", y.dtype)
 
     @njit(cache=True)
     def _blas_operand(A):
@@ -213,7 +258,7 @@ if _IMPORT_ERROR is None:
         return 0, 0
 
     @njit(cache=True)
-    def _matmul_into(A, B, C, beta):
+    def _matmul_into(routine, int_bits, A, B, C, beta):
         """Row-major ``C = A @ B + beta * C`` (``C`` C-contiguous; ``A``, ``B`` any layout).
 
         Row-major ``C`` is column-major ``C.T = B.T @ A.T``: gemm with B first.
@@ -234,25 +279,53 @@ if _IMPORT_ERROR is None:
         if trans_b == 0:
             B = np.ascontiguousarray(B)
             trans_b, ld_b = _blas_operand(B)
-        _gemm(trans_b, trans_a, cols, rows, inner, 1.0, B, ld_b, A, ld_a, beta, C, cols)
+        _gemm(routine, int_bits, trans_b, trans_a, cols, rows, inner, 1.0, B, ld_b, A, ld_a, beta,
+              C, cols)
 
     @njit(cache=True)
-    def _forward_kernel(X, W, b, Y):
-        """``Y = X @ W + b``: bias rows written first, then gemm adds the product (beta=1)."""
-        if b is None:
-            _matmul_into(X, W, Y, 0.0)
-            return
+    def _row_times_matrix(gemv, int_bits, x, W, y, beta):
+        """``y = x @ W + beta * y``, one row ``x`` (D,), ``W`` (D, M), ``y`` (M,) contiguous.
+
+        Row-major ``W`` is column-major ``W.T`` (M x D): ``y = W.T x`` is gemv ``'N'`` on it.
+        """
+        trans, ld = _blas_operand(W)
+        if trans == 0:
+            W = np.ascontiguousarray(W)
+            trans, ld = _blas_operand(W)
+        step = x.strides[0] // x.itemsize
+        if step <= 0 or x.strides[0] % x.itemsize:
+            x = np.ascontiguousarray(x)
+            step = 1
+        depth, cols = W.shape
+        if trans == _TRANS_N:
+            _gemv(gemv, int_bits, _TRANS_N, cols, depth, 1.0, W, ld, x, step, beta, y, 1)
+        else:  # W is column-major (D x M): y = W.T x is gemv 'T' on it
+            _gemv(gemv, int_bits, _TRANS_T, depth, cols, 1.0, W, ld, x, step, beta, y, 1)
+
+    @njit(cache=True)
+    def _forward_kernel(gemm, gemv, int_bits, X, W, b, Y):
+        """``Y = X @ W + b``: bias rows written first, then BLAS adds the product (beta=1).
+
+        One row (N = 1) is a matrix-vector product: gemv, which streams W at memory speed,
+        where gemm with one column is several times slower.
+        """
         rows, cols = Y.shape
-        for i in range(rows):
-            for j in range(cols):
-                Y[i, j] = b[j]
-        _matmul_into(X, W, Y, 1.0)
+        beta = 0.0
+        if b is not None:
+            beta = 1.0
+            for i in range(rows):
+                for j in range(cols):
+                    Y[i, j] = b[j]
+        if rows == 1 and cols > 0 and X.shape[1] > 0:
+            _row_times_matrix(gemv, int_bits, X[0], W, Y[0], beta)
+        else:
+            _matmul_into(gemm, int_bits, X, W, Y, beta)
 
     @njit(cache=True)
-    def _backward_kernel(dY, X, W, dX, dW, db, accumulate):
+    def _backward_kernel(routine, int_bits, dY, X, W, dX, dW, db, accumulate):
         """dX = dY @ W.T (if dX given), db (+)= dY.sum(0) (if db given), dW (+)= X.T @ dY."""
         if dX is not None:
-            _matmul_into(dY, W.T, dX, 0.0)
+            _matmul_into(routine, int_bits, dY, W.T, dX, 0.0)
         if db is not None:
             rows, cols = dY.shape
             if not accumulate:
@@ -261,7 +334,7 @@ if _IMPORT_ERROR is None:
             for i in range(rows):
                 for j in range(cols):
                     db[j] += dY[i, j]
-        _matmul_into(X.T, dY, dW, 1.0 if accumulate else 0.0)
+        _matmul_into(routine, int_bits, X.T, dY, dW, 1.0 if accumulate else 0.0)
 
     @njit(cache=True, parallel=True)
     def _skinny_backward_kernel(dY, X, W, dX, dW, db, accumulate):
@@ -300,9 +373,10 @@ def forward(X, W, b, out):
     N, D = X.shape
     M = W.shape[1]
     Y = np.empty((N, M), dtype=W.dtype) if out is None else out
+    gemm, gemv, int_bits = _routines(W.dtype)
     if N * D * M >= _BLAS_THREADS_MIN_WORK:
         _match_blas_threads()
-    _forward_kernel(X, W, b, Y)
+    _forward_kernel(gemm, gemv, int_bits, X, W, b, Y)
     return Y
 
 
@@ -325,7 +399,8 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
     if 0 < N <= SKINNY_ROWS and W.strides[1] == W.itemsize and dY.strides[1] == dY.itemsize:
         _run_parallel(_skinny_backward_kernel, dY, X, W, dX, dW, db, accumulate)
     else:
+        routine, _, int_bits = _routines(dtype)
         if N * D * M >= _BLAS_THREADS_MIN_WORK:
             _match_blas_threads()
-        _backward_kernel(dY, X, W, dX, dW, db, accumulate)
+        _backward_kernel(routine, int_bits, dY, X, W, dX, dW, db, accumulate)
     return dX, dW, db
