@@ -336,13 +336,16 @@ if _IMPORT_ERROR is None:
                     db[j] += dY[i, j]
         _matmul_into(routine, int_bits, X.T, dY, dW, 1.0 if accumulate else 0.0)
 
-    @njit(cache=True, parallel=True)
+    # "reassoc" lets LLVM split the dot product over SIMD lanes (a strict left-to-right sum is
+    # latency-bound, several times slower); any summation order keeps the k * eps error bound.
+    # No other fast-math flag: NaN and inf still propagate.
+    @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
     def _skinny_backward_kernel(dY, X, W, dX, dW, db, accumulate):
         """Backward for few rows N, one sweep over the rows of W and dW.
 
-        Each parallel task owns one row d of W (length M) and the same row of dW: it writes
-        ``dW[d, :] (+)= sum_n X[n, d] * dY[n, :]`` and reduces ``dX[n, d] = dY[n, :] . W[d, :]``.
-        W and dW are streamed once; dY (N x M) and X's column stay in cache.
+        Each parallel task owns one row d of W (length M) and the same row of dW: it reduces
+        ``dX[n, d] = dY[n, :] . W[d, :]`` and writes ``dW[d, :] (+)= sum_n X[n, d] * dY[n, :]``.
+        W and dW are streamed once each; dY (N x M) stays in cache.
         """
         rows, cols = dY.shape
         depth = W.shape[0]
@@ -353,10 +356,14 @@ if _IMPORT_ERROR is None:
                     for j in range(cols):
                         total += dY[n, j] * W[d, j]
                     dX[n, d] = total
-            if not accumulate:
+            scale = X[0, d]
+            if accumulate:
                 for j in range(cols):
-                    dW[d, j] = 0.0
-            for n in range(rows):
+                    dW[d, j] += scale * dY[0, j]
+            else:
+                for j in range(cols):
+                    dW[d, j] = scale * dY[0, j]
+            for n in range(1, rows):
                 scale = X[n, d]
                 for j in range(cols):
                     dW[d, j] += scale * dY[n, j]

@@ -1,0 +1,338 @@
+"""Cases that break the numba backend's kernels, beyond the backend-parametrised tests.
+
+Sizes of 1 and primes, the edges of its paths (one row: gemv; up to ``SKINNY_ROWS`` rows: the
+fused ``prange`` backward; more: gemm), empty dimensions, every layout BLAS can read without a
+copy and those it cannot, all flag combinations of the backward pass, a long float32 reduction,
+concurrent callers (also under Numba's ``workqueue`` threading layer, in a subprocess), the
+SciPy BLAS fallback, thread counts, allocations, and the on-disk cache.
+
+Tolerance: ``conftest.error_bound``, i.e. ``2 (k + 1) u (|x| . |w|)`` elementwise for a length-k
+dot product with unit roundoff ``u``: the worst case of any summation order (Higham, eq. 3.5), so
+BLAS blocking, threads and SIMD reassociation all stay inside it; float32 sums are accumulated in
+float32, by the reference and by this backend alike.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastlinear
+from tests.conftest import CPU_DTYPES, assert_close, make_inputs, reference64
+
+backend_module = pytest.importorskip("fastlinear.backends.numba")
+if backend_module.unavailable_reason() is not None:  # pragma: no cover - numba extra missing
+    pytest.skip(backend_module.unavailable_reason(), allow_module_level=True)
+
+SKINNY = backend_module.SKINNY_ROWS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (N, D, M): ones, primes, the path edges (N = 1, SKINNY_ROWS, SKINNY_ROWS + 1) and one past
+# the power-of-two block sizes BLAS kernels use (16, 32, 64), empty dimensions.
+SHAPES = [
+    (1, 1, 1), (1, 2, 1), (2, 1, 3), (1, 97, 89), (2, 3, 5), (7, 11, 13), (SKINNY, 31, 17),
+    (SKINNY + 1, 31, 17), (17, 33, 65), (65, 17, 33), (97, 101, 103), (0, 5, 3), (3, 0, 5),
+    (3, 5, 0), (1, 0, 4), (1, 4, 0), (0, 0, 0),
+]
+
+
+def run_both(X, W, b, dY, **backward_args):
+    """Forward and backward through the public API with the numba backend."""
+    Y = fastlinear.linear_forward(X, W, b, backend="numba")
+    grads = fastlinear.linear_backward(dY, X, W, has_bias=b is not None, backend="numba",
+                                       **backward_args)
+    return Y, grads
+
+
+def check(X, W, b, dY, dtype, need_dX=True):
+    ref = reference64(X, W, b, dY)
+    Y, (dX, dW, db) = run_both(X, W, b, dY, need_dX=need_dX)
+    results = {"Y": Y, "dW": dW}
+    if need_dX:
+        results["dX"] = dX
+    else:
+        assert dX is None
+    if b is not None:
+        results["db"] = db
+    else:
+        assert db is None
+    for name, value in results.items():
+        expected, magnitude, terms = ref[name]
+        assert value.dtype == dtype and value.flags.c_contiguous, name
+        assert_close(value, expected, dtype, terms, magnitude, name)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("N,D,M", SHAPES)
+def test_shapes(rng, N, D, M, dtype):
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    check(X, W, b, dY, dtype)
+
+
+@pytest.mark.parametrize("N", [1, SKINNY, SKINNY + 1, 40])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("need_dX", [True, False])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_backward_flags_and_buffers(rng, N, has_bias, need_dX, accumulate):
+    """Every flag combination on every path, writing into given buffers (``out=``)."""
+    dtype = np.float64
+    X, W, b, dY = make_inputs(rng, N, 23, 19, dtype, bias=has_bias)
+    ref = reference64(X, W, b, dY)
+    dW0 = rng.standard_normal(W.shape)
+    db0 = rng.standard_normal(W.shape[1])
+    dX_buf, dW_buf, db_buf = np.full(X.shape, np.nan), dW0.copy(), db0.copy()
+    dX, dW, db = fastlinear.linear_backward(
+        dY, X, W, has_bias=has_bias, need_dX=need_dX, accumulate=accumulate, backend="numba",
+        dX=dX_buf, dW=dW_buf, db=db_buf if has_bias else None)
+    assert dW is dW_buf
+    expected, magnitude, terms = ref["dW"]
+    start = dW0 if accumulate else 0
+    assert_close(dW, start + expected, dtype, terms + 1, magnitude + np.abs(start), "dW")
+    if has_bias:
+        assert db is db_buf
+        expected, magnitude, terms = ref["db"]
+        start = db0 if accumulate else 0
+        assert_close(db, start + expected, dtype, terms + 1, magnitude + np.abs(start), "db")
+    else:
+        assert db is None
+        np.testing.assert_array_equal(db_buf, db0)  # untouched
+    if need_dX:
+        assert dX is dX_buf
+        expected, magnitude, terms = ref["dX"]
+        assert_close(dX, expected, dtype, terms, magnitude, "dX")
+    else:
+        assert dX is None
+
+
+@pytest.mark.parametrize("N", [1, 6])
+def test_forward_out_buffer_and_no_bias(rng, N):
+    X, W, b, _ = make_inputs(rng, N, 9, 7, np.float32)
+    out = np.full((N, 7), np.nan, dtype=np.float32)
+    for bias in (b, None):
+        Y = fastlinear.linear_forward(X, W, bias, backend="numba", out=out)
+        assert Y is out
+        expected, magnitude, terms = reference64(X, W, bias, np.zeros_like(out))["Y"]
+        assert_close(Y, expected, np.float32, terms, magnitude, "Y")
+
+
+def views(a, kind):
+    """``a`` (2-D) as ``kind``: C/F order, rows/columns sliced (one unit stride left, leading
+    dimension larger than the extent), fully strided, reversed (negative strides), or a
+    transposed view."""
+    n, m = a.shape
+    if kind == "C":
+        return np.ascontiguousarray(a)
+    if kind == "F":
+        return np.asfortranarray(a)
+    if kind == "C-padded":  # row-major with a row stride > m: BLAS reads it via lda
+        padded = np.zeros((n, m + 5), dtype=a.dtype)
+        padded[:, :m] = a
+        return padded[:, :m]
+    if kind == "F-padded":
+        padded = np.zeros((n + 3, m), dtype=a.dtype, order="F")
+        padded[:n] = a
+        return padded[:n]
+    if kind == "strided":  # no unit stride at all: copied
+        padded = np.zeros((2 * n, 3 * m), dtype=a.dtype)
+        padded[::2, ::3] = a
+        return padded[::2, ::3]
+    if kind == "reversed":  # negative strides: copied
+        return np.ascontiguousarray(a[::-1, ::-1])[::-1, ::-1]
+    if kind == "transposed":  # a C-contiguous array's .T: F-order
+        return np.ascontiguousarray(a.T).T
+    raise ValueError(kind)
+
+
+LAYOUTS = ["C", "F", "C-padded", "F-padded", "strided", "reversed", "transposed"]
+
+
+@pytest.mark.parametrize("N", [1, 3, 29])
+@pytest.mark.parametrize("x_layout", LAYOUTS)
+@pytest.mark.parametrize("w_layout", ["C", "F", "C-padded", "strided", "reversed"])
+def test_layouts(rng, N, x_layout, w_layout):
+    dtype = np.float32
+    X, W, b, dY = make_inputs(rng, N, 21, 18, dtype)
+    X, dY, W = views(X, x_layout), views(dY, x_layout), views(W, w_layout)
+    b = rng.standard_normal(36).astype(dtype)[::2]  # strided bias
+    check(X, W, b, dY, dtype)
+
+
+def test_batch_dims(rng):
+    X, W, b, dY = make_inputs(rng, 24, 7, 5, np.float64)
+    X3, dY3 = X.reshape(2, 3, 4, 7), dY.reshape(2, 3, 4, 5)
+    Y3, (dX3, dW, db) = run_both(X3, W, b, dY3)
+    Y, (dX, dW2, db2) = run_both(X, W, b, dY)
+    assert Y3.shape == (2, 3, 4, 5) and dX3.shape == X3.shape
+    np.testing.assert_allclose(Y3.reshape(24, 5), Y, rtol=1e-13)
+    np.testing.assert_allclose(dX3.reshape(24, 7), dX, rtol=1e-13)
+    np.testing.assert_allclose(dW, dW2, rtol=1e-13)
+    np.testing.assert_allclose(db, db2, rtol=1e-13)
+
+
+@pytest.mark.parametrize("N", [1, 3, 16])
+def test_long_float32_reduction(rng, N):
+    """D = 2**17 terms per forward dot product (and per dX row for N <= SKINNY_ROWS), in float32.
+
+    The stated bound ``2 (k + 1) u (|x| . |w|)`` (u = 2**-24) must hold, and, as rounding errors
+    of a blocked or SIMD-split sum grow like sqrt(k) rather than k, the worst error must stay
+    below 1% of that worst case: a kernel that summed in lower precision or dropped terms would
+    not.
+    """
+    D, M = 1 << 17, 3
+    X, W, b, dY = make_inputs(rng, N, D, M, np.float32)
+    ref = reference64(X, W, b, dY)
+    Y, (dX, dW, db) = run_both(X, W, b, dY)
+    for name, value in (("Y", Y), ("dW", dW), ("dX", dX)):
+        expected, magnitude, terms = ref[name]
+        assert_close(value, expected, np.float32, terms, magnitude, name)
+    expected, magnitude, terms = ref["Y"]
+    relative = np.abs(Y - expected) / magnitude
+    assert relative.max() < 0.01 * terms * np.finfo(np.float32).eps
+
+
+def test_skinny_large_rows_match_gemm_path(rng):
+    """The fused skinny kernel against the gemm path on the same inputs (N = SKINNY_ROWS)."""
+    X, W, b, dY = make_inputs(rng, SKINNY, 300, 257, np.float32)
+    ref = reference64(X, W, b, dY)
+    _, (dX, dW, db) = run_both(X, W, b, dY)
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        expected, magnitude, terms = ref[name]
+        assert_close(value, expected, np.float32, terms, magnitude, name)
+
+
+def test_nan_and_inf_propagate(rng):
+    X, W, b, dY = make_inputs(rng, 1, 8, 6, np.float64)
+    X[0, 2] = np.nan
+    dY[0, 1] = np.inf
+    Y, (dX, dW, db) = run_both(X, W, b, dY)
+    assert np.isnan(Y).all()
+    assert np.isnan(dW[2]).all() and np.isinf(db[1])
+    assert np.isinf(dX).any() or np.isnan(dX).any()
+
+
+def worker_results(n_threads=8, rounds=20):
+    """Run forward and backward from ``n_threads`` Python threads at once; return failures."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for i in range(n_threads):
+        N = (1, 2, 5, 64)[i % 4]  # every path: gemv, skinny prange kernel, gemm
+        cases.append(make_inputs(rng, N, 48 + i, 40 + i, np.float64))
+    failures = []
+    barrier = threading.Barrier(n_threads)
+
+    def work(X, W, b, dY):
+        barrier.wait()
+        ref = reference64(X, W, b, dY)
+        for _ in range(rounds):
+            Y, (dX, dW, db) = run_both(X, W, b, dY)
+            for name, value in (("Y", Y), ("dX", dX), ("dW", dW), ("db", db)):
+                expected, magnitude, terms = ref[name]
+                try:
+                    assert_close(value, expected, np.float64, terms, magnitude, name)
+                except AssertionError as exc:
+                    failures.append(str(exc))
+
+    threads = [threading.Thread(target=work, args=case) for case in cases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
+
+
+def test_concurrent_calls_from_8_threads():
+    assert worker_results() == []
+
+
+def run_python(code, **env):
+    """Run ``code`` in a fresh interpreter with the repository importable; return stdout."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    **env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_concurrent_calls_under_workqueue_layer():
+    """workqueue is not thread-safe: the backend must serialise its prange kernels there."""
+    out = run_python(
+        "import numba; from tests.test_numba_backend import worker_results;"
+        "print(len(worker_results(rounds=5))); print(numba.threading_layer())",
+        NUMBA_THREADING_LAYER="workqueue")
+    assert out.split() == ["0", "workqueue"]
+
+
+def test_scipy_blas_fallback():
+    """Without NumPy's BLAS symbols the kernels call SciPy's LP64 BLAS: same results."""
+    out = run_python(
+        "import numpy as np; from fastlinear.backends import numba as nb;"
+        "nb._NUMPY_BLAS_SYMBOLS = ();"
+        "from tests.test_numba_backend import worker_results;"
+        "print(len(worker_results(n_threads=4, rounds=2)));"
+        "print(nb._routines(np.dtype(np.float32))[2])")
+    assert out.split() == ["0", "32"]
+
+
+def test_missing_numba_names_the_extra():
+    out = run_python(
+        "import sys; sys.modules['numba'] = None;"
+        "from fastlinear.backends import numba as nb; print(nb.unavailable_reason())")
+    assert 'pip install "fastlinear[numba]"' in out
+
+
+def test_cached_kernels_load_in_a_new_process(rng):
+    """cache=True: once compiled here, a new process loads the kernels from disk."""
+    X, W, b, dY = make_inputs(rng, 3, 4, 5, np.float64)
+    run_both(X, W, b, dY)  # compiled (or loaded) in this process: the cache files exist now
+    out = run_python(
+        "import numpy as np, fastlinear; from fastlinear.backends import numba as nb;"
+        "X = np.ones((3, 4)); W = np.ones((4, 5)); b = np.ones(5);"
+        "fastlinear.linear_forward(X, W, b, backend='numba');"
+        "print(sum(nb._forward_kernel.stats.cache_misses.values()),"
+        "      sum(nb._forward_kernel.stats.cache_hits.values()))")
+    misses, hits = map(int, out.split())
+    assert misses == 0 and hits >= 1
+
+
+def test_blas_threads_follow_numba_threads(rng):
+    import numba
+
+    X, W, b, dY = make_inputs(rng, 128, 128, 128, np.float64)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        run_both(X, W, b, dY)
+        assert [c.get_num_threads() for c in backend_module._blas["controllers"]] == [1] * len(
+            backend_module._blas["controllers"])
+    finally:
+        numba.set_num_threads(before)
+    run_both(X, W, b, dY)
+    assert all(c.get_num_threads() == before for c in backend_module._blas["controllers"])
+
+
+@pytest.mark.parametrize("N", [1, 64])
+def test_allocates_only_the_results(rng, N):
+    """Forward allocates Y only; backward dX, dW, db only (NumPy allocations, by tracemalloc)."""
+    X, W, b, dY = make_inputs(rng, N, 256, 192, np.float64)
+    run_both(X, W, b, dY)  # compile and warm up outside the measurement
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        Y = fastlinear.linear_forward(X, W, b, backend="numba")
+        forward_peak = tracemalloc.get_traced_memory()[1] - before
+        del Y
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        grads = fastlinear.linear_backward(dY, X, W, backend="numba")
+        backward_peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    slack = 4096
+    assert forward_peak <= N * 192 * 8 + slack
+    assert backward_peak <= sum(g.nbytes for g in grads) + slack
