@@ -1,33 +1,39 @@
-"""The Numba CPU backend: @njit kernels calling SciPy's BLAS, with the bias and db fused around it.
+"""The Numba CPU backend: @njit kernels around the BLAS, with the bias and db fused into the call.
 
 Method, by shape
 ----------------
-* Forward, every shape: one compiled call fills ``Y`` with the bias rows, then runs BLAS ``?gemm``
-  with ``beta=1`` straight into ``Y``: no temporary of ``Y``'s size, no second pass to add ``b``.
-  Row-major and column-major (including transposed) operands map to gemm's ``'N'``/``'T'`` flags
-  and leading dimensions, so C-order, F-order and sliced views with one unit stride are not
-  copied; only operands with no unit stride (or negative strides) are copied.
-* Backward, general shapes: gemm for ``dX = dY @ W.T`` and ``dW = X.T @ dY`` (``beta=1`` when
-  accumulating, so ``dW += ...`` needs no temporary); ``db`` is summed row by row in the same
-  compiled call, while ``dY`` is still in cache, and is a few percent of a gemm.
-* Backward, skinny batches (``N <= SKINNY_ROWS``): BLAS turns ``dW = X.T @ dY`` into a zeroing
-  pass plus an update pass over ``dW``, and a separate gemv pass over ``W``. A ``prange`` kernel
-  walks the rows of ``W`` and ``dW`` once, together: it writes ``dW[d, :]`` and reduces
-  ``W[d, :]`` into ``dX[:, d]`` in the same sweep; memory-bound, parallel over rows of ``W``.
+* Forward, N >= 2: one compiled call fills ``Y`` with the bias rows, then runs BLAS ``?gemm``
+  with ``beta=1`` straight into ``Y``: no temporary of ``Y``'s size and no separate bias pass
+  over the product (numpy's ``X @ W + b`` makes both). Row-major and column-major (including
+  transposed) operands map to gemm's ``'N'``/``'T'`` flags and leading dimensions, so C-order,
+  F-order and sliced views with one unit stride are not copied; only operands with no unit
+  stride (or a negative one) are copied, inside the compiled call.
+* Forward, N = 1: ``?gemv`` (``beta=1`` on the bias), which streams ``W`` at memory speed where
+  gemm with one column is several times slower.
+* Backward, N > ``SKINNY_ROWS``: gemm for ``dX = dY @ W.T`` and ``dW = X.T @ dY`` (``beta=1``
+  when accumulating, so ``dW += ...`` needs no temporary); ``db`` is summed row by row in the
+  same compiled call, a pass over ``dY`` that costs about 1% of the gemms.
+* Backward, N <= ``SKINNY_ROWS``: memory-bound (``dW`` is an outer product). BLAS would zero
+  ``dW``, update it, and read ``W`` in a separate gemv. One ``prange`` kernel instead walks the
+  rows of ``W`` and ``dW`` together, once: parallel over rows of ``W``.
+
+BLAS: NumPy's own OpenBLAS (the one ``X @ W`` uses), called from ``@njit`` through its address,
+passed at run time, so the machine code holds no process-specific address and is cached. One
+BLAS in the process means one thread pool: OpenBLAS workers spin-wait after each call, and two
+pools (NumPy's and SciPy's) alternating on the same cores slow each other down several times.
+SciPy's ``cython_blas`` (LP64) is the fallback where NumPy's BLAS symbols are not found.
 
 Threads: BLAS runs with ``numba.get_num_threads()`` threads (which follows ``NUMBA_NUM_THREADS``
-and ``numba.set_num_threads``), set on SciPy's BLAS only through threadpoolctl. BLAS calls and
+and ``numba.set_num_threads``), set through threadpoolctl when it differs. BLAS calls and
 ``prange`` kernels never run at the same time within a call, so they do not oversubscribe. With
 Numba's ``workqueue`` threading layer (not thread-safe) ``prange`` kernels are serialised by a
 lock; the ``omp`` and ``tbb`` layers run concurrent callers as they are.
 
-Precision: float32 products are accumulated in float32 (as the BLAS does and as the NumPy
-reference does); the error stays within ``k * eps * (|x| . |w|)`` for a length-``k`` dot product.
+Precision: float32 products and sums are accumulated in float32 (as the BLAS and the NumPy
+reference do); the error stays within ``k * eps * (|x| . |w|)`` for a length-``k`` dot product.
 
 Compilation: kernels are compiled lazily, once per dtype and memory layout, with ``cache=True``
-(a new process loads them from Numba's cache). The BLAS routines are reached through symbols
-registered with LLVM at import time, so the compiled code holds no process-specific addresses
-and can be cached.
+(a new process loads them from Numba's cache).
 """
 
 import os
@@ -46,7 +52,8 @@ _BLAS_THREADS_MIN_WORK = 1 << 20
 
 try:
     import numba
-    import scipy.linalg.cython_blas  # noqa: F401  (the fallback BLAS; SciPy is required)
+    import scipy  # noqa: F401  (its cython_blas is the fallback BLAS; imported when needed)
+    import threadpoolctl  # noqa: F401
     from llvmlite import ir as _ir
     from numba import njit, prange, types
     from numba.core import cgutils
@@ -106,6 +113,7 @@ def _find_blas():
                 continue
             return routines, [controller]
     import scipy
+    import scipy.linalg.cython_blas  # noqa: F401
 
     routines = {(name, dtype): (get_cython_function_address("scipy.linalg.cython_blas", symbol),
                                 32)
