@@ -293,8 +293,8 @@ def test_cached_kernels_load_in_a_new_process(rng):
         "import numpy as np, fastlinear; from fastlinear.backends import numba as nb;"
         "X = np.ones((3, 4)); W = np.ones((4, 5)); b = np.ones(5);"
         "fastlinear.linear_forward(X, W, b, backend='numba');"
-        "print(sum(nb._forward_kernel.stats.cache_misses.values()),"
-        "      sum(nb._forward_kernel.stats.cache_hits.values()))")
+        "kernel = nb._kernels['forward', np.dtype(np.float64), True];"
+        "print(sum(kernel.stats.cache_misses.values()), sum(kernel.stats.cache_hits.values()))")
     misses, hits = map(int, out.split())
     assert misses == 0 and hits >= 1
 

@@ -57,6 +57,7 @@ try:
     from llvmlite import ir as _ir
     from numba import njit, prange, types
     from numba.core import cgutils
+    from numba.core.imputils import impl_ret_borrowed
     from numba.extending import get_cython_function_address, intrinsic
 except ImportError as exc:  # the dispatcher imports this module to ask whether it can run
     _IMPORT_ERROR = exc
@@ -312,77 +313,167 @@ if _IMPORT_ERROR is None:
         else:  # W is column-major (D x M): y = W.T x is gemv 'T' on it
             _gemv(gemv, int_bits, _TRANS_T, depth, cols, 1.0, W, ld, x, step, beta, y, 1)
 
-    @njit(cache=True)
-    def _forward_kernel(gemm, gemv, int_bits, X, W, b, Y):
-        """``Y = X @ W + b``: bias rows written first, then BLAS adds the product (beta=1).
+    @intrinsic
+    def _assume_contiguous(typingctx, vector):
+        """The 1-D array ``vector`` typed as C-contiguous, so loops over it vectorise.
 
-        One row (N = 1) is a matrix-vector product: gemv, which streams W at memory speed,
-        where gemm with one column is several times slower.
+        Only for vectors whose stride the caller checked is one element (or of length <= 1):
+        a C-typed array is indexed as if it were contiguous. Same data, no copy.
         """
-        rows, cols = Y.shape
-        beta = 0.0
-        if b is not None:
-            beta = 1.0
-            for i in range(rows):
-                for j in range(cols):
-                    Y[i, j] = b[j]
-        if rows == 1 and cols > 0 and X.shape[1] > 0:
-            _row_times_matrix(gemv, int_bits, X[0], W, Y[0], beta)
-        else:
-            _matmul_into(gemm, int_bits, X, W, Y, beta)
+        result = vector.copy(layout="C")
+
+        def codegen(context, builder, signature, args):
+            return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+
+        return result(vector), codegen
 
     @njit(cache=True)
-    def _backward_kernel(routine, int_bits, dY, X, W, dX, dW, db, accumulate):
-        """dX = dY @ W.T (if dX given), db (+)= dY.sum(0) (if db given), dW (+)= X.T @ dY."""
-        if dX is not None:
-            _matmul_into(routine, int_bits, dY, W.T, dX, 0.0)
-        if db is not None:
-            rows, cols = dY.shape
-            if not accumulate:
-                db[:] = 0.0
-            # Row by row: each pass is a contiguous, vectorised add of one dY row.
-            for i in range(rows):
-                for j in range(cols):
-                    db[j] += dY[i, j]
-        _matmul_into(routine, int_bits, X.T, dY, dW, 1.0 if accumulate else 0.0)
+    def _is_contiguous(vector):
+        return vector.shape[0] <= 1 or vector.strides[0] == vector.itemsize
 
-    # "reassoc" lets LLVM split the dot product over SIMD lanes (a strict left-to-right sum is
-    # latency-bound, several times slower); any summation order keeps the k * eps error bound.
-    # No other fast-math flag: NaN and inf still propagate.
-    @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-    def _skinny_backward_kernel(dY, X, W, dX, dW, db, accumulate):
-        """Backward for few rows N, one sweep over the rows of W and dW.
+    @njit(cache=True)
+    def _fill_rows(Y, row):
+        """Every row of ``Y`` (C-contiguous) = ``row``."""
+        for i in range(Y.shape[0]):
+            target = Y[i]
+            for j in range(Y.shape[1]):
+                target[j] = row[j]
 
-        Each parallel task owns one row d of W (length M) and the same row of dW: it reduces
-        ``dX[n, d] = dY[n, :] . W[d, :]`` and writes ``dW[d, :] (+)= sum_n X[n, d] * dY[n, :]``.
-        W and dW are streamed once each; dY (N x M) stays in cache.
-        """
-        rows, cols = dY.shape
-        depth = W.shape[0]
-        for d in prange(depth):
-            if dX is not None:
-                for n in range(rows):
-                    total = W.dtype.type(0.0)
-                    for j in range(cols):
-                        total += dY[n, j] * W[d, j]
-                    dX[n, d] = total
-            scale = X[0, d]
-            if accumulate:
-                for j in range(cols):
-                    dW[d, j] += scale * dY[0, j]
+    @njit(cache=True)
+    def _add_rows(total, A):
+        """``total += A.sum(0)``, row by row: each step a contiguous, vectorised add."""
+        for i in range(A.shape[0]):
+            if _is_contiguous(A[i]):
+                row = _assume_contiguous(A[i])
+                for j in range(A.shape[1]):
+                    total[j] += row[j]
             else:
-                for j in range(cols):
-                    dW[d, j] = scale * dY[0, j]
-            for n in range(1, rows):
-                scale = X[n, d]
-                for j in range(cols):
-                    dW[d, j] += scale * dY[n, j]
-        if db is not None:
-            if not accumulate:
-                db[:] = 0.0
+                for j in range(A.shape[1]):
+                    total[j] += A[i, j]
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels the entry points call. Each is compiled for one explicit signature per dtype and
+# present/absent optional array: inputs typed as read-only arrays of any layout ('A'; C- and
+# F-order arrays convert to it at the call, no copy), outputs as C-contiguous. So a dtype costs
+# at most a handful of compilations whatever layouts come, instead of one per layout mix.
+
+
+def _forward_impl(gemm, gemv, int_bits, X, W, b, Y):
+    """``Y = X @ W + b``: bias rows written first, then BLAS adds the product (beta=1).
+
+    One row (N = 1) is a matrix-vector product: gemv, which streams W at memory speed, where
+    gemm with one column is several times slower.
+    """
+    rows, cols = Y.shape
+    beta = 0.0
+    if b is not None:
+        beta = 1.0
+        if _is_contiguous(b):
+            _fill_rows(Y, _assume_contiguous(b))
+        else:
+            _fill_rows(Y, b)
+    if rows == 1 and cols > 0 and X.shape[1] > 0:
+        _row_times_matrix(gemv, int_bits, X[0], W, Y[0], beta)
+    else:
+        _matmul_into(gemm, int_bits, X, W, Y, beta)
+
+
+def _backward_impl(gemm, int_bits, dY, X, W, dX, dW, db, accumulate):
+    """dX = dY @ W.T (if dX given), db (+)= dY.sum(0) (if db given), dW (+)= X.T @ dY."""
+    if dX is not None:
+        _matmul_into(gemm, int_bits, dY, W.T, dX, 0.0)
+    if db is not None:
+        if not accumulate:
+            db[:] = 0.0
+        _add_rows(db, dY)
+    _matmul_into(gemm, int_bits, X.T, dY, dW, 1.0 if accumulate else 0.0)
+
+
+def _skinny_backward_impl(dY, X, W, dX, dW, db, accumulate):
+    """Backward for few rows N, one sweep over the rows of W and dW (rows of W and dY contiguous).
+
+    Each parallel task owns one row d of W (length M) and the same row of dW: it reduces
+    ``dX[n, d] = dY[n, :] . W[d, :]`` and writes ``dW[d, :] (+)= sum_n X[n, d] * dY[n, :]``.
+    W and dW are streamed once each; dY (N x M) stays in cache.
+    """
+    rows, cols = dY.shape
+    depth = W.shape[0]
+    for d in prange(depth):
+        weights = _assume_contiguous(W[d])
+        grads = dW[d]
+        if dX is not None:
             for n in range(rows):
+                upstream = _assume_contiguous(dY[n])
+                total = weights.dtype.type(0.0)
                 for j in range(cols):
-                    db[j] += dY[n, j]
+                    total += upstream[j] * weights[j]
+                dX[n, d] = total
+        scale = X[0, d]
+        upstream = _assume_contiguous(dY[0])
+        if accumulate:
+            for j in range(cols):
+                grads[j] += scale * upstream[j]
+        else:
+            for j in range(cols):
+                grads[j] = scale * upstream[j]
+        for n in range(1, rows):
+            scale = X[n, d]
+            upstream = _assume_contiguous(dY[n])
+            for j in range(cols):
+                grads[j] += scale * upstream[j]
+    if db is not None:
+        if not accumulate:
+            db[:] = 0.0
+        _add_rows(db, dY)
+
+
+# "reassoc" lets LLVM split the skinny dot products over SIMD lanes (a strict left-to-right sum
+# is latency-bound, several times slower); any summation order keeps the k * eps error bound.
+# No other fast-math flag: NaN and inf still propagate.
+_KERNEL_OPTIONS = {
+    "forward": (_forward_impl, {}),
+    "backward": (_backward_impl, {}),
+    "skinny_backward": (_skinny_backward_impl,
+                        {"parallel": True, "fastmath": {"reassoc", "contract"}}),
+}
+_kernels = {}  # (name, dtype, which optional arrays are present) -> compiled dispatcher
+_kernels_lock = threading.Lock()
+
+
+def _signature(name, dtype, present):
+    """Numba signature of kernel ``name`` for ``dtype``; ``present`` flags the optional arrays."""
+    scalar = numba.from_dtype(dtype)
+    matrix_in = types.Array(scalar, 2, "A", readonly=True, aligned=False)
+    vector_in = types.Array(scalar, 1, "A", readonly=True, aligned=False)
+    matrix_out = types.Array(scalar, 2, "C", aligned=False)
+    vector_out = types.Array(scalar, 1, "C", aligned=False)
+    address = types.int64
+
+    def optional(array_type, is_present):
+        return array_type if is_present else types.none
+
+    if name == "forward":
+        (has_bias,) = present
+        return types.void(address, address, address, matrix_in, matrix_in,
+                          optional(vector_in, has_bias), matrix_out)
+    has_dX, has_bias = present
+    arrays = (matrix_in, matrix_in, matrix_in, optional(matrix_out, has_dX), matrix_out,
+              optional(vector_out, has_bias), types.boolean)
+    if name == "backward":
+        return types.void(address, address, *arrays)
+    return types.void(*arrays)
+
+
+def _compile(key):
+    """Compile (or load from Numba's cache) the kernel for ``key``; once per process."""
+    with _kernels_lock:
+        if key not in _kernels:
+            name, dtype, *present = key
+            function, options = _KERNEL_OPTIONS[name]
+            _kernels[key] = njit(_signature(name, dtype, present), cache=True,
+                                 **options)(function)
+    return _kernels[key]
 
 
 def forward(X, W, b, out):
@@ -393,13 +484,15 @@ def forward(X, W, b, out):
         gemm, gemv, int_bits = _routines_by_dtype[dtype]
     except KeyError:
         gemm, gemv, int_bits = _routines(dtype)
+    key = ("forward", dtype, b is not None)
+    kernel = _kernels.get(key) or _compile(key)
     N, D = X.shape
     M = W.shape[1]
     if out is None:
         out = np.empty((N, M), dtype)
     if N * D * M >= _BLAS_THREADS_MIN_WORK:
         _match_blas_threads()
-    _forward_kernel(gemm, gemv, int_bits, X, W, b, out)
+    kernel(gemm, gemv, int_bits, X, W, b, out)
     return out
 
 
@@ -408,22 +501,26 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
     N, D = X.shape
     M = W.shape[1]
     dtype = W.dtype
-    if need_dX and dX is None:
-        dX = np.empty((N, D), dtype=dtype)
     if not need_dX:
         dX = None
+    elif dX is None:
+        dX = np.empty((N, D), dtype=dtype)
     if dW is None:
         dW = np.empty((D, M), dtype=dtype)
-    if has_bias:
-        if db is None:
-            db = np.empty(M, dtype=dtype)
-    else:
+    if not has_bias:
         db = None
-    if 0 < N <= SKINNY_ROWS and W.strides[1] == W.itemsize and dY.strides[1] == dY.itemsize:
-        _run_parallel(_skinny_backward_kernel, dY, X, W, dX, dW, db, accumulate)
+    elif db is None:
+        db = np.empty(M, dtype=dtype)
+    rows_contiguous = M <= 1 or (W.strides[1] == W.itemsize and dY.strides[1] == dY.itemsize)
+    if 0 < N <= SKINNY_ROWS and rows_contiguous:
+        key = ("skinny_backward", dtype, need_dX, has_bias)
+        kernel = _kernels.get(key) or _compile(key)
+        _run_parallel(kernel, dY, X, W, dX, dW, db, accumulate)
     else:
-        routine, _, int_bits = _routines_by_dtype.get(dtype) or _routines(dtype)
+        gemm, _, int_bits = _routines_by_dtype.get(dtype) or _routines(dtype)
+        key = ("backward", dtype, need_dX, has_bias)
+        kernel = _kernels.get(key) or _compile(key)
         if N * D * M >= _BLAS_THREADS_MIN_WORK:
             _match_blas_threads()
-        _backward_kernel(routine, int_bits, dY, X, W, dX, dW, db, accumulate)
+        kernel(gemm, int_bits, dY, X, W, dX, dW, db, accumulate)
     return dX, dW, db
