@@ -302,7 +302,7 @@ def test_cached_kernels_load_in_a_new_process(rng):
 def test_blas_threads_follow_numba_threads(rng):
     import numba
 
-    X, W, b, dY = make_inputs(rng, 128, 128, 128, np.float64)
+    X, W, b, dY = make_inputs(rng, 256, 256, 128, np.float64)
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
