@@ -31,6 +31,12 @@ if backend_module.unavailable_reason() is not None:  # pragma: no cover - numba 
 SKINNY = backend_module.SKINNY_ROWS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+@pytest.fixture(autouse=True)
+def _skinny_kernel_on_small_inputs(monkeypatch):
+    """Let the fused skinny backward kernel run on small W too, so its edges are tested fast."""
+    monkeypatch.setattr(backend_module, "SKINNY_MIN_WEIGHTS", 1)
+
 # (N, D, M): ones, primes, the path edges (N = 1, SKINNY_ROWS, SKINNY_ROWS + 1) and one past
 # the power-of-two block sizes BLAS kernels use (16, 32, 64), empty dimensions.
 SHAPES = [
@@ -194,8 +200,10 @@ def test_long_float32_reduction(rng, N):
     assert relative.max() < 0.01 * terms * np.finfo(np.float32).eps
 
 
-def test_skinny_large_rows_match_gemm_path(rng):
-    """The fused skinny kernel against the gemm path on the same inputs (N = SKINNY_ROWS)."""
+@pytest.mark.parametrize("min_weights", [1, 1 << 62])
+def test_skinny_kernel_and_gemm_path_agree(rng, monkeypatch, min_weights):
+    """N = SKINNY_ROWS through the fused skinny kernel and through the gemm path."""
+    monkeypatch.setattr(backend_module, "SKINNY_MIN_WEIGHTS", min_weights)
     X, W, b, dY = make_inputs(rng, SKINNY, 300, 257, np.float32)
     ref = reference64(X, W, b, dY)
     _, (dX, dW, db) = run_both(X, W, b, dY)
@@ -261,7 +269,8 @@ def run_python(code, **env):
 def test_concurrent_calls_under_workqueue_layer():
     """workqueue is not thread-safe: the backend must serialise its prange kernels there."""
     out = run_python(
-        "import numba; from tests.test_numba_backend import worker_results;"
+        "import numba; from fastlinear.backends import numba as nb; nb.SKINNY_MIN_WEIGHTS = 1;"
+        "from tests.test_numba_backend import worker_results;"
         "print(len(worker_results(rounds=5))); print(numba.threading_layer())",
         NUMBA_THREADING_LAYER="workqueue")
     assert out.split() == ["0", "workqueue"]
@@ -271,7 +280,7 @@ def test_scipy_blas_fallback():
     """Without NumPy's BLAS symbols the kernels call SciPy's LP64 BLAS: same results."""
     out = run_python(
         "import numpy as np; from fastlinear.backends import numba as nb;"
-        "nb._NUMPY_BLAS_SYMBOLS = ();"
+        "nb._NUMPY_BLAS_SYMBOLS = (); nb.SKINNY_MIN_WEIGHTS = 1;"
         "from tests.test_numba_backend import worker_results;"
         "print(len(worker_results(n_threads=4, rounds=2)));"
         "print(nb._routines(np.dtype(np.float32))[2])")
