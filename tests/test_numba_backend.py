@@ -287,6 +287,23 @@ def test_scipy_blas_fallback():
     assert out.split() == ["0", "32"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_after_parallel_kernel():
+    """GNU OpenMP aborts a forked child's parallel region: the child must take the BLAS path."""
+    out = run_python(
+        "import os, numpy as np; from fastlinear.backends import numba as nb;"
+        "nb.SKINNY_MIN_WEIGHTS = 1;"
+        "X, W, dY = np.ones((1, 64)), np.ones((64, 32)), np.ones((1, 32));"
+        "args = dict(has_bias=True, need_dX=True, accumulate=False, dX=None, dW=None, db=None);"
+        "nb.backward(dY, X, W, **args);"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    dX, dW, db = nb.backward(dY, X, W, **args)\n"
+        "    os._exit(0 if (dW == 1).all() and (dX == 32).all() else 3)\n"
+        "print(os.waitpid(pid, 0)[1])")
+    assert out.split() == ["0"]
+
+
 def test_missing_numba_names_the_extra():
     out = run_python(
         "import sys; sys.modules['numba'] = None;"

@@ -156,7 +156,16 @@ def _match_blas_threads():
 # Parallel kernels and Numba's threading layer.
 
 _parallel_lock = threading.Lock()
-_parallel_layer = []  # the layer name once known
+_parallel_layer = []  # [layer name, id of the process that started it] once known
+
+
+def _parallel_usable():
+    """False in a child forked after GNU OpenMP started: its next parallel region would abort.
+
+    The callers then take the BLAS path (OpenBLAS is fork-safe).
+    """
+    return not _parallel_layer or _parallel_layer[0] != "omp" or (
+        _parallel_layer[1] == os.getpid())
 
 
 def _run_parallel(kernel, *args):
@@ -169,7 +178,7 @@ def _run_parallel(kernel, *args):
     with _parallel_lock:
         result = kernel(*args)
         if not _parallel_layer:
-            _parallel_layer.append(numba.threading_layer())
+            _parallel_layer[:] = [numba.threading_layer(), os.getpid()]
     return result
 
 
@@ -517,7 +526,8 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
     elif db is None:
         db = np.empty(M, dtype=dtype)
     rows_contiguous = M <= 1 or (W.strides[1] == W.itemsize and dY.strides[1] == dY.itemsize)
-    if 0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS and rows_contiguous:
+    if (0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS and rows_contiguous
+            and _parallel_usable()):
         key = ("skinny_backward", dtype, need_dX, has_bias)
         kernel = _kernels.get(key) or _compile(key)
         _run_parallel(kernel, dY, X, W, dX, dW, db, accumulate)
