@@ -493,7 +493,8 @@ def _compile(key):
 
 def forward(X, W, b, out):
     """``Y = X @ W + b`` into ``out`` (or a new array); see ``fastlinear.backends``."""
-    # Written for the per-call overhead at tiny shapes (about 0.4 us here on top of the kernel).
+    # Written for the per-call overhead at tiny shapes: 0.6 us on top of the kernel call (3 us at
+    # (32, 64, 64) float32), 0.2 us of it allocating Y.
     dtype = W.dtype
     try:
         gemm, gemv, int_bits = _routines_by_dtype[dtype]
