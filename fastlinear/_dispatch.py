@@ -28,6 +28,7 @@ AUTO_ORDER = {
 }
 
 VALID_NAMES = (*BACKENDS, AUTO)
+_CANONICAL = frozenset(VALID_NAMES)
 
 _context_backend = contextvars.ContextVar("fastlinear_backend", default=None)
 _modules = {}  # name -> backend module that can run
@@ -97,13 +98,31 @@ def available_backends():
     return {name: unavailable_reason(name) for name in BACKENDS}
 
 
+def _env_raw():
+    """The raw value of ``FASTLINEAR_BACKEND``, read at call time.
+
+    ``os.environ.get`` encodes the key and decodes the value on every call (0.7 us, a sixth of a
+    small layer's forward pass); the mapping's own store, which ``os.environ`` keeps in step with
+    every assignment, answers in 0.05 us. Interpreters without that store take the plain way.
+    """
+    store = getattr(os.environ, "_data", None)
+    if store is None:
+        return os.environ.get(ENV_VAR)
+    return store.get(_ENV_KEY)
+
+
+_ENV_KEY = getattr(os.environ, "encodekey", lambda key: key)(ENV_VAR)
+
+
 def _env_backend():
     """The normalised value of ``FASTLINEAR_BACKEND`` (``None`` when unset or blank)."""
-    raw = os.environ.get(ENV_VAR)
+    raw = _env_raw()
     if raw != _env_cache[0]:
         name = None
-        if raw is not None and raw.strip():
-            name = normalize_name(raw, source=f"{ENV_VAR} value")
+        if raw is not None:
+            text = raw if isinstance(raw, str) else os.fsdecode(raw)
+            if text.strip():
+                name = normalize_name(text, source=f"{ENV_VAR} value")
         _env_cache[:] = [raw, name]
     return _env_cache[1]
 
@@ -111,6 +130,8 @@ def _env_backend():
 def requested_backend(backend=None):
     """The backend name asked for, by precedence: argument, context, environment, else auto."""
     if backend is not None:
+        if type(backend) is str and backend in _CANONICAL:
+            return backend
         return normalize_name(backend)
     name = _context_backend.get()
     if name is not None:
