@@ -176,23 +176,27 @@ def _check_outputs_apart(outputs):
 FAST_PATH_MAX_BYTES = 1 << 24
 
 
-def _is_small_plain_call(X, W, b):
-    """True for the common small forward call that needs no conversion: 2-D NumPy ``X`` and
-    ``W`` and a 1-D bias (or none), of one dtype, with agreeing shapes and a small output.
+def _is_plain_call(X, W, b):
+    """True for the common call that needs no conversion: 2-D NumPy ``X`` and ``W`` and a 1-D
+    bias (or none), of one dtype, with agreeing shapes.
 
-    Such a call skips the general checks (~4 us, as long as a small layer's product). This is
-    only a guard: anything else takes the general path, which accepts it or says what is wrong.
+    Such a call, when small (``_fits_fast_path``), skips the general checks (~4 us, as long as a
+    small layer's product). This is only a guard: anything else takes the general path, which
+    accepts it or says what is wrong.
     """
     if type(X) is not np.ndarray or type(W) is not np.ndarray:
         return False
     x_shape, w_shape = X.shape, W.shape
-    if len(x_shape) != 2 or len(w_shape) != 2:
-        return False
-    out_bytes = x_shape[0] * w_shape[1] * X.itemsize
-    return (x_shape[1] == w_shape[0] and out_bytes <= FAST_PATH_MAX_BYTES
-            and out_bytes <= HOST_MEMORY_BYTES and X.dtype is W.dtype
+    return (len(x_shape) == 2 and len(w_shape) == 2 and x_shape[1] == w_shape[0]
+            and X.dtype is W.dtype
             and (b is None or (type(b) is np.ndarray and b.shape == w_shape[1:]
                                and b.dtype is W.dtype)))
+
+
+def _fits_fast_path(elements, dtype):
+    """Whether outputs of ``elements`` in all may be allocated without the general checks."""
+    nbytes = elements * dtype.itemsize
+    return nbytes <= FAST_PATH_MAX_BYTES and nbytes <= HOST_MEMORY_BYTES
 
 
 def _prepare(W, arrays, backend):
@@ -251,7 +255,8 @@ def linear_forward(X, W, b=None, *, backend=None, out=None):
     fastlinear.BackendUnavailableError
         The backend asked for cannot run here (the message says why and what to install).
     """
-    if out is None and _is_small_plain_call(X, W, b):
+    if out is None and _is_plain_call(X, W, b) and \
+            _fits_fast_path(X.shape[0] * W.shape[1], W.dtype):
         module = _dispatch.resolve(backend, "numpy")
         if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
             return module.forward(X, W, b, None)
@@ -300,6 +305,13 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
     -------
     (dX, dW, db) : tuple of arrays (``dX``/``db`` may be ``None``, see above)
     """
+    if (dX is None and dW is None and db is None and not accumulate and _is_plain_call(X, W, None)
+            and type(dY) is np.ndarray and dY.shape == (X.shape[0], W.shape[1])
+            and dY.dtype is W.dtype and _fits_fast_path(X.size + W.size + W.shape[1], W.dtype)):
+        module = _dispatch.resolve(backend, "numpy")
+        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
+            return module.backward(dY, X, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
+                                   accumulate=False, dX=None, dW=None, db=None)
     module, W, (dY, X) = _prepare(W, (("dY", dY), ("X", X)), backend)
     D, M = W.shape
     X2 = _check_rows(X, "X", D, "features")
