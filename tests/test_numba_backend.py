@@ -28,6 +28,7 @@ backend_module = pytest.importorskip("fastlinear.backends.numba")
 if backend_module.unavailable_reason() is not None:  # pragma: no cover - numba extra missing
     pytest.skip(backend_module.unavailable_reason(), allow_module_level=True)
 
+numba = backend_module.numba
 SKINNY = backend_module.SKINNY_ROWS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,6 +211,28 @@ def test_skinny_kernel_and_gemm_path_agree(rng, monkeypatch, min_weights):
     X, W, b, dY = make_inputs(rng, SKINNY, 300, 257, np.float32)
     ref = reference64(X, W, b, dY)
     _, (dX, dW, db) = run_both(X, W, b, dY)
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        expected, magnitude, terms = ref[name]
+        assert_close(value, expected, np.float32, terms, magnitude, name)
+
+
+@pytest.mark.parametrize("spin_seconds", [0.0, 1e9])
+def test_skinny_backward_after_a_forward_runs_on_one_thread(rng, monkeypatch, spin_seconds):
+    """Within BLAS_SPIN_SECONDS of a skinny forward (OpenBLAS's workers still spin) the fused
+    kernel runs on the calling thread only; either way the result is the same and Numba's
+    thread count is left as it was."""
+    monkeypatch.setattr(backend_module, "BLAS_SPIN_SECONDS", spin_seconds)
+    one_thread_calls = []
+    run_on_one_thread = backend_module._run_on_one_thread
+    monkeypatch.setattr(backend_module, "_run_on_one_thread",
+                        lambda *args: one_thread_calls.append(args) or run_on_one_thread(*args))
+    threads = numba.get_num_threads()
+    X, W, b, dY = make_inputs(rng, 1, 300, 257, np.float32)
+    fastlinear.linear_forward(X, W, b, backend="numba")
+    dX, dW, db = fastlinear.linear_backward(dY, X, W, backend="numba")
+    assert len(one_thread_calls) == (1 if spin_seconds else 0)
+    assert numba.get_num_threads() == threads
+    ref = reference64(X, W, b, dY)
     for name, value in (("dX", dX), ("dW", dW), ("db", db)):
         expected, magnitude, terms = ref[name]
         assert_close(value, expected, np.float32, terms, magnitude, name)

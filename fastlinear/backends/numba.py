@@ -15,7 +15,9 @@ Method, by shape
   same compiled call, a pass over ``dY`` that costs about 1% of the gemms.
 * Backward, N <= ``SKINNY_ROWS`` and ``W`` not tiny: memory-bound (``dW`` is an outer
   product). BLAS would zero ``dW``, update it, and read ``W`` in a separate gemv. One ``prange``
-  kernel instead walks the rows of ``W`` and ``dW`` together, once: parallel over rows of ``W``.
+  kernel instead walks the rows of ``W`` and ``dW`` together, once: parallel over rows of ``W``,
+  or on the calling thread alone right after a skinny forward (``BLAS_SPIN_SECONDS``: OpenBLAS's
+  workers still spin then, and sharing the cores with them made the parallel run slower).
 
 BLAS: NumPy's own OpenBLAS (the one ``X @ W`` uses), called from ``@njit`` through its address,
 passed at run time, so the machine code holds no process-specific address and is cached. One
@@ -38,6 +40,7 @@ Compilation: kernels are compiled lazily, once per dtype and memory layout, with
 
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -54,6 +57,13 @@ SKINNY_MIN_WEIGHTS = 1 << 17
 # (numba.get_num_threads() costs 0.8 us, under 1% of such a call). The setting persists, so
 # smaller calls follow it too once one large call has run.
 _BLAS_THREADS_MIN_WORK = 1 << 23
+# OpenBLAS's worker threads spin-wait after each call (2**28 cycles by default, about 0.1 s). A
+# prange kernel started in that window shares the cores with them: the skinny backward at
+# (1, 4096, 4096) float32 took 10-22 ms right after a gemv, 6 ms 0.1 s later, and a serial build
+# of the same kernel a steady 10.5 ms. So the skinny backward runs serially when this backend's
+# skinny-sized forward (a gemv/gemm) ran less than this long ago, as in a training step.
+BLAS_SPIN_SECONDS = 0.1
+_last_skinny_forward = [-float("inf")]  # perf_counter() at the end of the last one
 
 try:
     import numba
@@ -168,6 +178,16 @@ def _parallel_usable():
         _parallel_layer[1] == os.getpid())
 
 
+def _run_on_one_thread(kernel, *args):
+    """Run a ``prange`` kernel on the calling thread only (Numba's thread count is per thread)."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return _run_parallel(kernel, *args)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _run_parallel(kernel, *args):
     """Run a ``prange`` kernel; serialised only where the threading layer is not thread-safe.
 
@@ -178,7 +198,10 @@ def _run_parallel(kernel, *args):
     with _parallel_lock:
         result = kernel(*args)
         if not _parallel_layer:
-            _parallel_layer[:] = [numba.threading_layer(), os.getpid()]
+            try:
+                _parallel_layer[:] = [numba.threading_layer(), os.getpid()]
+            except ValueError:  # no parallel region ran yet: stay serialised, ask next time
+                pass
     return result
 
 
@@ -509,6 +532,8 @@ def forward(X, W, b, out):
     if N * D * M >= _BLAS_THREADS_MIN_WORK:
         _match_blas_threads()
     kernel(gemm, gemv, int_bits, X, W, b, out)
+    if N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS:
+        _last_skinny_forward[0] = time.perf_counter()
     return out
 
 
@@ -532,7 +557,10 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
             and _parallel_usable()):
         key = ("skinny_backward", dtype, need_dX, has_bias)
         kernel = _kernels.get(key) or _compile(key)
-        _run_parallel(kernel, dY, X, W, dX, dW, db, accumulate)
+        if time.perf_counter() - _last_skinny_forward[0] < BLAS_SPIN_SECONDS:
+            _run_on_one_thread(kernel, dY, X, W, dX, dW, db, accumulate)
+        else:
+            _run_parallel(kernel, dY, X, W, dX, dW, db, accumulate)
     else:
         gemm, _, int_bits = _routines_by_dtype.get(dtype) or _routines(dtype)
         key = ("backward", dtype, need_dX, has_bias)
