@@ -65,6 +65,14 @@ def assert_close(actual, expected, dtype, terms, magnitude, what=""):
         )
 
 
+def assert_matches_reference(results, ref, dtype):
+    """``assert_close`` for each ``name -> value`` of ``results`` against ``ref[name]``, as
+    ``reference64`` gives them (expected value, magnitude, number of terms)."""
+    for name, value in results.items():
+        expected, magnitude, terms = ref[name]
+        assert_close(value, expected, dtype, terms, magnitude, name)
+
+
 def make_inputs(rng, N, D, M, dtype, bias=True):
     """Random X (N, D), W (D, M), b (M,) and dY (N, M) with values of both signs."""
     X = rng.standard_normal((N, D)).astype(dtype)

@@ -145,6 +145,21 @@ def as_numpy(array):
     return array if array is None or isinstance(array, np.ndarray) else array.get()
 
 
+def assert_backward_matches(results, reference, dtype, need_dX, has_bias, dW0, db0):
+    """Check ``(dX, dW, db)`` of a backward call: ``None`` where not asked for, else against
+    ``reference`` (``dW0``/``db0``: the buffers' values before an accumulating call, or None)."""
+    dX, dW, db = results
+    if need_dX:
+        assert_matches(dX, "dX", reference, dtype, "dX")
+    else:
+        assert dX is None
+    assert_matches(dW, "dW", reference, dtype, "dW", previous=dW0)
+    if has_bias:
+        assert_matches(db, "db", reference, dtype, "db", previous=db0)
+    else:
+        assert db is None
+
+
 def assert_matches(actual, key, reference, dtype, what, previous=None):
     """Check a result against the float64 reference (plus ``previous`` when accumulating).
 

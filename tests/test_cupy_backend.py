@@ -21,6 +21,7 @@ from fastlinear.backends import cupy as cupy_backend
 from tests.conftest import assert_close, make_inputs, reference64
 from tests.gpu_emulation import (
     LAYOUTS,
+    assert_backward_matches,
     assert_matches,
     emulated_gemm,
     flat_from_first_element,
@@ -268,15 +269,7 @@ def test_backward_matches_reference(cp, rng, N, D, M, dtype, has_bias, need_dX, 
     dX, dW, db = fastlinear.linear_backward(dY_gpu, X_gpu, W_gpu, has_bias=has_bias,
                                             need_dX=need_dX, accumulate=accumulate,
                                             dW=dW, db=db, backend="cupy")
-    if need_dX:
-        assert_matches(dX, "dX", reference, dtype, "dX")
-    else:
-        assert dX is None
-    assert_matches(dW, "dW", reference, dtype, "dW", previous=dW0)
-    if has_bias:
-        assert_matches(db, "db", reference, dtype, "db", previous=db0)
-    else:
-        assert db is None
+    assert_backward_matches((dX, dW, db), reference, dtype, need_dX, has_bias, dW0, db0)
 
 
 @requires_gpu

@@ -14,6 +14,7 @@ from fastlinear.backends import cupy as cupy_backend
 from tests.conftest import make_inputs, reference64
 from tests.gpu_emulation import (
     HostKernel,
+    assert_backward_matches,
     assert_matches,
     backend_gemm,
     build_host_kernels,
@@ -97,15 +98,7 @@ def test_backward(backend, rng, N, D, M, dtype, has_bias, need_dX, accumulate, l
         make_layout(np, dY, layout), make_layout(np, X, layout), make_layout(np, W, layout),
         has_bias, need_dX, accumulate, None,
         None if dW0 is None else dW0.copy(), None if db0 is None else db0.copy())
-    if need_dX:
-        assert_matches(dX, "dX", reference, dtype, "dX")
-    else:
-        assert dX is None
-    assert_matches(dW, "dW", reference, dtype, "dW", previous=dW0)
-    if has_bias:
-        assert_matches(db, "db", reference, dtype, "db", previous=db0)
-    else:
-        assert db is None
+    assert_backward_matches((dX, dW, db), reference, dtype, need_dX, has_bias, dW0, db0)
 
 
 def test_column_sums_splits_rows_when_asked(backend, rng):

@@ -22,7 +22,13 @@ import numpy as np
 import pytest
 
 import fastlinear
-from tests.conftest import CPU_DTYPES, assert_close, make_inputs, reference64
+from tests.conftest import (
+    CPU_DTYPES,
+    assert_close,
+    assert_matches_reference,
+    make_inputs,
+    reference64,
+)
 
 backend_module = pytest.importorskip("fastlinear.backends.numba")
 if backend_module.unavailable_reason() is not None:  # pragma: no cover - numba extra missing
@@ -68,9 +74,8 @@ def check(X, W, b, dY, dtype, need_dX=True):
     else:
         assert db is None
     for name, value in results.items():
-        expected, magnitude, terms = ref[name]
         assert value.dtype == dtype and value.flags.c_contiguous, name
-        assert_close(value, expected, dtype, terms, magnitude, name)
+    assert_matches_reference(results, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -195,9 +200,7 @@ def test_long_float32_reduction(rng, N, long_dim):
     X, W, b, dY = make_inputs(rng, N, D, M, np.float32)
     ref = reference64(X, W, b, dY)
     Y, (dX, dW, db) = run_both(X, W, b, dY)
-    for name, value in (("Y", Y), ("dW", dW), ("dX", dX), ("db", db)):
-        expected, magnitude, terms = ref[name]
-        assert_close(value, expected, np.float32, terms, magnitude, name)
+    assert_matches_reference({"Y": Y, "dW": dW, "dX": dX, "db": db}, ref, np.float32)
     name, value = ("Y", Y) if long_dim == "D" else ("dX", dX)
     expected, magnitude, terms = ref[name]
     relative = np.abs(value - expected) / magnitude
@@ -211,9 +214,7 @@ def test_skinny_kernel_and_gemm_path_agree(rng, monkeypatch, min_weights):
     X, W, b, dY = make_inputs(rng, SKINNY, 300, 257, np.float32)
     ref = reference64(X, W, b, dY)
     _, (dX, dW, db) = run_both(X, W, b, dY)
-    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
-        expected, magnitude, terms = ref[name]
-        assert_close(value, expected, np.float32, terms, magnitude, name)
+    assert_matches_reference({"dX": dX, "dW": dW, "db": db}, ref, np.float32)
 
 
 @pytest.mark.parametrize("spin_seconds", [0.0, 1e9])
@@ -233,9 +234,7 @@ def test_skinny_backward_after_a_forward_runs_on_one_thread(rng, monkeypatch, sp
     assert len(one_thread_calls) == (1 if spin_seconds else 0)
     assert numba.get_num_threads() == threads
     ref = reference64(X, W, b, dY)
-    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
-        expected, magnitude, terms = ref[name]
-        assert_close(value, expected, np.float32, terms, magnitude, name)
+    assert_matches_reference({"dX": dX, "dW": dW, "db": db}, ref, np.float32)
 
 
 def test_nan_and_inf_propagate(rng):
