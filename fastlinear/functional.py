@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from fastlinear import _dispatch
+from fastlinear import _dispatch, activations
 
 __all__ = ["linear_forward", "linear_backward"]
 
@@ -225,8 +225,8 @@ def _prepare(W, arrays, backend):
     return module, W, checked
 
 
-def linear_forward(X, W, b=None, *, backend=None, out=None):
-    """Forward pass of a linear layer, ``Y = X @ W + b``, with the bias add fused where possible.
+def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, return_saved=False):
+    """Forward pass of a linear layer, ``Y = act(X @ W + b)``, bias and activation fused.
 
     Parameters
     ----------
@@ -236,15 +236,24 @@ def linear_forward(X, W, b=None, *, backend=None, out=None):
         Weights as ``(in_features, out_features)`` (the transpose of PyTorch's ``weight``).
     b : array, shape (M,) or (1, M), optional
         Bias, added to every row.
+    activation : str, optional
+        ``None`` or one of ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"tanh"``, ``"sigmoid"``
+        (defined as PyTorch's, see ``fastlinear.activations``), applied in the pass that
+        writes ``Y``.
     backend : str, optional
         ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"auto"``; overrides ``use_backend`` and
         ``FASTLINEAR_BACKEND``.
     out : array, shape (N, M) or (*, M), optional
         C-contiguous buffer of the result dtype that receives ``Y``.
+    return_saved : bool
+        Also return what ``linear_backward`` needs to differentiate the activation: ``Y``
+        itself for relu, tanh and sigmoid, the pre-activation ``X @ W + b`` (a second array)
+        for the GELUs, ``None`` without an activation.
 
     Returns
     -------
     Y : array, shape (N, M) or (*, M), same dtype and array type as ``X``.
+    (Y, saved) : when ``return_saved``.
 
     Raises
     ------
@@ -255,31 +264,54 @@ def linear_forward(X, W, b=None, *, backend=None, out=None):
     fastlinear.BackendUnavailableError
         The backend asked for cannot run here (the message says why and what to install).
     """
-    if out is None and _is_plain_call(X, W, b) and \
+    if activation is not None:
+        activation = activations.check_activation(activation)
+    if out is None and not return_saved and _is_plain_call(X, W, b) and \
             _fits_fast_path(X.shape[0] * W.shape[1], W.dtype):
         module = _dispatch.resolve(backend, "numpy")
         if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-            return module.forward(X, W, b, None)
+            return module.forward(X, W, b, None, activation=activation)
     module, W, (X, b) = _prepare(W, (("X", X), ("b", b)), backend)
     D, M = W.shape
     lead = X.shape[:-1]
     X2 = _check_rows(X, "X", D, "features")
     if b is not None:
         b = _check_bias(b, M, W.dtype)
+    saves_z = return_saved and activations.saved_for_backward(activation) == "preactivation"
+    out_2d = None
     if out is not None:
         out_2d = _check_out(out, "out", (*lead, M), W.dtype, _library(X),
                             (("X", X), ("W", W), ("b", b)))
-        module.forward(X2, W, b, out_2d)
-        return out
-    if X2.shape[0] * M * W.dtype.itemsize > HOST_MEMORY_BYTES and _library(X) == "numpy":
-        _check_size([("Y", (*lead, M))], W.dtype)
-    Y = module.forward(X2, W, b, None)
-    return Y if len(lead) == 1 else Y.reshape(*lead, M)
+    elif X2.shape[0] * M * W.dtype.itemsize * (1 + saves_z) > HOST_MEMORY_BYTES \
+            and _library(X) == "numpy":
+        _check_size([("Y", (*lead, M))] + [("Z", (*lead, M))] * saves_z, W.dtype)
+    Z = None
+    if saves_z:
+        Z = _empty_like_library(X, (X2.shape[0], M), W.dtype)
+    Y = module.forward(X2, W, b, out_2d, activation=activation, preactivation=Z)
+    Y = out if out is not None else (Y if len(lead) == 1 else Y.reshape(*lead, M))
+    if not return_saved:
+        return Y
+    if activation is None:
+        return Y, None
+    return Y, (Y if Z is None else Z.reshape(Y.shape))
 
 
-def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accumulate=False,
-                    dX=None, dW=None, db=None):
-    """Backward pass of a linear layer: ``dX = dY @ W.T``, ``dW = X.T @ dY``, ``db = dY.sum(0)``.
+def _empty_like_library(like, shape, dtype):
+    """A new C-contiguous array in the library (NumPy or CuPy) of the array ``like``."""
+    if _library(like) == "cupy":
+        import cupy
+
+        return cupy.empty(shape, dtype)
+    return np.empty(shape, dtype)
+
+
+def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, need_dX=True,
+                    backend=None, accumulate=False, dX=None, dW=None, db=None):
+    """Backward pass of a linear layer from ``dY``, through the activation.
+
+    With ``G = dY * act'(Z)`` (``G = dY`` without an activation, computed in the pass that reads
+    ``dY``): ``dX = G @ W.T``, ``dW = X.T @ G``, ``db = G.sum(0)``.
 
     Parameters
     ----------
@@ -289,6 +321,11 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
         The forward input.
     W : array, shape (D, M)
         Weights as ``(in_features, out_features)``.
+    activation : str, optional
+        The forward call's activation; ``dY`` is the gradient with respect to its output.
+    saved : array, shape of dY
+        With an activation: what ``linear_forward(..., return_saved=True)`` returned beside
+        ``Y`` (the output ``Y`` for relu, tanh, sigmoid; the pre-activation for the GELUs).
     has_bias : bool
         Compute ``db`` (else it is returned as ``None``).
     need_dX : bool
@@ -305,7 +342,14 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
     -------
     (dX, dW, db) : tuple of arrays (``dX``/``db`` may be ``None``, see above)
     """
-    if (dX is None and dW is None and db is None and not accumulate and _is_plain_call(X, W, None)
+    if activation is not None:
+        activation = activations.check_activation(activation)
+        if activation is not None and saved is None:
+            raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
+                             f"return_saved=True) returned beside Y "
+                             f"(the {activations.saved_for_backward(activation)})")
+    if (activation is None and dX is None and dW is None and db is None and not accumulate
+            and _is_plain_call(X, W, None)
             and type(dY) is np.ndarray and dY.shape == (X.shape[0], W.shape[1])
             and dY.dtype is W.dtype and _fits_fast_path(X.size + W.size + W.shape[1], W.dtype)):
         module = _dispatch.resolve(backend, "numpy")
@@ -319,7 +363,17 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
         raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
                          f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
     dY2 = dY if dY.ndim == 2 else dY.reshape(X2.shape[0], M)
-    inputs = (("dY", dY), ("X", X), ("W", W))
+    saved2 = None
+    if activation is not None:
+        saved = _as_array(saved, "saved", W.dtype)
+        if _library(saved) != _library(dY):
+            raise TypeError(f"saved must be a {_library(dY)} array like dY, got "
+                            f"{type(saved).__module__}.{type(saved).__qualname__}")
+        _check_dtype(saved, "saved", W.dtype)
+        if saved.shape != dY.shape:
+            raise ValueError(f"saved must have dY's shape {dY.shape}, got {saved.shape}")
+        saved2 = saved if saved.ndim == 2 else saved.reshape(dY2.shape)
+    inputs = (("dY", dY), ("X", X), ("W", W), ("saved", saved2))
     if accumulate and (dW is None or (has_bias and db is None)):
         raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
                          "(and db when has_bias)")
@@ -343,7 +397,7 @@ def linear_backward(dY, X, W, *, has_bias=True, need_dX=True, backend=None, accu
         _check_size(allocated, W.dtype)
     dX2, dW, db = module.backward(dY2, X2, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
                                   accumulate=bool(accumulate), dX=dX if need_dX else None,
-                                  dW=dW, db=db_given)
+                                  dW=dW, db=db_given, activation=activation, saved=saved2)
     if dX_given is not None:
         return dX_given, dW, db
     if dX2 is not None and X.ndim != 2:

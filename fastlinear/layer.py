@@ -10,7 +10,7 @@ import importlib
 
 import numpy as np
 
-from fastlinear import _dispatch
+from fastlinear import _dispatch, activations
 from fastlinear.functional import linear_backward, linear_forward
 
 __all__ = ["Linear"]
@@ -34,6 +34,10 @@ class Linear:
     rng : numpy.random.Generator or int, optional
         Source of the initial weights. ``None`` uses ``np.random.randn`` like the notebook, so
         ``np.random.seed`` reproduces its weights.
+    activation : str, optional
+        ``None`` or one of ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"tanh"``, ``"sigmoid"``:
+        ``forward`` returns ``act(X @ W + b)``, fused into the pass that writes it, and
+        ``backward`` takes the gradient with respect to that activated output.
 
     Attributes
     ----------
@@ -44,7 +48,7 @@ class Linear:
     """
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float64, backend=None,
-                 rng=None):
+                 rng=None, activation=None):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -52,6 +56,7 @@ class Linear:
         if dtype.kind != "f":
             raise TypeError(f"dtype must be a floating dtype (float32, float64), got {dtype}")
         self.backend = None if backend is None else _dispatch.normalize_name(backend)
+        self.activation = activations.check_activation(activation)
         shape = (int(in_features), int(out_features))
         if rng is None:
             W = np.random.randn(*shape) * 0.01  # noqa: NPY002 (the notebook's global RNG)
@@ -63,6 +68,7 @@ class Linear:
         self.dW = xp.zeros_like(self.W)
         self.db = xp.zeros_like(self.b) if bias else None
         self.X = None
+        self._saved = None  # what backward needs for the activation (Y or the pre-activation)
 
     def _array_module(self):
         """CuPy when this layer's backend is cupy (parameters live on the device), else NumPy."""
@@ -85,10 +91,16 @@ class Linear:
     def forward(self, X):
         """Return ``Y = X @ W + b`` for ``X`` of shape ``(N, in_features)`` or ``(*, in_features)``.
 
-        The input is cached in ``self.X`` for ``backward``.
+        The input is cached in ``self.X`` for ``backward`` (and, with an activation, the output
+        or the pre-activation that its derivative needs).
         """
-        Y = linear_forward(X, self.W, self.b, backend=self.backend)
-        self.X = X
+        if self.activation is None:
+            Y = linear_forward(X, self.W, self.b, backend=self.backend)
+            saved = None
+        else:
+            Y, saved = linear_forward(X, self.W, self.b, activation=self.activation,
+                                      backend=self.backend, return_saved=True)
+        self.X, self._saved = X, saved
         return Y
 
     __call__ = forward
@@ -108,7 +120,8 @@ class Linear:
         # linear_backward validates everything before a backend writes, so a call that raises
         # leaves the stored gradients untouched, also when accumulating into them in place.
         dW, db = (self.dW, self.db) if accumulate else (None, None)
-        dX, dW, db = linear_backward(dY, self.X, self.W, has_bias=has_bias, need_dX=need_dX,
+        dX, dW, db = linear_backward(dY, self.X, self.W, activation=self.activation,
+                                     saved=self._saved, has_bias=has_bias, need_dX=need_dX,
                                      backend=self.backend, accumulate=accumulate, dW=dW, db=db)
         self.dW, self.db = dW, db
         return dX
@@ -137,5 +150,7 @@ class Linear:
 
     def __repr__(self):
         backend = self.backend or "default"
+        activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.b is not None}, dtype={self.dtype.name}, backend={backend!r})")
+                f"bias={self.b is not None}, dtype={self.dtype.name}, backend={backend!r}"
+                f"{activation})")

@@ -24,9 +24,9 @@ class Recorder:
     def unavailable_reason(self):
         return None
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         self.calls.append("forward")
-        return self._ref.forward(*args)
+        return self._ref.forward(*args, **kwargs)
 
 
 @pytest.fixture

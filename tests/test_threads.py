@@ -154,9 +154,9 @@ class Recorder:
     def unavailable_reason(self):
         return None
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         self.calls.append((threading.current_thread().name, "forward"))
-        return self.reference.forward(*args)
+        return self.reference.forward(*args, **kwargs)
 
     def backward(self, *args, **kwargs):
         self.calls.append((threading.current_thread().name, "backward"))

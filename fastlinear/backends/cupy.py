@@ -486,21 +486,26 @@ def _result(device_array, on_host, buffer):
 
 # --- the backend interface ---------------------------------------------------------------------
 
-def forward(X, W, b, out):
-    """``Y = X @ W + b`` on the GPU; see ``fastlinear.backends`` and this module's docstring.
+def forward(X, W, b, out, *, activation=None, preactivation=None):
+    """``Y = act(X @ W + b)`` on the GPU; see ``fastlinear.backends`` and this module's docstring.
 
     NumPy inputs are copied to the device; ``Y`` comes back in the library of ``X``.
     """
+    if activation is not None:  # TEMPORARY: activations are to be fused into the kernels
+        raise NotImplementedError("cupy backend: fused activations are not implemented yet")
     Y = _forward_device(_to_device(X), _to_device(W), _to_device(b), _device_buffer(out, False))
     return _result(Y, _is_host(X), out)
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
+def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+             saved=None):
     """``dX = dY @ W.T``, ``dW = X.T @ dY``, ``db = dY.sum(0)`` on the GPU; see the module doc.
 
     NumPy inputs are copied to the device; ``dX`` comes back in the library of ``dY``, ``dW`` and
     ``db`` in the library of ``W`` (a layer's gradients stay where its parameters are).
     """
+    if activation is not None:  # TEMPORARY: activations are to be fused into the kernels
+        raise NotImplementedError("cupy backend: fused activations are not implemented yet")
     dX_device, dW_device, db_device = _backward_device(
         _to_device(dY), _to_device(X), _to_device(W), has_bias, need_dX, accumulate,
         _device_buffer(dX, False), _device_buffer(dW, accumulate), _device_buffer(db, accumulate))

@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from fastlinear import activations
+
 NAME = "numba"
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 ARRAY_LIBRARIES = ("numpy",)
@@ -514,8 +516,13 @@ def _compile(key):
     return _kernels[key]
 
 
-def forward(X, W, b, out):
-    """``Y = X @ W + b`` into ``out`` (or a new array); see ``fastlinear.backends``."""
+def forward(X, W, b, out, *, activation=None, preactivation=None):
+    """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
+    if activation is not None:  # TEMPORARY, unfused: replaced by the fused kernels
+        Y = forward(X, W, b, out)
+        if preactivation is not None:
+            preactivation[...] = Y
+        return activations.apply(activation, Y, out=Y)
     # Written for the per-call overhead at tiny shapes: 0.6 us on top of the kernel call (3 us at
     # (32, 64, 64) float32), 0.2 us of it allocating Y.
     dtype = W.dtype
@@ -537,8 +544,11 @@ def forward(X, W, b, out):
     return out
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
-    """``dX = dY @ W.T``, ``dW = X.T @ dY``, ``db = dY.sum(0)``; see ``fastlinear.backends``."""
+def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+             saved=None):
+    """Gradients from ``dY``, through the activation; see ``fastlinear.backends``."""
+    if activation is not None:  # TEMPORARY, unfused: replaced by the fused kernels
+        dY = activations.grad(activation, dY, saved)
     N, D = X.shape
     M = W.shape[1]
     dtype = W.dtype

@@ -1,11 +1,13 @@
 """The NumPy reference backend: the textbook math, the oracle every other backend is tested against.
 
-It avoids needless temporaries where NumPy allows: the forward pass fills ``Y`` with the bias and
-adds the product into it in place, and the backward pass writes straight into the caller's
-buffers. Accumulation precision is that of the BLAS NumPy links (float32 sums in float32).
+The forward pass fills ``Y`` by ``matmul`` and adds the bias and the activation in place; the
+backward pass writes straight into the caller's buffers. Accumulation precision is that of the
+BLAS NumPy links (float32 sums in float32).
 """
 
 import numpy as np
+
+from fastlinear import activations
 
 NAME = "numpy"
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -17,33 +19,29 @@ def unavailable_reason():
     return None
 
 
-def forward(X, W, b, out):
-    """``Y = X @ W + b`` into ``out`` (or a new array); see ``fastlinear.backends``."""
-    if b is None:
-        return np.matmul(X, W, out=out)
-    if out is None:
-        Y = np.matmul(X, W)
-    else:
-        Y = np.matmul(X, W, out=out)
-    # One in-place pass for the bias; NumPy's matmul has no beta=1 (accumulate) form.
-    Y += b
+def forward(X, W, b, out, *, activation=None, preactivation=None):
+    """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
+    Y = np.matmul(X, W, out=out)
+    if b is not None:
+        Y += b  # NumPy's matmul has no beta=1 (accumulate) form
+    if activation is not None:
+        if preactivation is not None:
+            preactivation[...] = Y
+        activations.apply(activation, Y, out=Y)
     return Y
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db):
-    """``dX = dY @ W.T``, ``dW = X.T @ dY``, ``db = dY.sum(0)``; see ``fastlinear.backends``."""
-    if need_dX:
-        dX = np.matmul(dY, W.T, out=dX)
-    else:
-        dX = None
+def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+             saved=None):
+    """Gradients from ``dY``, through the activation; see ``fastlinear.backends``."""
+    G = dY if activation is None else activations.grad(activation, dY, saved)
+    dX = np.matmul(G, W.T, out=dX) if need_dX else None
     if accumulate:
-        dW += X.T @ dY
+        dW += X.T @ G
         if has_bias:
-            db += dY.sum(axis=0)
+            db += G.sum(axis=0)
     else:
-        dW = np.matmul(X.T, dY, out=dW)
+        dW = np.matmul(X.T, G, out=dW)
         if has_bias:
-            db = np.sum(dY, axis=0, out=db)
-    if not has_bias:
-        db = None
-    return dX, dW, db
+            db = np.sum(G, axis=0, out=db)
+    return dX, dW, (db if has_bias else None)
