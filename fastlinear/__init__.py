@@ -15,6 +15,7 @@ from fastlinear._dispatch import (
     available_backends,
     current_backend,
     use_backend,
+    warm_up,
 )
 from fastlinear.functional import linear_backward, linear_forward
 from fastlinear.layer import Linear
@@ -31,4 +32,5 @@ __all__ = [
     "linear_backward",
     "linear_forward",
     "use_backend",
+    "warm_up",
 ]

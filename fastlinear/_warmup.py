@@ -1,0 +1,148 @@
+"""Background loading for ``auto``: a backend imports and loads its kernels in a daemon thread.
+
+The fastest CPU backend (numba) costs about half a second to import and to load its compiled
+kernels from Numba's cache; NumPy costs nothing. So ``auto`` (``_dispatch._choose_auto``) serves
+a program's first calls with numpy, starts that load here once the program has made enough calls
+for it to pay (or at ``fastlinear.warm_up()``), and serves the calls made meanwhile with numpy
+too. The dispatcher owns every cache and the choice; this module owns the thread, its steps, and
+what happens to them around ``fork`` and at interpreter exit.
+
+* Steps: the import (the dispatcher's ``_load``, so a failure is cached as the backend's reason
+  exactly as in a synchronous load), then one tiny call per kernel of a training step, for each
+  dtype. The thread is "loading" until the last step is done; only then does ``auto`` switch.
+* Fork: a child forked during a step would inherit locks held by a thread it does not have (the
+  import's module locks, Numba's compiler lock) and hang at its next import or compile. So
+  ``fork`` waits for the current step to end (``os.register_at_fork``); a child whose load was
+  unfinished starts it again at its next ``auto`` call.
+* Exit: the thread is a daemon, so the interpreter does not wait for it; it starts no new step
+  once exit has begun.
+* Failures: nothing raised in the thread is lost: the dispatcher's ``on_failure`` turns it into
+  the reason the backend is unavailable.
+"""
+
+import atexit
+import os
+import threading
+
+import numpy as np
+
+ENV_VAR = "FASTLINEAR_AUTO_LOAD"
+BACKGROUND = "background"
+SYNC = "sync"
+MODES = (BACKGROUND, SYNC)
+
+_lock = threading.Lock()  # guards _threads and _finished
+_threads = {}  # backend name -> the thread that loads or loaded it
+_finished = set()  # names whose thread ran to its end (in this process or before a fork)
+_step_lock = threading.Lock()  # held by the thread during each step; fork waits for it
+_exiting = threading.Event()
+
+
+def mode():
+    """``FASTLINEAR_AUTO_LOAD``, read at each call: ``"background"`` (the default) or ``"sync"``."""
+    raw = os.environ.get(ENV_VAR, "")
+    value = raw.strip().lower() or BACKGROUND
+    if value not in MODES:
+        raise ValueError(f"unknown {ENV_VAR} value {raw!r}: expected one of "
+                         f"{', '.join(repr(m) for m in MODES)}")
+    return value
+
+
+def warm_up_calls(module):
+    """Tiny calls that make backend ``module`` load the kernels of a training step, per dtype.
+
+    Forward with a bias; backward with a bias, with and without ``dX`` (a first layer needs
+    none): the calls ``fastlinear.Linear`` makes. Other variants load at their first call.
+    """
+    calls = []
+    for dtype in module.DTYPES:
+        X = np.linspace(-1.0, 1.0, 6, dtype=dtype).reshape(2, 3)
+        W = np.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4)
+        b = np.linspace(-1.0, 1.0, 4, dtype=dtype)
+        dY = np.linspace(-1.0, 1.0, 8, dtype=dtype).reshape(2, 4)
+        calls.append(lambda X=X, W=W, b=b: module.forward(X, W, b, None))
+        for need_dX in (True, False):
+            calls.append(lambda dY=dY, X=X, W=W, need_dX=need_dX: module.backward(
+                dY, X, W, has_bias=True, need_dX=need_dX, accumulate=False, dX=None, dW=None,
+                db=None))
+    return calls
+
+
+def _run(name, load, on_failure):
+    """The thread's body: ``load(name)``, then the warm-up calls; errors go to ``on_failure``."""
+    try:
+        with _step_lock:
+            module = load(name)
+        for call in warm_up_calls(module):
+            if _exiting.is_set():
+                return
+            with _step_lock:
+                call()
+    except BaseException as exc:  # noqa: BLE001 (handed on: it becomes the reason)
+        on_failure(name, exc)
+    finally:
+        with _lock:
+            _finished.add(name)
+
+
+def start(name, load, on_failure):
+    """Start loading backend ``name`` in a daemon thread, unless one has run or runs already.
+
+    ``load(name)`` imports the backend and raises if it cannot run; then the warm-up calls run.
+    Whatever either raises is passed to ``on_failure(name, exc)``, in the thread. Returns
+    whether a thread is loading ``name`` now (False once exit has begun: load synchronously).
+    """
+    with _lock:
+        if name not in _threads and not _exiting.is_set():
+            _register_hooks()
+            thread = threading.Thread(target=_run, args=(name, load, on_failure),
+                                      name=f"fastlinear-load-{name}", daemon=True)
+            _threads[name] = thread  # before it starts, so that loading() is never behind
+            try:
+                thread.start()
+            except RuntimeError:  # no new threads (at exit, or at a resource limit)
+                del _threads[name]
+    return loading(name)
+
+
+def loading(name):
+    """Whether a thread is loading backend ``name`` now (its warm-up calls included)."""
+    return name in _threads and name not in _finished
+
+
+def wait(name):
+    """Wait until the thread loading backend ``name``, if there is one, has finished."""
+    thread = _threads.get(name)
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
+_hooks_registered = []  # [True] once _register_hooks ran
+
+
+def _register_hooks():
+    """Once per process, before the first thread starts: the exit flag and the fork guard."""
+    if _hooks_registered:
+        return
+    _hooks_registered.append(True)
+    atexit.register(_exiting.set)
+    if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
+
+
+def _before_fork():
+    _step_lock.acquire()
+
+
+def _after_fork_in_parent():
+    _step_lock.release()
+
+
+def _after_fork_in_child():
+    """The child has no loading thread; its locks may have been held by the parent's threads."""
+    global _lock
+    _step_lock.release()  # this thread acquired it in _before_fork
+    _lock = threading.Lock()
+    for name in [name for name in _threads if name not in _finished]:
+        del _threads[name]  # its thread is the parent's: start again when asked
