@@ -121,10 +121,17 @@ _hooks_registered = []  # [True] once _register_hooks ran
 
 
 def _register_hooks():
-    """Once per process, before the first thread starts: the exit flag and the fork guard."""
+    """Once per process, before the first thread starts: the exit flag and the fork guard.
+
+    A module imported while a fork waits for a step, and registering fork handlers then, gets
+    its ``after`` handlers run without its ``before``. Of the modules the numba backend imports,
+    only ``logging`` registers such a pair (its ``after_in_parent`` releases a lock its ``before``
+    took): it is imported here, before any thread imports it.
+    """
     if _hooks_registered:
         return
     _hooks_registered.append(True)
+    import logging  # noqa: F401
     atexit.register(_exiting.set)
     if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
         os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
