@@ -42,7 +42,7 @@ _CANONICAL = frozenset(VALID_NAMES)
 _context_backend = contextvars.ContextVar("fastlinear_backend", default=None)
 _modules = {}  # name -> backend module that can run
 _unavailable = {}  # name -> reason it cannot
-_load_locks = {name: threading.Lock() for name in BACKENDS}  # one loader at a time per backend
+_load_locks = {}  # name -> lock: one loader at a time per backend (see _load_lock)
 _auto_choice = {}  # array library -> module that auto picks, for good
 _interim_choice = {}  # array library -> module serving auto while a better one is passed over
 _interim_calls = [0]  # auto calls served by an interim choice
@@ -83,9 +83,14 @@ def _load(name):
         return module
     reason = _unavailable.get(name)
     if reason is None:
-        with _load_locks[name]:
+        with _load_lock(name):
             return _load_locked(name)
     raise BackendUnavailableError(reason)
+
+
+def _load_lock(name):
+    """The lock that loads of backend ``name`` hold (made at first use: the registry may grow)."""
+    return _load_locks.get(name) or _load_locks.setdefault(name, threading.Lock())
 
 
 def _load_locked(name):
@@ -117,7 +122,7 @@ def _background_load_failed(name, exc):
     """
     if isinstance(exc, BackendUnavailableError):
         return
-    with _load_locks[name]:
+    with _load_lock(name):
         _unavailable[name] = (f"backend {name!r} failed in its background load: "
                               f"{type(exc).__name__}: {exc}")
         _modules.pop(name, None)
