@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from fastlinear import _dispatch, activations
+from fastlinear import _dask, _dispatch, activations
 
 __all__ = ["linear_forward", "linear_backward"]
 
@@ -271,6 +271,9 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
         module = _dispatch.resolve(backend, "numpy")
         if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
             return module.forward(X, W, b, None, activation=activation)
+    if _dask.is_dask(X):  # one task per row chunk, on the workers
+        return _dask.linear_forward(X, W, b, activation=activation, backend=backend, out=out,
+                                    return_saved=return_saved)
     module, W, (X, b) = _prepare(W, (("X", X), ("b", b)), backend)
     D, M = W.shape
     lead = X.shape[:-1]
@@ -356,6 +359,10 @@ def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, nee
         if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
             return module.backward(dY, X, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
                                    accumulate=False, dX=None, dW=None, db=None)
+    if _dask.is_dask(dY) or _dask.is_dask(X):  # row chunks on the workers, dW/db tree-summed
+        return _dask.linear_backward(dY, X, W, activation=activation, saved=saved,
+                                     has_bias=has_bias, need_dX=need_dX, backend=backend,
+                                     accumulate=accumulate, dX=dX, dW=dW, db=db)
     module, W, (dY, X) = _prepare(W, (("dY", dY), ("X", X)), backend)
     D, M = W.shape
     X2 = _check_rows(X, "X", D, "features")

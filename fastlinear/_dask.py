@@ -1,0 +1,317 @@
+"""dask arrays through the linear layer: one task per row chunk, gradients by tree reduction.
+
+``linear_forward`` and ``linear_backward`` route here when the batch operand (``X``, ``dY``) is a
+dask array. Nothing here imports dask until such a call comes, so fastlinear runs without it.
+
+Graph shape
+-----------
+* ``W`` and ``b`` are copied once in the client and enter the graph as one key each
+  (``dask.delayed``), which every chunk task references: the distributed scheduler ships them
+  to each worker once, not once per task. A copy, so that updating ``W`` in place before the
+  graph is computed cannot change its result.
+* The feature axis (the last one) is rechunked to one chunk: a task needs its rows' whole
+  feature vectors to multiply by the whole ``W`` it holds anyway, and row chunks are the
+  unit that the products split along. Row chunks are kept as they come.
+* forward: one task per row chunk calls ``fastlinear.linear_forward`` on the worker; ``Y`` has
+  ``X``'s row chunks. With ``return_saved`` and a GELU (which saves the pre-activation ``Z``)
+  the task returns ``(Y, Z)`` and two cheap tasks per chunk pick them apart.
+* backward: one task per row chunk calls ``fastlinear.linear_backward`` and returns
+  ``(dX_i, dW_i, db_i)``; ``dX`` is the row-blockwise pick of ``dX_i``, ``dW`` and ``db`` are
+  dask's tree reduction (``sum`` with ``split_every``) of the partial products ``dW_i`` and
+  ``db_i``, so ``dask.compute(dX, dW, db)`` runs every chunk task once.
+
+The backend
+-----------
+Workers are other processes, often on other machines: the client's ``use_backend`` context and
+``FASTLINEAR_BACKEND`` do not reach them. The client resolves the backend to a concrete name
+(argument > context > environment > ``auto``; ``auto`` picks what it would pick here for the
+chunks' array library) and passes that name to every task as an argument. A worker that cannot
+run it raises ``BackendUnavailableError`` naming the worker and its reason.
+"""
+
+import contextlib
+import importlib
+import math
+
+import numpy as np
+
+from fastlinear import _dispatch, activations
+
+__all__ = ["is_dask", "linear_forward", "linear_backward"]
+
+# Partial gradients summed per task of the reduction tree (dask's split_every).
+SPLIT_EVERY = 8
+
+
+def is_dask(x):
+    """Whether ``x`` is a dask object, tested without importing dask."""
+    return type(x).__module__.startswith("dask")
+
+
+def _library(x):
+    return type(x).__module__.partition(".")[0]
+
+
+def _type_name(x):
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def _import_dask():
+    try:
+        import dask
+        import dask.array as da
+    except ImportError as exc:  # a dask object came, so this is a broken installation
+        raise ImportError(f'dask arrays need dask: pip install "fastlinear[dask]" ({exc})') from exc
+    return dask, da
+
+
+def _check_weight(W):
+    """``W`` as a NumPy or CuPy 2-D floating array (it travels to every worker whole)."""
+    if is_dask(W):
+        raise TypeError(f"W must be a numpy.ndarray or cupy.ndarray (each worker holds it whole), "
+                        f"got {_type_name(W)}; pass W.compute()")
+    if isinstance(W, (list, tuple)):
+        W = np.asarray(W, dtype=np.float64)
+    if _library(W) not in ("numpy", "cupy") or not hasattr(W, "dtype"):
+        raise TypeError(f"W must be a numpy.ndarray or cupy.ndarray, got {_type_name(W)}")
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
+    if W.dtype.kind != "f":
+        raise TypeError(f"W has dtype {W.dtype}; fastlinear computes in floating dtypes")
+    return W
+
+
+def _check_bias(b, W):
+    """``b`` as a 1-D ``(M,)`` array of ``W``'s library and dtype (``(1, M)`` accepted)."""
+    M = W.shape[1]
+    if is_dask(b):
+        raise TypeError(f"b must be a numpy.ndarray or cupy.ndarray like W, got {_type_name(b)}; "
+                        f"pass b.compute()")
+    if isinstance(b, (list, tuple)):
+        b = np.asarray(b, dtype=W.dtype)
+    if _library(b) not in ("numpy", "cupy") or not hasattr(b, "dtype"):
+        raise TypeError(f"b must be a numpy.ndarray or cupy.ndarray, got {_type_name(b)}")
+    if b.dtype != W.dtype:
+        raise TypeError(f"b has dtype {b.dtype} but the call computes in {W.dtype} (the dtype "
+                        f"of W); fastlinear does not cast: convert with b.astype({W.dtype.name!r})")
+    if b.ndim == 2 and b.shape[0] == 1:
+        b = b.reshape(M if b.shape[1] == M else b.shape[1])
+    if b.shape != (M,):
+        raise ValueError(f"b must have shape ({M},) or (1, {M}) to match W's {M} columns, "
+                         f"got shape {b.shape}")
+    return b
+
+
+def _check_batch(x, name, width, what, dtype, da):
+    """Check a dask batch operand ``(*, width)`` of ``dtype``; return it with one feature chunk."""
+    if not isinstance(x, da.Array):
+        raise TypeError(f"{name} must be a dask.array.Array, got {_type_name(x)}"
+                        + ("; convert with dask.array.from_delayed(...)" if is_dask(x) else ""))
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be 2-D (N, {width}) or (*, {width}), got shape {x.shape}")
+    if x.shape[-1] != width:
+        raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
+                         f"(shape {x.shape})")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the call computes in {dtype} (the dtype "
+                        f"of W); fastlinear does not cast: convert with "
+                        f"{name}.astype({dtype.name!r})")
+    chunk_library = _library(x._meta)
+    if chunk_library not in ("numpy", "cupy"):
+        raise TypeError(f"{name} has chunks of {_type_name(x._meta)}; fastlinear computes on "
+                        f"numpy or cupy chunks")
+    if any(math.isnan(c) for chunks in x.chunks for c in chunks):
+        raise ValueError(f"{name} has chunks of unknown size {x.chunks}; call "
+                         f"{name}.compute_chunk_sizes() first")
+    if x.numblocks[-1] > 1:
+        x = x.rechunk({x.ndim - 1: -1})
+    return x
+
+
+def _concrete_backend(backend, chunk_library, dtype):
+    """The backend name every task gets: argument > context > environment > auto, as here.
+
+    ``auto`` picks what it would pick in this process for ``chunk_library``; if nothing can run
+    here for it (CuPy chunks on a client without a GPU), the first choice of ``auto``, which the
+    workers may have. Array library and dtype are checked against the backend's declarations,
+    which need no import of its optional library.
+    """
+    name = _dispatch.requested_backend(backend)
+    if name == _dispatch.AUTO:
+        try:
+            name = _dispatch.resolve(name, chunk_library).NAME
+        except _dispatch.BackendUnavailableError:
+            name = _dispatch.AUTO_ORDER.get(chunk_library, ("numpy",))[0]
+    module = importlib.import_module(_dispatch.BACKENDS[name])
+    if chunk_library not in module.ARRAY_LIBRARIES:
+        raise TypeError(f"the {name!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
+                        f"arrays, got dask chunks of {chunk_library} arrays")
+    if dtype not in module.DTYPES:
+        names = ", ".join(d.name for d in module.DTYPES)
+        raise TypeError(f"W has dtype {dtype}; the {name!r} backend computes in {names}")
+    return name
+
+
+def _graph_constant(dask, array, what):
+    """One graph key holding a private copy of ``array``, named by its content."""
+    return dask.delayed(array.copy(), name=f"fastlinear-{what}-{dask.base.tokenize(array)}")
+
+
+def _refuse_buffers(**given):
+    for name, value in given.items():
+        if value is not None and value is not False:
+            raise TypeError(f"{name}= is not supported with dask arrays: the results are new lazy "
+                            f"dask arrays; compute them (dask.compute) and add or copy them where "
+                            f"they should go")
+
+
+def _worker_name():
+    try:
+        from distributed import get_worker
+
+        return f"dask worker {get_worker().address}"
+    except (ImportError, ValueError):
+        import os
+        import socket
+
+        return f"process {os.getpid()} on {socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def _naming_the_worker():
+    """Re-raise BackendUnavailableError with the worker that could not run the backend."""
+    try:
+        yield
+    except _dispatch.BackendUnavailableError as exc:
+        raise _dispatch.BackendUnavailableError(f"on {_worker_name()}: {exc}") from None
+
+
+def _forward_chunk(X, W, b, *, backend, activation, return_saved):
+    """Run on a worker: ``linear_forward`` of one row chunk (``(Y, Z)`` with return_saved)."""
+    from fastlinear.functional import linear_forward
+
+    with _naming_the_worker():
+        return linear_forward(X, W, b, activation=activation, backend=backend,
+                              return_saved=return_saved)
+
+
+def _backward_chunk(dY, X, saved, W, *, backend, activation, has_bias, need_dX):
+    """Run on a worker: ``(dX_i, dW_i, db_i)`` of one row chunk."""
+    from fastlinear.functional import linear_backward
+
+    with _naming_the_worker():
+        return linear_backward(dY, X, W, activation=activation, saved=saved, has_bias=has_bias,
+                               need_dX=need_dX, backend=backend)
+
+
+def _pick(results, index, lead_ndim=0):
+    """``results[index]`` of a chunk task, with ``lead_ndim`` leading axes of length 1 added.
+
+    ``results`` comes as a one-element list where the pick drops one of the chunk task's
+    one-chunk axes (blockwise with ``concatenate=False``)."""
+    if isinstance(results, list):
+        (results,) = results
+    picked = results[index]
+    return picked.reshape((1,) * lead_ndim + picked.shape) if lead_ndim else picked
+
+
+def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, return_saved=False):
+    """``fastlinear.linear_forward`` for a dask array ``X``: a dask array ``Y`` with X's row
+    chunks (and ``saved``, a dask array or ``None``, with ``return_saved``)."""
+    dask, da = _import_dask()
+    _refuse_buffers(out=out)
+    activation = activations.check_activation(activation)
+    W = _check_weight(W)
+    D, M = W.shape
+    X = _check_batch(X, "X", D, "features", W.dtype, da)
+    if b is not None:
+        b = _check_bias(b, W)
+    name = _concrete_backend(backend, _library(X._meta), W.dtype)
+    W_key = _graph_constant(dask, W, "W")
+    b_key = None if b is None else _graph_constant(dask, b, "b")
+    chunks = X.chunks[:-1] + ((M,),)
+    meta = da.utils.meta_from_array(X._meta, ndim=X.ndim, dtype=W.dtype)
+    saves_z = return_saved and activations.saved_for_backward(activation) == "preactivation"
+    task = dict(backend=name, activation=activation, return_saved=saves_z)
+    if not saves_z:
+        Y = da.map_blocks(_forward_chunk, X, W_key, b_key, chunks=chunks, dtype=W.dtype,
+                          meta=meta, token="fastlinear-forward", **task)
+        if not return_saved:
+            return Y
+        return Y, (None if activation is None else Y)
+    pairs = da.map_blocks(_forward_chunk, X, W_key, b_key, chunks=chunks, dtype=object,
+                          meta=np.empty((0,) * X.ndim, dtype=object), token="fastlinear-forward",
+                          **task)
+    Y, Z = (pairs.map_blocks(_pick, i, chunks=chunks, dtype=W.dtype, meta=meta, token=token)
+            for i, token in ((0, "fastlinear-Y"), (1, "fastlinear-Z")))
+    return Y, Z
+
+
+def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, need_dX=True,
+                    backend=None, accumulate=False, dX=None, dW=None, db=None):
+    """``fastlinear.linear_backward`` for dask arrays ``dY`` and ``X`` (and ``saved``): ``dX`` a
+    dask array with X's chunks (or ``None``), ``dW`` and ``db`` one-chunk dask arrays summed by a
+    tree reduction over the row chunks (``db`` ``None`` without a bias)."""
+    dask, da = _import_dask()
+    _refuse_buffers(accumulate=accumulate, dX=dX, dW=dW, db=db)
+    activation = activations.check_activation(activation)
+    if activation is not None and saved is None:
+        raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
+                         f"return_saved=True) returned beside Y")
+    W = _check_weight(W)
+    D, M = W.shape
+    X = _check_batch(X, "X", D, "features", W.dtype, da)
+    dY = _check_batch(dY, "dY", M, "columns", W.dtype, da)
+    if dY.shape != (*X.shape[:-1], M):
+        raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
+                         f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
+    arrays = [dY, X]
+    if activation is not None:
+        saved = _check_batch(saved, "saved", M, "columns", W.dtype, da)
+        if saved.shape != dY.shape:
+            raise ValueError(f"saved must have dY's shape {dY.shape}, got {saved.shape}")
+        arrays.append(saved)
+    libraries = {_library(a._meta) for a in arrays}
+    if len(libraries) > 1:
+        raise TypeError(f"dY, X (and saved) must have chunks of one array library, got "
+                        f"{', '.join(sorted(libraries))}")
+    # the row chunks of X rule: dY and saved follow them
+    rows = X.chunks[:-1]
+    arrays = [a if a.chunks[:-1] == rows else a.rechunk(rows + (a.chunks[-1],)) for a in arrays]
+    dY, X = arrays[:2]
+    saved = arrays[2] if activation is not None else None
+    name = _concrete_backend(backend, _library(X._meta), W.dtype)
+    W_key = _graph_constant(dask, W, "W")
+    lead = "abcdefghijklmnopqrstuvw"[:X.ndim - 1]
+    if len(lead) < X.ndim - 1:
+        raise ValueError(f"X has {X.ndim} dimensions; fastlinear's dask path takes at most 24")
+    # index: leading axes, then dY's columns (m) and X's features (d), each one chunk
+    task = dict(backend=name, activation=activation, has_bias=bool(has_bias),
+                need_dX=bool(need_dX))
+    parts = da.blockwise(
+        _backward_chunk, lead + "md", dY, lead + "m", X, lead + "d",
+        saved, None if saved is None else lead + "m", W_key, None,
+        dtype=object, meta=np.empty((0,) * (X.ndim + 1), dtype=object),
+        token="fastlinear-backward", **task)
+    # picks: output index lead + "d" (dX), lead + "dm" (dW_i), lead + "m" (db_i); a partial
+    # is one element along each leading axis (adjust_chunks), summed over them by dask's tree
+    picks = dict(concatenate=False, dtype=W.dtype)
+    dX_out = None
+    if need_dX:
+        dX_out = da.blockwise(_pick, lead + "d", parts, lead + "md", index=0, lead_ndim=0,
+                              token="fastlinear-dX",
+                              meta=da.utils.meta_from_array(X._meta, dtype=W.dtype), **picks)
+    one_per_chunk = dict.fromkeys(lead, 1)
+    w_meta = W[:0, :0]
+    dW_parts = da.blockwise(_pick, lead + "dm", parts, lead + "md", index=1, lead_ndim=len(lead),
+                            adjust_chunks=one_per_chunk, token="fastlinear-dW-partial",
+                            meta=w_meta.reshape((0,) * (X.ndim + 1)), **picks)
+    dW_out = dW_parts.sum(axis=tuple(range(len(lead))), split_every=SPLIT_EVERY)
+    db_out = None
+    if has_bias:
+        db_parts = da.blockwise(_pick, lead + "m", parts, lead + "md", index=2,
+                                lead_ndim=len(lead), adjust_chunks=one_per_chunk,
+                                token="fastlinear-db-partial",
+                                meta=w_meta.reshape((0,) * X.ndim), **picks)
+        db_out = db_parts.sum(axis=tuple(range(len(lead))), split_every=SPLIT_EVERY)
+    return dX_out, dW_out, db_out
