@@ -43,7 +43,8 @@ class Linear:
     ----------
     W : array (D, M)
     b : array (M,) or None
-    dW, db : gradients of the last ``backward`` (zeros before it)
+    dW, db : gradients of the last ``backward`` (zeros before it; lazy dask arrays after a
+        ``backward`` on dask arrays, see ``backward``)
     X : the input cached by the last ``forward`` (``None`` before it)
     """
 
@@ -112,6 +113,11 @@ class Linear:
         gradients are added to ``self.dW``/``self.db`` (gradient accumulation) instead of
         replacing them. ``need_dX=False`` skips ``dX`` (returns ``None``), e.g. for a first layer.
         If the call raises, ``dW`` and ``db`` keep their previous values.
+
+        With dask arrays (``forward`` on a dask ``X``, then a dask ``dY``), ``dX`` and the stored
+        ``dW``/``db`` are lazy dask arrays (one chunk each, tree sums over the row chunks):
+        compute them together, ``dX, layer.dW, layer.db = dask.compute(dX, layer.dW,
+        layer.db)``, before updating the parameters. ``accumulate=True`` is refused with them.
         """
         if self.X is None:
             raise RuntimeError("backward() called before forward(): the layer has no cached input "
@@ -136,7 +142,9 @@ class Linear:
             self.db = None
         for name, shape in grads:
             grad = getattr(self, name)
-            if grad is not None and grad.shape == shape and grad.dtype == self.dtype:
+            # a lazy dask gradient (from a dask backward) is replaced, not zeroed lazily
+            if (grad is not None and type(grad) is type(self.W) and grad.shape == shape
+                    and grad.dtype == self.dtype):
                 grad[...] = 0
             else:
                 setattr(self, name, xp.zeros(shape, dtype=self.dtype))
