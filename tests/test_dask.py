@@ -202,7 +202,8 @@ def test_cupy_chunks(client, rng):
     grads = fastlinear.linear_backward(dYd, Xd, Wc)
     results = compute(client, Y, *grads)
     assert all(type(a).__module__.startswith("cupy") for a in results)
-    assert_matches_reference(dict(zip(("Y", "dX", "dW", "db"), (a.get() for a in results))),
+    names = ("Y", "dX", "dW", "db")
+    assert_matches_reference({name: a.get() for name, a in zip(names, results, strict=True)},
                              reference64(X, W, b, dY), np.float32)
 
 
@@ -213,7 +214,7 @@ def test_example_loss_falls_on_the_cluster(client, tmp_path, capsys):
     losses = main(["--data", str(tmp_path), "--rows", "3000", "--features", "6", "--outputs",
                    "2", "--chunk-rows", "700", "--steps", "4", "--backend", "numpy",
                    "--scheduler", client.scheduler.address])
-    assert len(losses) == 4 and all(a > b for a, b in zip(losses, losses[1:]))
+    assert len(losses) == 4 and all(a > b for a, b in zip(losses, losses[1:], strict=False))
     assert losses[-1] < 0.2 * losses[0]
     assert "Completed" in capsys.readouterr().out  # dask's progress bar
 
