@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-from fastlinear import _dispatch, activations
+from fastlinear import _arrays, _dispatch, activations
 
 __all__ = ["is_dask", "linear_forward", "linear_backward"]
 
@@ -65,67 +65,44 @@ def _import_dask():
     return dask, da
 
 
-def _check_weight(W):
-    """``W`` as a NumPy or CuPy 2-D floating array (it travels to every worker whole)."""
-    if is_dask(W):
-        raise TypeError(f"W must be a numpy.ndarray or cupy.ndarray (each worker holds it whole), "
-                        f"got {_type_name(W)}; pass W.compute()")
-    if isinstance(W, (list, tuple)):
-        W = np.asarray(W, dtype=np.float64)
-    if _library(W) not in ("numpy", "cupy") or not hasattr(W, "dtype"):
-        raise TypeError(f"W must be a numpy.ndarray or cupy.ndarray, got {_type_name(W)}")
-    if W.ndim != 2:
-        raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
-    if W.dtype.kind != "f":
-        raise TypeError(f"W has dtype {W.dtype}; fastlinear computes in floating dtypes")
-    return W
+def _native(x, name, scalar_ok=False):
+    """``W`` or ``b`` as a NumPy or CuPy array (``b`` may be a number): each worker holds it
+    whole, so a dask array is refused."""
+    if is_dask(x):
+        raise TypeError(f"{name} must be a NumPy or CuPy array (each worker holds it whole), got "
+                        f"{_type_name(x)}; pass {name}.compute()")
+    native, _ = _arrays.to_native(x, name, scalar_ok=scalar_ok)
+    return native
 
 
-def _check_bias(b, W):
-    """``b`` as a 1-D ``(M,)`` array of ``W``'s library and dtype (``(1, M)`` accepted)."""
-    M = W.shape[1]
-    if is_dask(b):
-        raise TypeError(f"b must be a numpy.ndarray or cupy.ndarray like W, got {_type_name(b)}; "
-                        f"pass b.compute()")
-    if isinstance(b, (list, tuple)):
-        b = np.asarray(b, dtype=W.dtype)
-    if _library(b) not in ("numpy", "cupy") or not hasattr(b, "dtype"):
-        raise TypeError(f"b must be a numpy.ndarray or cupy.ndarray, got {_type_name(b)}")
-    if b.dtype != W.dtype:
-        raise TypeError(f"b has dtype {b.dtype} but the call computes in {W.dtype} (the dtype "
-                        f"of W); fastlinear does not cast: convert with b.astype({W.dtype.name!r})")
-    if b.ndim == 2 and b.shape[0] == 1:
-        b = b.reshape(M if b.shape[1] == M else b.shape[1])
-    if b.shape != (M,):
-        raise ValueError(f"b must have shape ({M},) or (1, {M}) to match W's {M} columns, "
-                         f"got shape {b.shape}")
-    return b
-
-
-def _check_batch(x, name, width, what, dtype, da):
-    """Check a dask batch operand ``(*, width)`` of ``dtype``; return it with one feature chunk."""
+def _check_batch(x, name, width, what, da):
+    """Check a batch operand: a dask array ``(*, width)`` of NumPy or CuPy chunks of known size."""
     if not isinstance(x, da.Array):
-        raise TypeError(f"{name} must be a dask.array.Array, got {_type_name(x)}"
+        raise TypeError(f"{name} must be a dask.array.Array like the other batch operands, got "
+                        f"{_type_name(x)}"
                         + ("; convert with dask.array.from_delayed(...)" if is_dask(x) else ""))
     if x.ndim < 2:
-        raise ValueError(f"{name} must be 2-D (N, {width}) or (*, {width}), got shape {x.shape}")
+        raise ValueError(f"{name} must be (N, {width}) or (*, {width}) as a dask array (its rows "
+                         f"are split into tasks), got shape {x.shape}; for one sample pass "
+                         f"{name}.compute()")
     if x.shape[-1] != width:
         raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
                          f"(shape {x.shape})")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the call computes in {dtype} (the dtype "
-                        f"of W); fastlinear does not cast: convert with "
-                        f"{name}.astype({dtype.name!r})")
     chunk_library = _library(x._meta)
     if chunk_library not in ("numpy", "cupy"):
         raise TypeError(f"{name} has chunks of {_type_name(x._meta)}; fastlinear computes on "
-                        f"numpy or cupy chunks")
+                        f"NumPy or CuPy chunks")
     if any(math.isnan(c) for chunks in x.chunks for c in chunks):
         raise ValueError(f"{name} has chunks of unknown size {x.chunks}; call "
                          f"{name}.compute_chunk_sizes() first")
-    if x.numblocks[-1] > 1:
-        x = x.rechunk({x.ndim - 1: -1})
     return x
+
+
+def _in_dtype(arrays, dtype, casting):
+    """The dask batch operands cast (lazily) to ``dtype`` as ``casting`` allows, each with its
+    feature axis in one chunk."""
+    cast = [_arrays.cast(x, name, dtype, casting) for name, x in arrays]
+    return [x.rechunk({x.ndim - 1: -1}) if x.numblocks[-1] > 1 else x for x in cast]
 
 
 def _concrete_backend(backend, chunk_library, dtype):
@@ -146,10 +123,15 @@ def _concrete_backend(backend, chunk_library, dtype):
     if chunk_library not in module.ARRAY_LIBRARIES:
         raise TypeError(f"the {name!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
                         f"arrays, got dask chunks of {chunk_library} arrays")
-    if dtype not in module.DTYPES:
-        names = ", ".join(d.name for d in module.DTYPES)
-        raise TypeError(f"W has dtype {dtype}; the {name!r} backend computes in {names}")
+    _functional()._check_backend_dtype(dtype, module)
     return name
+
+
+def _functional():
+    """``fastlinear.functional``, which imports this module (so not at import time)."""
+    from fastlinear import functional
+
+    return functional
 
 
 def _graph_constant(dask, array, what):
@@ -215,26 +197,39 @@ def _pick(results, index, lead_ndim=0):
     return picked.reshape((1,) * lead_ndim + picked.shape) if lead_ndim else picked
 
 
-def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, return_saved=False):
+def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, return_saved=False,
+                   casting="safe"):
     """``fastlinear.linear_forward`` for a dask array ``X``: a dask array ``Y`` with X's row
     chunks (and ``saved``, a dask array or ``None``, with ``return_saved``)."""
     dask, da = _import_dask()
+    functional = _functional()
     _refuse_buffers(out=out)
     activation = activations.check_activation(activation)
-    W = _check_weight(W)
+    _arrays.check_casting(casting)
+    W = _native(W, "W")
+    functional._check_weight(W)
     D, M = W.shape
-    X = _check_batch(X, "X", D, "features", W.dtype, da)
+    X = _check_batch(X, "X", D, "features", da)
+    operands = [("X", X), ("W", W)]
     if b is not None:
-        b = _check_bias(b, W)
-    name = _concrete_backend(backend, _library(X._meta), W.dtype)
+        b = _native(b, "b", scalar_ok=True)
+        operands.append(("b", b))
+    dtype = _arrays.result_dtype(operands)
+    name = _concrete_backend(backend, _library(X._meta), dtype)
+    (X,) = _in_dtype([("X", X)], dtype, casting)
+    W = _arrays.cast(W, "W", dtype, casting)
+    if b is not None:
+        if hasattr(b, "dtype") and not isinstance(b, np.generic):
+            b = _arrays.cast(b, "b", dtype, casting)
+        b = functional._as_bias(b, M, dtype)
     W_key = _graph_constant(dask, W, "W")
     b_key = None if b is None else _graph_constant(dask, b, "b")
     chunks = X.chunks[:-1] + ((M,),)
-    meta = da.utils.meta_from_array(X._meta, ndim=X.ndim, dtype=W.dtype)
+    meta = da.utils.meta_from_array(X._meta, ndim=X.ndim, dtype=dtype)
     saves_z = return_saved and activations.saved_for_backward(activation) == "preactivation"
     task = dict(backend=name, activation=activation, return_saved=saves_z)
     if not saves_z:
-        Y = da.map_blocks(_forward_chunk, X, W_key, b_key, chunks=chunks, dtype=W.dtype,
+        Y = da.map_blocks(_forward_chunk, X, W_key, b_key, chunks=chunks, dtype=dtype,
                           meta=meta, token="fastlinear-forward", **task)
         if not return_saved:
             return Y
@@ -242,45 +237,51 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
     pairs = da.map_blocks(_forward_chunk, X, W_key, b_key, chunks=chunks, dtype=object,
                           meta=np.empty((0,) * X.ndim, dtype=object), token="fastlinear-forward",
                           **task)
-    Y, Z = (pairs.map_blocks(_pick, i, chunks=chunks, dtype=W.dtype, meta=meta, token=token)
+    Y, Z = (pairs.map_blocks(_pick, i, chunks=chunks, dtype=dtype, meta=meta, token=token)
             for i, token in ((0, "fastlinear-Y"), (1, "fastlinear-Z")))
     return Y, Z
 
 
 def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, need_dX=True,
-                    backend=None, accumulate=False, dX=None, dW=None, db=None):
+                    backend=None, accumulate=False, dX=None, dW=None, db=None, casting="safe"):
     """``fastlinear.linear_backward`` for dask arrays ``dY`` and ``X`` (and ``saved``): ``dX`` a
     dask array with X's chunks (or ``None``), ``dW`` and ``db`` one-chunk dask arrays summed by a
     tree reduction over the row chunks (``db`` ``None`` without a bias)."""
     dask, da = _import_dask()
+    functional = _functional()
     _refuse_buffers(accumulate=accumulate, dX=dX, dW=dW, db=db)
     activation = activations.check_activation(activation)
     if activation is not None and saved is None:
         raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
                          f"return_saved=True) returned beside Y")
-    W = _check_weight(W)
+    _arrays.check_casting(casting)
+    W = _native(W, "W")
+    functional._check_weight(W)
     D, M = W.shape
-    X = _check_batch(X, "X", D, "features", W.dtype, da)
-    dY = _check_batch(dY, "dY", M, "columns", W.dtype, da)
+    X = _check_batch(X, "X", D, "features", da)
+    dY = _check_batch(dY, "dY", M, "columns", da)
     if dY.shape != (*X.shape[:-1], M):
         raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
                          f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
-    arrays = [dY, X]
+    batch = [("dY", dY), ("X", X)]
     if activation is not None:
-        saved = _check_batch(saved, "saved", M, "columns", W.dtype, da)
+        saved = _check_batch(saved, "saved", M, "columns", da)
         if saved.shape != dY.shape:
             raise ValueError(f"saved must have dY's shape {dY.shape}, got {saved.shape}")
-        arrays.append(saved)
-    libraries = {_library(a._meta) for a in arrays}
+        batch.append(("saved", saved))
+    libraries = {_library(x._meta) for _, x in batch}
     if len(libraries) > 1:
         raise TypeError(f"dY, X (and saved) must have chunks of one array library, got "
                         f"{', '.join(sorted(libraries))}")
+    dtype = _arrays.result_dtype([*batch, ("W", W)])
+    name = _concrete_backend(backend, _library(X._meta), dtype)
+    W = _arrays.cast(W, "W", dtype, casting)
+    arrays = _in_dtype(batch, dtype, casting)
     # the row chunks of X rule: dY and saved follow them
-    rows = X.chunks[:-1]
+    rows = arrays[1].chunks[:-1]
     arrays = [a if a.chunks[:-1] == rows else a.rechunk(rows + (a.chunks[-1],)) for a in arrays]
     dY, X = arrays[:2]
     saved = arrays[2] if activation is not None else None
-    name = _concrete_backend(backend, _library(X._meta), W.dtype)
     W_key = _graph_constant(dask, W, "W")
     lead = "abcdefghijklmnopqrstuvw"[:X.ndim - 1]
     if len(lead) < X.ndim - 1:
@@ -295,12 +296,12 @@ def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, nee
         token="fastlinear-backward", **task)
     # picks: output index lead + "d" (dX), lead + "dm" (dW_i), lead + "m" (db_i); a partial
     # is one element along each leading axis (adjust_chunks), summed over them by dask's tree
-    picks = dict(concatenate=False, dtype=W.dtype)
+    picks = dict(concatenate=False, dtype=dtype)
     dX_out = None
     if need_dX:
         dX_out = da.blockwise(_pick, lead + "d", parts, lead + "md", index=0, lead_ndim=0,
                               token="fastlinear-dX",
-                              meta=da.utils.meta_from_array(X._meta, dtype=W.dtype), **picks)
+                              meta=da.utils.meta_from_array(X._meta, dtype=dtype), **picks)
     one_per_chunk = dict.fromkeys(lead, 1)
     w_meta = W[:0, :0]
     dW_parts = da.blockwise(_pick, lead + "dm", parts, lead + "md", index=1, lead_ndim=len(lead),

@@ -54,7 +54,8 @@ def assert_close(actual, expected, dtype, terms, magnitude, what=""):
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    bound = error_bound(dtype, terms, np.asarray(magnitude, dtype=np.float64))
+    bound = np.broadcast_to(error_bound(dtype, terms, np.asarray(magnitude, dtype=np.float64)),
+                            expected.shape)
     err = np.abs(actual - expected)
     bad = ~(err <= bound)
     if bad.any():

@@ -116,6 +116,19 @@ def test_activation_saved_and_backward(client, backend, activation, rng):
     assert_matches_reference(dict(dX=dX, dW=dW, db=db), reference64(X, W, b, G), np.float64)
 
 
+def test_promotion_scalar_bias_and_cast_in_the_client(client, rng):
+    X, W, _, dY = make_inputs(rng, 25, 5, 4, np.float32)
+    W64 = W.astype(np.float64)
+    Xd = chunked(X, 10, 5)  # float32 chunks, float64 W: the call computes in float64
+    Y = fastlinear.linear_forward(Xd, W64, 0.5)
+    dX, dW, db = fastlinear.linear_backward(chunked(dY, 10, 4), Xd, W64)
+    assert Y.dtype == dX.dtype == dW.dtype == db.dtype == np.float64
+    Y, dX, dW, db = compute(client, Y, dX, dW, db)
+    b = np.full(4, 0.5)
+    assert_matches_reference(dict(Y=Y, dX=dX, dW=dW, db=db), reference64(X, W64, b, dY),
+                             np.float64)
+
+
 def test_layer_stores_lazy_gradients(client, rng):
     X, W, b, dY = make_inputs(rng, 30, 4, 3, np.float32)
     layer = fastlinear.Linear(4, 3, dtype=np.float32)  # auto, resolved in the client
@@ -229,19 +242,21 @@ def inputs(rng):
 
 @pytest.mark.parametrize("make_call, error, message", [
     (lambda X, W, b, dY: fastlinear.linear_backward(dY.compute(), X, W), TypeError,
-     "dY must be a dask.array.Array, got numpy.ndarray"),
+     "dY must be a dask.array.Array like the other batch operands, got numpy.ndarray"),
     (lambda X, W, b, dY: fastlinear.linear_backward(dY, X.compute(), W), TypeError,
-     "X must be a dask.array.Array, got numpy.ndarray"),
+     "X must be a dask.array.Array like the other batch operands, got numpy.ndarray"),
     (lambda X, W, b, dY: fastlinear.linear_forward(X, da.from_array(W), b), TypeError,
-     r"W must be a numpy.ndarray or cupy.ndarray \(each worker holds it whole\)"),
+     r"W must be a NumPy or CuPy array \(each worker holds it whole\)"),
     (lambda X, W, b, dY: fastlinear.linear_forward(X, W, da.from_array(b)), TypeError,
-     "b must be a numpy.ndarray or cupy.ndarray like W"),
-    (lambda X, W, b, dY: fastlinear.linear_forward(X.astype(np.float32), W), TypeError,
-     "X has dtype float32 but the call computes in float64"),
+     r"b must be a NumPy or CuPy array \(each worker holds it whole\)"),
+    (lambda X, W, b, dY: fastlinear.linear_forward(X.astype(np.float32), W, casting="no"),
+     TypeError, "X has dtype float32 but the call computes in float64, and casting='no'"),
+    (lambda X, W, b, dY: fastlinear.linear_forward(X.astype(np.int64), W.astype(np.int64)),
+     TypeError, "fastlinear computes in floating point"),
     (lambda X, W, b, dY: fastlinear.linear_forward(X[:, :3], W), ValueError,
      "X has 3 features but 4 were expected"),
     (lambda X, W, b, dY: fastlinear.linear_forward(X, W, b[:2]), ValueError,
-     "b must have shape"),
+     r"b must broadcast to \(3,\)"),
     (lambda X, W, b, dY: fastlinear.linear_backward(dY[:4], X, W), ValueError,
      "dY must have the shape of the forward output"),
     (lambda X, W, b, dY: fastlinear.linear_forward(X, W, out=np.empty((10, 3))), TypeError,
@@ -251,11 +266,11 @@ def inputs(rng):
     (lambda X, W, b, dY: fastlinear.linear_backward(dY, X, W, activation="relu"), ValueError,
      "needs saved="),
     (lambda X, W, b, dY: fastlinear.linear_forward(dask.delayed(X.compute()), W), TypeError,
-     "X must be a dask.array.Array, got dask.delayed.Delayed"),
+     "X must be a dask.array.Array like the other batch operands, got dask.delayed.Delayed"),
     (lambda X, W, b, dY: fastlinear.linear_forward(X, W, backend="torch"), ValueError,
      "unknown backend 'torch'"),
     (lambda X, W, b, dY: fastlinear.linear_forward(X[0], W), ValueError,
-     "X must be 2-D"),
+     r"X must be \(N, 4\) or \(\*, 4\) as a dask array"),
     (lambda X, W, b, dY: fastlinear.linear_forward(
         X.astype(np.float16), W.astype(np.float16), backend="numba"), TypeError,
      "the 'numba' backend computes in float32, float64"),

@@ -48,9 +48,8 @@ def backend_dtypes(backend):
     ({"W": np.ones((1, 3, 2))}, r"W must be 2-D .*got shape \(1, 3, 2\)"),
     ({"W": np.ones((4, 2))}, r"X has 3 features but 4 were expected"),
     ({"W": np.ones((2, 3))}, r"X has 3 features but 2 were expected"),
-    ({"b": np.array(1.0)}, r"b must have shape \(2,\) or \(1, 2\) .*got shape \(\)"),
-    ({"b": np.ones((1, 1, 2))}, r"b must have shape \(2,\) or \(1, 2\) .*got shape \(1, 1, 2\)"),
-    ({"b": np.ones(1)}, r"b must have shape \(2,\)"),  # no broadcasting of a length-1 bias
+    ({"b": np.ones((1, 1, 2))}, r"b must broadcast to \(2,\) .*got shape \(1, 1, 2\)"),
+    ({"b": np.ones(3)}, r"b must broadcast to \(2,\)"),
     ({"X": np.ones((2, 2, 3)), "out": np.empty((4, 2))},
      r"out must have shape \(2, 2, 2\), got \(4, 2\)"),
     ({"out": np.empty((4, 2, 1))}, r"out must have shape \(4, 2\), got \(4, 2, 1\)"),
@@ -69,7 +68,7 @@ def test_forward_shape_gaps(backend, kwargs, match):
      r"dY must have the shape of the forward output \(2, 3, 2\)"),
     ({"dY": np.ones((1, 4, 2))}, r"dY must have the shape of the forward output \(4, 2\)"),
     ({"dY": np.array(1.0)}, r"dY must have the shape"),
-    ({"X": np.ones(3)}, r"X must be 2-D \(N, 3\)"),
+    ({"X": np.ones(3)}, r"dY must have the shape of the forward output \(2,\)"),
     ({"W": np.ones((3, 2, 1))}, r"W must be 2-D"),
     ({"X": np.ones((2, 2, 3)), "dY": np.ones((2, 2, 2)), "dX": np.empty((4, 3))},
      r"dX must have shape \(2, 2, 3\), got \(4, 3\)"),
@@ -85,74 +84,71 @@ def test_backward_shape_gaps(backend, kwargs, match):
         backward(backend, **kwargs)
 
 
-# --- dtypes: every argument, never a cast -------------------------------------------------------
+# --- dtypes: NumPy's promotion, what cannot be computed -------------------------------------------
 
-NON_FLOAT = [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128, object]
+NON_FLOAT = [np.complex64, np.complex128, object]
 
 
-@pytest.mark.parametrize("dtype", [*NON_FLOAT, np.float16, np.longdouble])
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_, *NON_FLOAT, np.float16, np.longdouble])
 def test_weight_dtypes_outside_the_backend_are_refused(backend, dtype):
     if np.dtype(dtype) in backend_dtypes(backend):
         pytest.skip(f"{backend} computes in {np.dtype(dtype)}")
-    with pytest.raises(TypeError, match=rf"W has dtype {np.dtype(dtype)}; the '{backend}' "
-                                        r"backend computes in float32, float64"):
+    with pytest.raises(TypeError, match=rf"{np.dtype(dtype)}"):
         forward(backend, X=X.astype(dtype), W=W.astype(dtype), b=b.astype(dtype))
 
 
-@pytest.mark.parametrize("name", ["X", "dY", "dW", "db", "dX"])
-@pytest.mark.parametrize("dtype", [*NON_FLOAT, np.float16, np.float32])
-def test_backward_dtypes_must_match_the_weight(backend, name, dtype):
-    if name in ("X", "dY"):
-        value, match = {"X": X, "dY": dY}[name].astype(dtype), rf"{name} has dtype"
-    else:
-        shape = {"dW": W.shape, "db": b.shape, "dX": X.shape}[name]
-        value, match = np.empty(shape, dtype=dtype), rf"{name} must have dtype float64, got"
-    with pytest.raises(TypeError, match=match):
+@pytest.mark.parametrize("name", ["X", "dY"])
+@pytest.mark.parametrize("dtype", NON_FLOAT)
+def test_backward_data_that_is_not_real_is_refused(backend, name, dtype):
+    value = {"X": X, "dY": dY}[name].astype(dtype)
+    with pytest.raises(TypeError, match=rf"{name} has dtype {np.dtype(dtype)}"):
         backward(backend, **{name: value})
 
 
-def test_non_native_byte_order_is_refused_not_misread(backend):
+@pytest.mark.parametrize("name", ["dW", "db", "dX"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int64])
+def test_buffers_must_have_the_result_dtype(backend, name, dtype):
+    shape = {"dW": W.shape, "db": b.shape, "dX": X.shape}[name]
+    with pytest.raises(TypeError, match=rf"{name} must have dtype float64, got"):
+        backward(backend, **{name: np.empty(shape, dtype=dtype)})
+
+
+def test_non_native_byte_order_is_read_correctly(backend):
     swapped = np.dtype(np.float64).newbyteorder()
-    with pytest.raises(TypeError, match=rf"X has dtype {swapped.str} but the call computes in "
-                                        r"float64"):
-        forward(backend, X=X.astype(swapped))
-    with pytest.raises(TypeError, match=rf"W has dtype {swapped.str}"):
-        forward(backend, W=W.astype(swapped))
-
-
-def test_float32_weight_with_float64_data_names_the_cast(backend):
-    with pytest.raises(TypeError, match=r"X has dtype float64 but the call computes in float32 "
-                                        r"\(the dtype of W\).*X.astype\('float32'\)"):
-        forward(backend, W=W.astype(np.float32), b=b.astype(np.float32))
+    Y = forward(backend, X=X.astype(swapped), W=W.astype(swapped))
+    assert Y.dtype == np.float64 and Y.dtype.isnative
+    np.testing.assert_allclose(Y, X @ W + b, rtol=1e-12)
+    with pytest.raises(TypeError, match=rf"X has dtype {swapped.str} .*casting='no'"):
+        fastlinear.linear_forward(X.astype(swapped), W, b, backend=backend, casting="no")
+    fastlinear.linear_forward(X.astype(swapped), W, b, backend=backend, casting="equiv")
 
 
 # --- Python lists and other non-arrays ----------------------------------------------------------
 
-def test_lists_everywhere_take_the_weight_dtype(backend):
-    """Lists and tuples for X, b and dY are converted to W's dtype (documented in functional)."""
+def test_lists_promote_as_numpy_makes_them(backend):
+    """Lists become arrays of their own dtype (float lists: float64), then NumPy promotion."""
     W32 = W.astype(np.float32)
     Y = fastlinear.linear_forward(X.tolist(), W32, tuple(b.tolist()), backend=backend)
-    assert Y.dtype == np.float32
-    np.testing.assert_allclose(to_numpy(Y), X @ W + b, rtol=1e-5)
-    dX, dW, db = fastlinear.linear_backward(dY.tolist(), X.tolist(), W32, backend=backend)
-    assert dX.dtype == dW.dtype == db.dtype == np.float32
-    np.testing.assert_allclose(to_numpy(dW), X.T @ dY, rtol=1e-5)
+    assert Y.dtype == (np.asarray(X.tolist()) @ W32).dtype == np.float64
+    np.testing.assert_allclose(to_numpy(Y), X @ W32.astype(np.float64) + b, rtol=1e-12)
+    dX, dW, db = fastlinear.linear_backward(dY.tolist(), X.tolist(), W.tolist(), backend=backend)
+    assert dX.dtype == dW.dtype == db.dtype == np.float64
+    np.testing.assert_allclose(to_numpy(dW), X.T @ dY, rtol=1e-12)
 
 
 def test_weight_as_a_list(backend):
-    """A list W has no dtype to inherit: float lists become float64, int lists are refused."""
     Y = fastlinear.linear_forward(X, W.tolist(), b, backend=backend)
     np.testing.assert_allclose(to_numpy(Y), X @ W + b, rtol=1e-12)
-    with pytest.raises(TypeError, match=r"W has dtype int64"):
-        fastlinear.linear_forward(X, [[1, 2], [3, 4], [5, 6]], backend=backend)
+    Y = fastlinear.linear_forward(X, [[1, 2], [3, 4], [5, 6]], backend=backend)
+    np.testing.assert_allclose(Y, X @ np.array([[1, 2], [3, 4], [5, 6]]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("value,error,match", [
-    ([[1.0, 2.0], [3.0]], TypeError, r"X could not be converted to a float64 array"),
+    ([[1.0, 2.0], [3.0]], TypeError, r"X could not be converted to an array"),
     ([[1.0, 2.0]], ValueError, r"X has 2 features but 3 were expected"),
-    ([1.0, 2.0, 3.0], ValueError, r"X must be 2-D"),
-    ([], ValueError, r"X must be 2-D"),
-    ([[1.0, 2.0, 1j]], TypeError, r"X could not be converted"),
+    ([1.0, 2.0], ValueError, r"X has 2 features but 3 were expected"),
+    ([], ValueError, r"X has 0 features but 3 were expected"),
+    ([[1.0, 2.0, 1j]], TypeError, r"X has dtype complex128"),
 ])
 def test_bad_lists(backend, value, error, match):
     with pytest.raises(error, match=match):
@@ -177,7 +173,8 @@ def fake_array(module, name="ndarray"):
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: ArrayLike(X), r"X must be a numpy.ndarray or cupy.ndarray .*got .*ArrayLike"),
+    (lambda: ArrayLike(X), r"X must be an array \(NumPy, CuPy, or any object with __dlpack__ "
+                           r".*got .*ArrayLike"),
     (lambda: memoryview(X), r"got builtins.memoryview"),
     (lambda: fake_array("torch", "Tensor"), r"got torch.Tensor"),
     (lambda: fake_array("jax.numpy", "Array"), r"got jax.numpy.Array"),
@@ -209,7 +206,7 @@ def test_real_cupy_array_given_to_a_cpu_backend(backend):
 
 @pytest.mark.parametrize("out", [np.empty((4, 2)).tolist(), "out"])
 def test_out_that_is_not_an_array(backend, out):
-    with pytest.raises(TypeError, match=r"out must be a numpy.ndarray like the inputs, got"):
+    with pytest.raises(TypeError, match=r"out must be an array .*got builtins"):
         forward(backend, out=out)
 
 
@@ -405,8 +402,8 @@ def assert_unchanged(layer, before):
 
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("bad_dY,error", [
-    (np.ones((4, 2), dtype=np.float32), TypeError),
-    (np.ones((4, 2), dtype=np.int64), TypeError),
+    (np.ones((4, 2), dtype=np.complex64), TypeError),
+    (np.ones((4, 2), dtype=object), TypeError),
     (np.ones((2, 2, 2)), ValueError),  # the 8 rows of the last forward, wrongly batched
     (np.ones((8, 2)), ValueError),  # flattened: refused too, as dY must match Y exactly
     (np.ones((2, 4, 3)), ValueError),
@@ -423,7 +420,7 @@ def test_failed_backward_with_batch_dims_keeps_gradients(backend, accumulate, ba
 
 def test_failed_forward_keeps_the_cached_input(backend):
     layer, inputs = trained_layer(backend)
-    for bad in (np.ones((4, 5)), np.ones((4, 3), dtype=np.float32), "X", np.ones(3)):
+    for bad in (np.ones((4, 5)), np.ones((4, 3), dtype=np.complex64), "X", np.ones(4)):
         with pytest.raises((TypeError, ValueError)):
             layer.forward(bad)
         assert layer.X is inputs

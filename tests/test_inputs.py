@@ -1,0 +1,209 @@
+"""Inputs as users hold them: NumPy's type promotion, single samples, scalar biases, DLPack arrays.
+
+Each case runs the notebook's class (``tests.test_layer.NotebookLinear``, plain NumPy) beside
+``fastlinear.Linear`` and asks for the same dtype, shape and values.
+"""
+
+import numpy as np
+import pytest
+
+import fastlinear
+from tests.conftest import assert_close
+from tests.test_layer import NotebookLinear
+
+D, M, N = 5, 3, 4
+
+
+def pair(dtype=np.float64, seed=3):
+    """The notebook's layer and fastlinear's, with the same weights."""
+    np.random.seed(seed)  # noqa: NPY002 (the notebook class uses the global RNG)
+    notebook = NotebookLinear(D, M)
+    layer = fastlinear.Linear(D, M, dtype=dtype)
+    layer.W = notebook.W.astype(dtype)
+    layer.b = (notebook.b + 0.25).astype(dtype)
+    notebook.W, notebook.b = layer.W.copy(), layer.b.copy()
+    return notebook, layer
+
+
+def assert_same(actual, expected):
+    assert type(actual) is type(expected)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape
+    assert_close(actual, expected, expected.dtype, D + 1, 4.0)
+
+
+X_DTYPES = [np.uint8, np.int32, np.int64, np.bool_, np.float16, np.float32, np.float64, ">f8"]
+
+
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+@pytest.mark.parametrize("layer_dtype", [np.float32, np.float64])
+def test_forward_promotes_as_numpy(backend, x_dtype, layer_dtype):
+    notebook, layer = pair(layer_dtype)
+    layer.backend = backend
+    X = (np.random.default_rng(0).standard_normal((N, D)) * 3).astype(x_dtype)
+    assert_same(layer.forward(X), notebook.forward(X))
+
+
+@pytest.mark.parametrize("dy_dtype", [np.float32, np.float64, np.int64])
+@pytest.mark.parametrize("layer_dtype", [np.float32, np.float64])
+def test_backward_promotes_in_one_dtype(backend, dy_dtype, layer_dtype):
+    """dX, dW and db in the result dtype of dY, X and W (NumPy's dtype of dY @ W.T)."""
+    notebook, layer = pair(layer_dtype)
+    layer.backend = backend
+    X = np.random.default_rng(1).standard_normal((N, D)).astype(layer_dtype)
+    dY = (np.random.default_rng(2).standard_normal((N, M)) * 4).astype(dy_dtype)
+    notebook.forward(X)
+    layer.forward(X)
+    expected_dX = notebook.backward(dY)
+    assert_same(layer.backward(dY), expected_dX)
+    assert layer.dW.dtype == layer.db.dtype == expected_dX.dtype
+    assert_close(layer.dW, notebook.dW, expected_dX.dtype, N, 4.0)
+    # the notebook sums dY in dY's own dtype, fastlinear in the call's (never less precise)
+    assert_close(layer.db, notebook.db, np.result_type(notebook.db, np.float32), N, 4.0)
+
+
+@pytest.mark.parametrize("W_value,b_value", [
+    (np.arange(D * M, dtype=np.float32).reshape(D, M) / 10, np.ones(M, np.float32)),
+    (np.arange(D * M).reshape(D, M), np.arange(M)),
+    (np.ones((D, M)), 0.0),
+    (np.ones((D, M)), 2),
+    (np.ones((D, M)), np.array([0.5])),
+    (np.ones((D, M)), np.float32(0.5)),
+])
+def test_assigned_parameters_of_any_dtype(backend, W_value, b_value):
+    notebook, layer = pair()
+    layer.backend = backend
+    notebook.W = layer.W = W_value
+    notebook.b = layer.b = b_value
+    X = np.random.default_rng(3).standard_normal((N, D)).astype(np.float32)
+    assert_same(layer.forward(X), notebook.forward(X))
+    dY = np.ones((N, M), dtype=np.float32)
+    assert_same(layer.backward(dY), notebook.backward(dY).astype(layer.backward(dY).dtype))
+    assert layer.db.shape == (M,)
+
+
+def test_uint8_pixels_through_an_mlp(backend):
+    """A 3-layer MLP fed raw uint8 pixels, as a notebook user would."""
+    pixels = np.random.default_rng(4).integers(0, 256, size=(8, 16), dtype=np.uint8)
+    with fastlinear.use_backend(backend):
+        layers = [fastlinear.Linear(16, 12, rng=1), fastlinear.Linear(12, 6, rng=2),
+                  fastlinear.Linear(6, 2, rng=3)]
+    h, expected = pixels, pixels.astype(np.float64)
+    for layer in layers:
+        h = np.maximum(layer.forward(h), 0)
+        expected = np.maximum(expected @ layer.W + layer.b, 0)
+    assert h.dtype == np.float64
+    np.testing.assert_allclose(h, expected, rtol=1e-12)
+
+
+def test_casting_no_per_layer_call(backend):
+    layer = fastlinear.Linear(D, M, backend=backend, rng=0)
+    X32 = np.ones((N, D), dtype=np.float32)
+    assert layer.forward(X32).dtype == np.float64
+    with pytest.raises(TypeError, match="casting='no'"):
+        fastlinear.linear_forward(X32, layer.W, layer.b, backend=backend, casting="no")
+
+
+# --- one sample, scalar bias ----------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_single_sample(backend, activation):
+    layer = fastlinear.Linear(D, M, backend=backend, rng=5, activation=activation)
+    layer.b = np.linspace(-0.5, 0.5, M)
+    x = np.random.default_rng(6).standard_normal(D)
+    y = layer.forward(x)
+    assert y.shape == (M,)
+    batched = fastlinear.Linear(D, M, backend=backend, activation=activation)
+    batched.W, batched.b = layer.W, layer.b
+    np.testing.assert_allclose(y, batched.forward(x[None])[0], rtol=1e-12)
+    dy = np.random.default_rng(7).standard_normal(M)
+    dx = layer.backward(dy)
+    assert dx.shape == (D,) and layer.dW.shape == (D, M) and layer.db.shape == (M,)
+    np.testing.assert_allclose(dx, batched.backward(dy[None])[0], rtol=1e-12)
+    np.testing.assert_allclose(layer.dW, batched.dW, rtol=1e-12)
+    np.testing.assert_allclose(layer.db, batched.db, rtol=1e-12)
+
+
+def test_single_sample_matches_the_notebook(backend):
+    notebook, layer = pair()
+    layer.backend = backend
+    x = np.arange(D, dtype=np.float64)
+    assert_same(layer.forward(x), notebook.forward(x))
+
+
+# --- DLPack: any array library in, the same out --------------------------------------------------
+
+def test_array_api_strict_arrays_in_and_out(backend):
+    xps = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(8)
+    X, W, b = rng.standard_normal((N, D)), rng.standard_normal((D, M)), rng.standard_normal(M)
+    Y = fastlinear.linear_forward(xps.asarray(X), W, b, backend=backend, activation="tanh")
+    assert type(Y) is type(xps.asarray(X))
+    np.testing.assert_allclose(np.from_dlpack(Y), np.tanh(X @ W + b), rtol=1e-12)
+    dY = rng.standard_normal((N, M))
+    dX, dW, db = fastlinear.linear_backward(xps.asarray(dY), xps.asarray(X), W,
+                                            activation="tanh", saved=Y, backend=backend)
+    assert type(dX) is type(Y) and type(dW) is np.ndarray
+    G = dY * (1 - np.tanh(X @ W + b) ** 2)
+    np.testing.assert_allclose(np.from_dlpack(dX), G @ W.T, rtol=1e-12)
+    np.testing.assert_allclose(dW, X.T @ G, rtol=1e-12)
+
+
+def test_torch_tensors_in_and_out(backend):
+    torch = pytest.importorskip("torch")
+    X = torch.randn(2, N, D, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    layer = fastlinear.Linear(D, M, dtype=np.float32, backend=backend, rng=9, activation="relu")
+    Y = layer.forward(X)
+    assert isinstance(Y, torch.Tensor) and Y.dtype == torch.float32 and Y.shape == (2, N, M)
+    reference = torch.relu(X @ torch.from_numpy(layer.W) + torch.from_numpy(layer.b))
+    torch.testing.assert_close(Y, reference)
+    dX = layer.backward(torch.ones_like(Y))
+    assert isinstance(dX, torch.Tensor) and dX.shape == X.shape
+    assert isinstance(layer.dW, np.ndarray)  # gradients follow W's library
+
+
+def test_torch_weights_give_torch_gradients(backend):
+    torch = pytest.importorskip("torch")
+    X, W = torch.randn(N, D, dtype=torch.float64), torch.randn(D, M, dtype=torch.float64)
+    dX, dW, db = fastlinear.linear_backward(torch.ones(N, M, dtype=torch.float64), X, W,
+                                            backend=backend)
+    assert all(isinstance(t, torch.Tensor) for t in (dX, dW, db))
+    torch.testing.assert_close(dW, X.T @ torch.ones(N, M, dtype=torch.float64))
+
+
+def test_torch_output_buffer_is_written_in_place(backend):
+    torch = pytest.importorskip("torch")
+    X, W = torch.randn(N, D), torch.randn(D, M)
+    out = torch.empty(N, M)
+    result = fastlinear.linear_forward(X, W, backend=backend, out=out)
+    assert result is out
+    torch.testing.assert_close(out, X @ W)
+
+
+def test_torch_tensor_that_requires_grad(backend):
+    torch = pytest.importorskip("torch")
+    X = torch.randn(N, D, requires_grad=True)
+    with pytest.raises(TypeError, match=r"X .*could not be read through DLPack.*X.detach\(\)"):
+        fastlinear.linear_forward(X, np.ones((D, M), np.float32), backend=backend)
+
+
+def test_torch_dtype_numpy_cannot_hold(backend):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"X \(torch.Tensor, dtype torch.bfloat16\) could not"):
+        fastlinear.linear_forward(torch.ones(N, D, dtype=torch.bfloat16), np.ones((D, M)),
+                                  backend=backend)
+
+
+def test_dlpack_conversions_share_memory():
+    torch = pytest.importorskip("torch")
+    from fastlinear import _arrays
+
+    X = torch.randn(N, D, dtype=torch.float64)
+    native, back = _arrays.to_native(X, "X")
+    assert type(native) is np.ndarray and np.shares_memory(native, X.numpy())
+    result = np.ones((N, M))
+    tensor = back(result)
+    assert isinstance(tensor, torch.Tensor) and np.shares_memory(tensor.numpy(), result)
+    buffer = np.empty((N, M))
+    fastlinear.linear_forward(X, np.eye(D, M), out=torch.from_dlpack(buffer), backend="numpy")
+    np.testing.assert_allclose(buffer, X.numpy() @ np.eye(D, M), rtol=1e-12)
