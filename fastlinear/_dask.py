@@ -48,14 +48,6 @@ def is_dask(x):
     return type(x).__module__.startswith("dask")
 
 
-def _library(x):
-    return type(x).__module__.partition(".")[0]
-
-
-def _type_name(x):
-    return f"{type(x).__module__}.{type(x).__qualname__}"
-
-
 def _import_dask():
     try:
         import dask
@@ -70,7 +62,7 @@ def _native(x, name, scalar_ok=False):
     whole, so a dask array is refused."""
     if is_dask(x):
         raise TypeError(f"{name} must be a NumPy or CuPy array (each worker holds it whole), got "
-                        f"{_type_name(x)}; pass {name}.compute()")
+                        f"{_arrays.type_name(x)}; pass {name}.compute()")
     native, _ = _arrays.to_native(x, name, scalar_ok=scalar_ok)
     return native
 
@@ -79,7 +71,7 @@ def _check_batch(x, name, width, what, da):
     """Check a batch operand: a dask array ``(*, width)`` of NumPy or CuPy chunks of known size."""
     if not isinstance(x, da.Array):
         raise TypeError(f"{name} must be a dask.array.Array like the other batch operands, got "
-                        f"{_type_name(x)}"
+                        f"{_arrays.type_name(x)}"
                         + ("; convert with dask.array.from_delayed(...)" if is_dask(x) else ""))
     if x.ndim < 2:
         raise ValueError(f"{name} must be (N, {width}) or (*, {width}) as a dask array (its rows "
@@ -88,10 +80,10 @@ def _check_batch(x, name, width, what, da):
     if x.shape[-1] != width:
         raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
                          f"(shape {x.shape})")
-    chunk_library = _library(x._meta)
+    chunk_library = _arrays.library(x._meta)
     if chunk_library not in ("numpy", "cupy"):
-        raise TypeError(f"{name} has chunks of {_type_name(x._meta)}; fastlinear computes on "
-                        f"NumPy or CuPy chunks")
+        raise TypeError(f"{name} has chunks of {_arrays.type_name(x._meta)}; fastlinear "
+                        f"computes on NumPy or CuPy chunks")
     if any(math.isnan(c) for chunks in x.chunks for c in chunks):
         raise ValueError(f"{name} has chunks of unknown size {x.chunks}; call "
                          f"{name}.compute_chunk_sizes() first")
@@ -215,7 +207,7 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
         b = _native(b, "b", scalar_ok=True)
         operands.append(("b", b))
     dtype = _arrays.result_dtype(operands)
-    name = _concrete_backend(backend, _library(X._meta), dtype)
+    name = _concrete_backend(backend, _arrays.library(X._meta), dtype)
     (X,) = _in_dtype([("X", X)], dtype, casting)
     W = _arrays.cast(W, "W", dtype, casting)
     if b is not None:
@@ -269,12 +261,12 @@ def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, nee
         if saved.shape != dY.shape:
             raise ValueError(f"saved must have dY's shape {dY.shape}, got {saved.shape}")
         batch.append(("saved", saved))
-    libraries = {_library(x._meta) for _, x in batch}
+    libraries = {_arrays.library(x._meta) for _, x in batch}
     if len(libraries) > 1:
         raise TypeError(f"dY, X (and saved) must have chunks of one array library, got "
                         f"{', '.join(sorted(libraries))}")
     dtype = _arrays.result_dtype([*batch, ("W", W)])
-    name = _concrete_backend(backend, _library(X._meta), dtype)
+    name = _concrete_backend(backend, _arrays.library(X._meta), dtype)
     W = _arrays.cast(W, "W", dtype, casting)
     arrays = _in_dtype(batch, dtype, casting)
     # the row chunks of X rule: dY and saved follow them
