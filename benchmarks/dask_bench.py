@@ -3,9 +3,10 @@
 The data set is the example's (``examples/dask_out_of_core.py``, written if absent). One
 gradient is the example's step without the update: read every chunk, ``Y = X W + b``, the loss,
 ``dW``, ``db`` (no ``dX``), one dask graph. Each configuration is a ``LocalCluster`` of worker
-processes with one thread each (``NUMBA_NUM_THREADS=1``); one gradient warms it up (Numba
-compilation, page cache), then ``--repeat`` gradients are timed. A baseline streams the same
-chunks through fastlinear in this process, one thread, without dask.
+processes with one thread each (``NUMBA_NUM_THREADS=1``). A baseline streams the same chunks
+through fastlinear in this process, one thread, without dask. All configurations are started
+first and timed in turns, round by round (the first round warms up: Numba compilation, page
+cache), so that the varying load of a shared machine falls on all of them alike.
 
     python benchmarks/dask_bench.py --out benchmarks/results/dask_bench_DATE
 """
@@ -36,44 +37,53 @@ def gradient_graph(X, T, W, b):
     return loss, dW, db
 
 
-def time_cluster(workers, X, T, W, b, repeat, memory_limit, backend):
+def time_interleaved(configurations, X, T, W, b, directory, description, repeat, memory_limit,
+                     backend):
+    """Seconds per gradient of each configuration: the streaming loop (``0`` workers) and
+    LocalClusters of ``n`` workers, all started first and then timed round by round, so that
+    the load of a shared machine drifts over all of them alike."""
+    import contextlib
+
     from distributed import Client, LocalCluster
 
     import fastlinear
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=memory_limit,
-                      dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"}) as cluster, \
-            Client(cluster) as client, fastlinear.use_backend(backend):
-        times = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fastlinear.use_backend(backend))
+        runs = {}
+        for workers in configurations:
+            if workers == 0:
+                runs[workers] = lambda: stream_gradient(directory, description, W, b, backend)
+                continue
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=workers, threads_per_worker=1, memory_limit=memory_limit,
+                dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"}))
+            client = stack.enter_context(Client(cluster, set_as_default=False))
+            runs[workers] = (lambda client=client: client.gather(
+                client.compute(list(gradient_graph(X, T, W, b)))))
+        times = {workers: [] for workers in configurations}
         for i in range(repeat + 1):
-            start = time.perf_counter()
-            client.gather(client.compute(list(gradient_graph(X, T, W, b))))
-            if i:  # the first one warms up
-                times.append(time.perf_counter() - start)
+            for workers, run in runs.items():
+                start = time.perf_counter()
+                run()
+                if i:  # the first round warms up (Numba compilation, page cache)
+                    times[workers].append(time.perf_counter() - start)
     return times
 
 
-def time_streaming(directory, description, W, b, repeat, backend):
+def stream_gradient(directory, description, W, b, backend):
     """One process, one thread, no dask: the chunks loaded and reduced one after the other."""
-    import numba
-
     import fastlinear
 
-    numba.set_num_threads(1)
     rows, chunk_rows = description["rows"], description["chunk_rows"]
-    times = []
-    for i in range(repeat + 1):
-        start = time.perf_counter()
-        dW, db = np.zeros_like(W), np.zeros_like(b)
-        for c, _ in enumerate(range(0, rows, chunk_rows)):
-            X = np.load(directory / f"X-{c:05d}.npy")
-            R = fastlinear.linear_forward(X, W, b, backend=backend) - np.load(
-                directory / f"T-{c:05d}.npy")
-            fastlinear.linear_backward(R / rows, X, W, need_dX=False, backend=backend,
-                                       accumulate=True, dW=dW, db=db)
-        if i:
-            times.append(time.perf_counter() - start)
-    return times
+    dW, db = np.zeros_like(W), np.zeros_like(b)
+    for c, _ in enumerate(range(0, rows, chunk_rows)):
+        X = np.load(directory / f"X-{c:05d}.npy")
+        R = fastlinear.linear_forward(X, W, b, backend=backend) - np.load(
+            directory / f"T-{c:05d}.npy")
+        fastlinear.linear_backward(R / rows, X, W, need_dX=False, backend=backend,
+                                   accumulate=True, dW=dW, db=db)
+    return dW, db
 
 
 def machine():
@@ -112,11 +122,14 @@ def main(argv=None):
     gbytes = (X.nbytes + T.nbytes) / 1e9
     flops = 4 * N * D * M  # forward 2NDM + dW 2NDM
     info = machine()
-    results = {"streaming, 1 process, 1 thread (no dask)":
-               time_streaming(args.data, description, W, b, args.repeat, args.backend)}
-    for workers in (1, 2):
-        results[f"LocalCluster, {workers} worker(s) x 1 thread"] = time_cluster(
-            workers, X, T, W, b, args.repeat, args.memory_limit, args.backend)
+    import numba
+
+    numba.set_num_threads(1)  # the streaming loop: one thread, as each worker
+    times = time_interleaved((0, 1, 2), X, T, W, b, args.data, description, args.repeat,
+                             args.memory_limit, args.backend)
+    results = {"streaming, 1 process, 1 thread (no dask)": times[0],
+               "LocalCluster, 1 worker x 1 thread": times[1],
+               "LocalCluster, 2 workers x 1 thread": times[2]}
     info["load average after"] = os.getloadavg()
 
     lines = [f"# fastlinear: out-of-core gradient with dask, {time.strftime('%Y-%m-%d %H:%M')}",
