@@ -4,9 +4,11 @@ The data set is the example's (``examples/dask_out_of_core.py``, written if abse
 gradient is the example's step without the update: read every chunk, ``Y = X W + b``, the loss,
 ``dW``, ``db`` (no ``dX``), one dask graph. Each configuration is a ``LocalCluster`` of worker
 processes with one thread each (``NUMBA_NUM_THREADS=1``). A baseline streams the same chunks
-through fastlinear in this process, one thread, without dask. All configurations are started
-first and timed in turns, round by round (the first round warms up: Numba compilation, page
-cache), so that the varying load of a shared machine falls on all of them alike.
+through fastlinear in this process, one thread, without dask, and the same graph runs on dask's
+synchronous scheduler in this process (the graph's own cost, without distributed's). All
+configurations are started first and timed in turns, round by round (the first round warms up:
+Numba compilation, page cache), so that the varying load of a shared machine falls on all of
+them alike.
 
     python benchmarks/dask_bench.py --out benchmarks/results/dask_bench_DATE
 """
@@ -39,11 +41,13 @@ def gradient_graph(X, T, W, b):
 
 def time_interleaved(configurations, X, T, W, b, directory, description, repeat, memory_limit,
                      backend):
-    """Seconds per gradient of each configuration: the streaming loop (``0`` workers) and
-    LocalClusters of ``n`` workers, all started first and then timed round by round, so that
-    the load of a shared machine drifts over all of them alike."""
+    """Seconds per gradient of each configuration: the streaming loop (``"stream"``), dask's
+    synchronous scheduler in this process (``"sync"``) and LocalClusters of ``n`` workers, all
+    started first and then timed round by round, so that the load of a shared machine drifts
+    over all of them alike."""
     import contextlib
 
+    import dask
     from distributed import Client, LocalCluster
 
     import fastlinear
@@ -52,8 +56,11 @@ def time_interleaved(configurations, X, T, W, b, directory, description, repeat,
         stack.enter_context(fastlinear.use_backend(backend))
         runs = {}
         for workers in configurations:
-            if workers == 0:
+            if workers == "stream":
                 runs[workers] = lambda: stream_gradient(directory, description, W, b, backend)
+                continue
+            if workers == "sync":
+                runs[workers] = lambda: dask.compute(*gradient_graph(X, T, W, b), scheduler="sync")
                 continue
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, memory_limit=memory_limit,
@@ -125,9 +132,10 @@ def main(argv=None):
     import numba
 
     numba.set_num_threads(1)  # the streaming loop: one thread, as each worker
-    times = time_interleaved((0, 1, 2), X, T, W, b, args.data, description, args.repeat,
-                             args.memory_limit, args.backend)
-    results = {"streaming, 1 process, 1 thread (no dask)": times[0],
+    times = time_interleaved(("stream", "sync", 1, 2), X, T, W, b, args.data, description,
+                             args.repeat, args.memory_limit, args.backend)
+    results = {"streaming, 1 process, 1 thread (no dask)": times["stream"],
+               "dask synchronous scheduler, this process": times["sync"],
                "LocalCluster, 1 worker x 1 thread": times[1],
                "LocalCluster, 2 workers x 1 thread": times[2]}
     info["load average after"] = os.getloadavg()
