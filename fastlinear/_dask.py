@@ -9,6 +9,8 @@ Graph shape
   (``dask.delayed``), which every chunk task references: the distributed scheduler ships them
   to each worker once, not once per task. A copy, so that updating ``W`` in place before the
   graph is computed cannot change its result.
+* Inputs are checked, and the result dtype found (NumPy's promotion, ``casting=``), in the
+  client when the graph is built: a cast of a dask operand is a lazy ``astype``.
 * The feature axis (the last one) is rechunked to one chunk: a task needs its rows' whole
   feature vectors to multiply by the whole ``W`` it holds anyway, and row chunks are the
   unit that the products split along. Row chunks are kept as they come.
