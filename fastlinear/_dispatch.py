@@ -5,10 +5,24 @@ documents the interface). Modules are imported on first use only, so an optional
 missing costs nothing until its backend is chosen, and then raises an error naming the extra.
 """
 
+from __future__ import annotations
+
 import contextlib
 import contextvars
 import importlib
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the type checker holds every registered backend module to the contract
+    from types import ModuleType
+
+    from fastlinear.backends import Backend
+    from fastlinear.backends import cupy as _cupy_backend
+    from fastlinear.backends import numba as _numba_backend
+    from fastlinear.backends import numpy as _numpy_backend
+
+    _CHECKED: tuple[Backend, ...] = (_numpy_backend, _numba_backend, _cupy_backend)
 
 ENV_VAR = "FASTLINEAR_BACKEND"
 AUTO = "auto"
@@ -31,9 +45,9 @@ VALID_NAMES = (*BACKENDS, AUTO)
 _CANONICAL = frozenset(VALID_NAMES)
 
 _context_backend = contextvars.ContextVar("fastlinear_backend", default=None)
-_modules = {}  # name -> backend module that can run
-_unavailable = {}  # name -> reason it cannot
-_auto_choice = {}  # array library -> module that auto picks
+_modules: dict[str, ModuleType] = {}  # name -> backend module that can run
+_unavailable: dict[str, str] = {}  # name -> reason it cannot
+_auto_choice: dict[str, ModuleType] = {}  # array library -> module that auto picks
 _env_cache = [None, None]  # [raw value of the variable, normalised name]
 
 
@@ -77,7 +91,7 @@ def _load(name):
     raise BackendUnavailableError(reason)
 
 
-def unavailable_reason(name):
+def unavailable_reason(name: str) -> str | None:
     """``None`` if backend ``name`` can run here, else the reason it cannot."""
     try:
         _load(normalize_name(name))
@@ -86,7 +100,7 @@ def unavailable_reason(name):
     return None
 
 
-def available_backends():
+def available_backends() -> dict[str, str | None]:
     """Map every registered backend name to ``None`` (available) or the reason it is not.
 
     Examples
@@ -164,13 +178,13 @@ def resolve(backend, array_library):
     return module
 
 
-def current_backend(array_library="numpy"):
+def current_backend(array_library: str = "numpy") -> str:
     """The name of the backend a call on ``array_library`` arrays would use right now."""
     return resolve(None, array_library).NAME
 
 
 @contextlib.contextmanager
-def use_backend(name):
+def use_backend(name: str) -> Iterator[str]:
     """Use backend ``name`` for fastlinear calls in this thread/context within the block.
 
     The ``backend=`` argument of a call still wins over it; it wins over ``FASTLINEAR_BACKEND``.
