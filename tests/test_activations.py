@@ -1,6 +1,6 @@
 """Fused activations: every activation x backend x dtype against PyTorch and float64 math.
 
-Tolerances extend ``tests.conftest.error_bound`` through the activation. With ``e_Z`` the bound of
+Tolerances extend ``tests.helpers.error_bound`` through the activation. With ``e_Z`` the bound of
 the pre-activation ``Z = X W + b``: ``|Y - y(Z)| <= L e_Z + c u |Y|`` (``L`` bounds ``|act'|``,
 1.13 for GELU; ``c u`` the activation's own rounding), and the upstream gradient through the
 derivative ``G = dY act'(Z)`` is off by at most ``|dY| (L2 e_Z + c u)`` (``L2`` bounds
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import fastlinear
 from fastlinear import activations
-from tests.conftest import error_bound, to_numpy
+from tests.helpers import error_bound, to_numpy
 from tests.test_properties import PROFILE, build, problems, rows
 
 ACTS = activations.ACTIVATIONS
