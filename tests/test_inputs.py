@@ -4,6 +4,8 @@ Each case runs the notebook's class (``tests.test_layer.NotebookLinear``, plain 
 ``fastlinear.Linear`` and asks for the same dtype, shape and values.
 """
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -374,3 +376,29 @@ def test_real_cupy_array_given_to_a_cpu_backend(backend):
         pytest.skip(f"the {backend} backend takes CuPy arrays")
     with pytest.raises(TypeError, match=rf"the '{backend}' backend takes numpy arrays"):
         forward(backend, X=cupy.asarray(X))
+
+
+class DeviceArray:
+    """An object that says its memory is on a DLPack device (reading it would need that device)."""
+
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("fastlinear must decide from __dlpack_device__ before reading")
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+
+def test_cuda_memory_without_cupy_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(TypeError, match=r"X \(.*DeviceArray\) is in CUDA memory, which needs "
+                                        r"CuPy: pip install \"fastlinear\[cuda\]\""):
+        fastlinear.linear_forward(DeviceArray(2), np.ones((3, 2)))
+
+
+def test_memory_on_another_kind_of_device_is_refused():
+    with pytest.raises(TypeError, match=r"X \(.*DeviceArray\) lives on DLPack device type 14; "
+                                        r"fastlinear takes host memory"):
+        fastlinear.linear_forward(DeviceArray(14), np.ones((3, 2)))
