@@ -228,3 +228,16 @@ def test_properties_against_the_reference(backend, problem, activation):
             continue
         got = rows(to_numpy(got)) if name == "dX" else to_numpy(got)
         assert_within(name, got, expected[name], bound[name])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_selects_as_torch(backend, dtype):
+    """Where y <= 0 the gradient is 0 even for a NaN or inf dY (PyTorch's threshold_backward)."""
+    X = np.ones((1, 1), dtype=dtype)
+    W = np.array([[-1.0, 0.0, 2.0, np.nan, -3.0, 4.0]], dtype=dtype)
+    dY = np.array([[np.nan, np.inf, np.nan, 1.0, -np.inf, np.inf]], dtype=dtype)
+    Y, saved = fastlinear.linear_forward(X, W, activation="relu", backend=backend,
+                                         return_saved=True)
+    _, dW, _ = fastlinear.linear_backward(dY, X, W, activation="relu", saved=saved,
+                                          has_bias=False, need_dX=False, backend=backend)
+    np.testing.assert_array_equal(to_numpy(dW), [[0, 0, np.nan, 1, 0, np.inf]])
