@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlinear
-from fastlinear import _dispatch
+from fastlinear import _dispatch, activations
 from fastlinear.backends import cupy as cupy_backend
+from fastlinear.backends import cupy_launch
 from tests.conftest import assert_close, make_inputs, reference64
 from tests.gpu_emulation import (
     LAYOUTS,
@@ -40,7 +41,7 @@ def test_module_imports_and_declares_its_interface_without_cupy():
     assert cupy_backend.NAME == "cupy"
     assert cupy_backend.ARRAY_LIBRARIES[0] == "cupy"
     assert set(cupy_backend.DTYPES) == {np.dtype(d) for d in GPU_DTYPES}
-    assert set(cupy_backend.DTYPE_SUFFIXES) == set(cupy_backend.DTYPES)
+    assert set(cupy_launch.DTYPE_SUFFIXES) == set(cupy_backend.DTYPES)
 
 
 def test_reason_names_the_extra_when_cupy_is_missing(monkeypatch):
@@ -113,7 +114,7 @@ def test_auto_without_device_has_no_backend_for_cupy_arrays(cupy_unavailable):
 
 def _blas_ready(a):
     """What the backend hands cuBLAS: ``a`` itself when it can, else a C-ordered copy."""
-    layout = cupy_backend.blas_layout(a.shape, a.strides, a.itemsize)
+    layout = cupy_launch.blas_layout(a.shape, a.strides, a.itemsize)
     if layout is None:
         a = np.ascontiguousarray(a)
         layout = (True, max(a.shape[1], 1))
@@ -131,7 +132,7 @@ def test_gemm_arguments_compute_the_row_major_product(n, k, m, p_layout, q_layou
     in_place = ("C", "F", "rows_padded", "cols_padded")
     assert (P_ready is P) >= (p_layout in in_place), "copied an operand cuBLAS can read"
     assert (Q_ready is Q) >= (q_layout in in_place), "copied an operand cuBLAS can read"
-    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_backend.gemm_arguments(p_blas, q_blas,
+    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_launch.gemm_arguments(p_blas, q_blas,
                                                                             n, m, k)
     C = np.full((n, m), np.nan)
     emulated_gemm(transa, transb, m_, n_, k_, flat_from_first_element(Q_ready), lda,
@@ -144,20 +145,50 @@ def test_gemm_arguments_compute_the_row_major_product(n, k, m, p_layout, q_layou
     ("every_other_col", None), ("reversed", None)])
 def test_blas_layout(layout, expected):
     a = make_layout(np, np.arange(20.0).reshape(4, 5), layout)
-    assert cupy_backend.blas_layout(a.shape, a.strides, a.itemsize) == expected
+    assert cupy_launch.blas_layout(a.shape, a.strides, a.itemsize) == expected
 
 
 def test_forward_path_rule():
-    small = cupy_backend.SMALL_BATCH_MAX_ROWS
-    assert cupy_backend.forward_path(1, 8192, 8192, True) == "small_batch"
-    assert cupy_backend.forward_path(small, 4096, 4096, True) == "small_batch"
-    assert cupy_backend.forward_path(1, 8192, 8192, False) == "cublas_beta"
-    assert cupy_backend.forward_path(small + 1, 64, 64, True) == "tiled"
-    assert cupy_backend.forward_path(4096, 4096, 4096, True) == "cublas_beta"
-    assert cupy_backend.forward_path(16384, 1024, 1024, True) == "cublas_beta"
+    small = cupy_launch.SMALL_BATCH_MAX_ROWS
+    rule = cupy_launch.forward_path
+    assert rule(1, 8192, 8192, True, 132) == "small_batch"
+    assert rule(small, 4096, 4096, True, 132) == "small_batch"
+    assert rule(1, 8192, 8192, False, 132) == "cublas"
+    assert rule(small + 1, 64, 64, True, 132) == "tiled"
+    assert rule(32, 64, 128, True, 132) == "tiled"  # the demo's layer: few blocks, short D
+    assert rule(4096, 4096, 4096, True, 132) == "cublas"
+    assert rule(16384, 1024, 1024, True, 132) == "cublas"
     with pytest.raises(ValueError, match="unknown forward path"):
         with cupy_backend.forced_forward_path("fastest"):
             pass
+
+
+@pytest.mark.parametrize("n, d, m", [(1, 2**18, 1), (8, 2**16, 32), (9, 2**18, 1),
+                                     (64, 2**12 + 1, 8)])
+def test_forward_path_sends_long_thin_shapes_to_cublas(n, d, m):
+    """Neither kernel splits D: a few blocks walking a long D would leave the GPU idle (issue
+    12's speed cliff), so such shapes go to cuBLAS, which splits it."""
+    assert cupy_launch.forward_path(n, d, m, True, 132) == "cublas"
+
+
+def test_gemm_chunks_cover_each_dimension_within_a_c_int():
+    assert cupy_launch.gemm_chunks(0) == []
+    assert cupy_launch.gemm_chunks(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    limit = cupy_launch.GEMM_MAX_DIM
+    assert cupy_launch.gemm_chunks(limit) == [(0, limit)]
+    assert cupy_launch.gemm_chunks(2**32) == [(0, limit), (limit, 2 * limit),
+                                              (2 * limit, 2**32)]
+
+
+def test_compile_options_carry_every_shape_and_activation_once():
+    options = cupy_launch.compile_options()
+    names = [option[2:].partition("=")[0] for option in options]
+    assert len(names) == len(set(names))
+    assert set(cupy_launch.BLOCK_SHAPES) <= set(names)
+    assert {f"FASTLINEAR_ACT_{a.upper()}" for a in activations.ACTIVATIONS} <= set(names)
+    assert f"-DFASTLINEAR_GELU_CLAMP={activations.GELU_CLAMP!r}" in options
+    codes = cupy_launch.ACTIVATION_CODES
+    assert codes[None] == 0 and sorted(codes.values()) == list(range(len(codes)))
 
 
 @settings(max_examples=200, deadline=None)
@@ -165,16 +196,16 @@ def test_forward_path_rule():
 def test_forward_launch_covers_the_output(n, m):
     for path in ("small_batch", "tiled"):
         try:
-            grid, block = cupy_backend.forward_launch(path, n, m)
+            grid, block = cupy_launch.forward_launch(path, n, m)
         except ValueError:
-            rows_per_block = {"small_batch": cupy_backend.SMALL_BATCH_ROWS,
-                              "tiled": cupy_backend.TILE_ROWS}[path]
-            assert math.ceil(n / rows_per_block) > cupy_backend.MAX_GRID_Y
+            rows_per_block = {"small_batch": cupy_launch.SMALL_BATCH_ROWS,
+                              "tiled": cupy_launch.TILE_ROWS}[path]
+            assert math.ceil(n / rows_per_block) > cupy_launch.MAX_GRID_Y
             continue
         assert block[0] * block[1] == 256
-        cols_per_block = block[0] if path == "small_batch" else cupy_backend.TILE_COLS
-        rows_per_block = (cupy_backend.SMALL_BATCH_ROWS if path == "small_batch"
-                          else cupy_backend.TILE_ROWS)
+        cols_per_block = block[0] if path == "small_batch" else cupy_launch.TILE_COLS
+        rows_per_block = (cupy_launch.SMALL_BATCH_ROWS if path == "small_batch"
+                          else cupy_launch.TILE_ROWS)
         assert (grid[0] - 1) * cols_per_block < m <= grid[0] * cols_per_block
         assert (grid[1] - 1) * rows_per_block < n <= grid[1] * rows_per_block
 
@@ -182,33 +213,33 @@ def test_forward_launch_covers_the_output(n, m):
 @settings(max_examples=300, deadline=None)
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
 def test_column_sum_launch_splits_rows_without_gaps(rows, cols, sm_count):
-    grid, block, rows_per_split = cupy_backend.column_sum_launch(rows, cols, sm_count)
+    grid, block, rows_per_split = cupy_launch.column_sum_launch(rows, cols, sm_count)
     assert block == (32, 8, 1)
     assert (grid[0] - 1) * 32 < cols <= grid[0] * 32
     splits = grid[1]
-    assert 1 <= splits <= cupy_backend.MAX_GRID_Y
+    assert 1 <= splits <= cupy_launch.MAX_GRID_Y
     assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split  # none empty, all rows
     if splits > 1:
-        assert rows_per_split >= cupy_backend.COLSUM_MIN_ROWS_PER_SPLIT
+        assert rows_per_split >= cupy_launch.COLSUM_MIN_ROWS_PER_SPLIT
 
 
 @settings(max_examples=200, deadline=None)
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
-def test_bias_launch_covers_the_columns(rows, cols, sm_count):
-    grid, block = cupy_backend.bias_launch(rows, cols, sm_count)
+def test_rows_launch_covers_the_columns(rows, cols, sm_count):
+    grid, block = cupy_launch.rows_launch(rows, cols, sm_count)
     assert (grid[0] - 1) * block[0] < cols <= grid[0] * block[0]
-    assert 1 <= grid[1] <= min(rows, cupy_backend.MAX_GRID_Y)
+    assert 1 <= grid[1] <= min(rows, cupy_launch.MAX_GRID_Y)
 
 
 def test_kernel_source_prefixes_each_file_with_its_line_directive(tmp_path):
     first, second = tmp_path / "a.cu", tmp_path / 'odd "name".cu'
     first.write_text("int a;\n")
     second.write_text("int b;")
-    source = cupy_backend.kernel_source([first, second])
+    source = cupy_launch.kernel_source([first, second])
     assert source.splitlines() == [f'#line 1 "{first}"', "int a;",
                                    f'#line 1 "{tmp_path}/odd \\"name\\".cu"', "int b;"]
-    assert cupy_backend.kernel_source().startswith('#line 1 "')
-    assert cupy_backend.kernel_source().rstrip().endswith("FASTLINEAR_KERNELS(f64, double)")
+    assert cupy_launch.kernel_source().startswith('#line 1 "')
+    assert cupy_launch.kernel_source().rstrip().endswith("FASTLINEAR_KERNELS(f64, double)")
 
 
 # --- on the GPU --------------------------------------------------------------------------------
@@ -230,7 +261,7 @@ FORWARD_LAYOUTS = [("C", "C"), ("F", "F"), ("every_other_col", "reversed"),
 @pytest.mark.gpu
 @pytest.mark.parametrize("N, D, M", FORWARD_SHAPES)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("path", (None, *cupy_backend.FORWARD_PATHS))
+@pytest.mark.parametrize("path", (None, *cupy_launch.FORWARD_PATHS))
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("x_layout, w_layout", FORWARD_LAYOUTS)
 def test_forward_matches_reference(cp, rng, N, D, M, dtype, path, has_bias, x_layout, w_layout):
@@ -277,15 +308,15 @@ def test_backward_matches_reference(cp, rng, N, D, M, dtype, has_bias, need_dX, 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_column_sums_split_over_many_blocks(cp, rng, monkeypatch, dtype, accumulate):
-    monkeypatch.setattr(cupy_backend, "COLSUM_MIN_ROWS_PER_SPLIT", 1)
+    monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 1)
     dY = rng.standard_normal((1000, 33)).astype(dtype)
-    grid, _, _ = cupy_backend.column_sum_launch(1000, 33, cupy_backend._sm_count(0))
+    grid, _, _ = cupy_launch.column_sum_launch(1000, 33, cupy_backend._sm_count(0))
     assert grid[1] > 1
     reference = reference64(np.zeros((1000, 1), dtype), np.zeros((1, 33), dtype), None, dY)
-    for _ in range(2):  # a second launch sees the tile counters reset
+    for _ in range(2):  # a second launch gets fresh tile counters
         db0 = cp.asarray(rng.standard_normal(33).astype(dtype))
         db = db0.copy()
-        cupy_backend._column_sums(cp.asarray(dY), db, accumulate)
+        cupy_backend._gradient_column_sums(cp.asarray(dY), None, None, None, db, accumulate)
         assert_matches(db, "db", reference, dtype, "db",
                        previous=db0 if accumulate else None)
 
@@ -331,16 +362,16 @@ def test_numpy_arrays_go_to_the_device_and_back(rng):
 @requires_gpu
 @pytest.mark.gpu
 def test_out_buffers_are_written_in_place(cp, rng):
-    X, W, b, dY = (cp.asarray(a) for a in make_inputs(rng, 17, 19, 23, np.float64))
+    inputs = make_inputs(rng, 17, 19, 23, np.float64)
+    reference = reference64(*inputs)
+    X, W, b, dY = (cp.asarray(a) for a in inputs)
     out = cp.empty((17, 23))
     assert fastlinear.linear_forward(X, W, b, backend="cupy", out=out) is out
     dX, dW, db = cp.empty((17, 19)), cp.empty((19, 23)), cp.empty(23)
     result = fastlinear.linear_backward(dY, X, W, backend="cupy", dX=dX, dW=dW, db=db)
     assert result[0] is dX and result[1] is dW and result[2] is db
-    cp.testing.assert_allclose(out, X @ W + b, rtol=1e-12)
-    cp.testing.assert_allclose(dX, dY @ W.T, rtol=1e-12)
-    cp.testing.assert_allclose(dW, X.T @ dY, rtol=1e-12)
-    cp.testing.assert_allclose(db, dY.sum(0), rtol=1e-12)
+    assert_matches(out, "Y", reference, np.float64, "Y")
+    assert_backward_matches(result, reference, np.float64, True, True, None, None)
 
 
 @requires_gpu
@@ -388,14 +419,16 @@ def test_device_layer_takes_host_data(cp, rng):
     dW and db stay on the device with the parameters."""
     layer = fastlinear.Linear(6, 4, backend="cupy", rng=2)
     X = rng.standard_normal((5, 6))
+    dY = rng.standard_normal((5, 4))
+    reference = reference64(X, cp.asnumpy(layer.W), cp.asnumpy(layer.b), dY)
     Y = layer.forward(X)
     assert type(Y) is np.ndarray
-    np.testing.assert_allclose(Y, X @ cp.asnumpy(layer.W) + cp.asnumpy(layer.b), rtol=1e-12)
-    dY = rng.standard_normal((5, 4))
+    assert_matches(Y, "Y", reference, np.float64, "Y")
     dX = layer.backward(dY)
     assert type(dX) is np.ndarray
     assert isinstance(layer.dW, cp.ndarray) and isinstance(layer.db, cp.ndarray)
-    np.testing.assert_allclose(dX, dY @ cp.asnumpy(layer.W).T, rtol=1e-12)
-    np.testing.assert_allclose(cp.asnumpy(layer.dW), X.T @ dY, rtol=1e-12)
+    assert_backward_matches((dX, layer.dW, layer.db), reference, np.float64, True, True, None,
+                            None)
+    db_once = cp.asnumpy(layer.db)
     layer.backward(dY, accumulate=True)
-    np.testing.assert_allclose(cp.asnumpy(layer.db), 2 * dY.sum(0), rtol=1e-12)
+    assert_matches(layer.db, "db", reference, np.float64, "db", previous=db_once)
