@@ -50,11 +50,73 @@ def test_reason_names_the_extra_when_cupy_is_missing(monkeypatch):
     assert 'pip install "fastlinear[cuda]"' in reason
 
 
-def _fake_cupy(get_device_count):
+def _fake_cupy(get_device_count, raw_module=None, get_cublas_handle=None):
+    """A stand-in for the parts of CuPy the probe calls; by default everything works."""
+    class RawModule:
+        def __init__(self, code, options=()):
+            self.code = code
+
+        def get_function(self, name):
+            return name
+
     fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
-        getDeviceCount=get_device_count))
+    fake.RawModule = raw_module or RawModule
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=get_device_count),
+        device=types.SimpleNamespace(get_cublas_handle=get_cublas_handle or (lambda: 1)))
     return fake
+
+
+def test_probe_passes_when_cupy_compiles_and_opens_cublas(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 1))
+    assert cupy_backend._probe() is None
+
+
+def test_probe_names_the_ctk_extra_when_cupy_cannot_compile(monkeypatch):
+    """CuPy 14 without CUDA's headers raises at the first RawModule compile; the probe turns
+    that into the backend's reason instead of an error at the first call."""
+    class CompileException(Exception):
+        pass
+
+    class HeaderlessRawModule:
+        def __init__(self, code, options=()):
+            pass
+
+        def get_function(self, name):
+            raise CompileException("Failed to find CUDA headers")
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 1, HeaderlessRawModule))
+    reason = cupy_backend._probe()
+    assert "cannot compile" in reason and "Failed to find CUDA headers" in reason
+    assert "ctk" in reason and 'pip install "fastlinear[cuda]"' in reason
+
+
+def test_probe_names_cublas_when_it_cannot_be_opened(monkeypatch):
+    def no_cublas():
+        raise OSError("libcublas.so.13: cannot open shared object file")
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 1, None, no_cublas))
+    reason = cupy_backend._probe()
+    assert reason.startswith("cuBLAS cannot be opened") and "libcublas.so.13" in reason
+
+
+class _DeviceArray:
+    """Just enough of a cupy.ndarray for the device check: its ``device.id``."""
+
+    def __init__(self, device_id):
+        self.device = types.SimpleNamespace(id=device_id)
+
+
+def test_call_runs_on_the_device_of_its_arrays():
+    arrays = (("X", _DeviceArray(1)), ("W", _DeviceArray(1)), ("b", None),
+              ("out", np.empty(2)))
+    assert cupy_backend._call_device(arrays) == 1
+    assert cupy_backend._call_device((("X", np.empty(2)), ("W", None))) is None
+
+
+def test_arrays_on_two_devices_are_refused_naming_each():
+    with pytest.raises(ValueError, match="X on device 0, W on device 1"):
+        cupy_backend._call_device((("X", _DeviceArray(0)), ("W", _DeviceArray(1))))
 
 
 def test_reason_says_no_cuda_device(monkeypatch):
@@ -432,3 +494,36 @@ def test_device_layer_takes_host_data(cp, rng):
     db_once = cp.asnumpy(layer.db)
     layer.backward(dY, accumulate=True)
     assert_matches(layer.db, "db", reference, np.float64, "db", previous=db_once)
+
+
+# --- the dispatcher's overlap check on CuPy arrays (no GPU needed) ------------------------------
+
+class _FakeCupyArray:
+    """A cupy.ndarray as the overlap check sees it (pointer, shape, strides), made from a NumPy
+    view; any use of CuPy itself (e.g. cupy.shares_memory, which syncs the device) would fail."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, view):
+        self.data = types.SimpleNamespace(ptr=view.__array_interface__["data"][0])
+        self.shape, self.strides = view.shape, view.strides
+        self.itemsize, self.size = view.itemsize, view.size
+
+
+def _views(base):
+    return {"rows 0-3": base[:4], "rows 4-9": base[4:], "rows 3-5": base[3:6],
+            "reversed": base[::-1], "column 0": base[:, 0], "column 5 reversed": base[::-1, 5],
+            "every other row": base[::2], "empty": base[:0], "F view": base.T,
+            "last element": base[-1, -1:], "other array": np.zeros((3, 4))}
+
+
+def test_overlap_check_on_cupy_arrays_is_numpys_bounds_check(monkeypatch):
+    from fastlinear import functional
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # the check must not import CuPy
+    views = _views(np.zeros((10, 6)))
+    for name_a, a in views.items():
+        for name_b, b in views.items():
+            expected = np.may_share_memory(a, b)
+            got = functional._shares_memory(_FakeCupyArray(a), _FakeCupyArray(b))
+            assert got == expected, (name_a, name_b)

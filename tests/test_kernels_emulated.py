@@ -248,3 +248,20 @@ def test_gemm_splits_dimensions_beyond_a_c_int(backend, rng, monkeypatch):
     assert_backward_matches(results, reference, np.float64, True, True, dW0, np.zeros(4))
     with pytest.raises(ValueError, match="6 columns is beyond cuBLAS's limit of 5"):
         backend._gemm(X[:, :4], np.ones((4, 6)), np.empty((13, 6)), 0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_public_functions_with_an_activation_round_trip_host_arrays(backend, rng, activation):
+    """NumPy buffers for Y and the pre-activation come back filled; saved feeds backward."""
+    X, W, b, dY = make_inputs(rng, 12, 9, 20, np.float32)
+    reference, _ = activation_reference(X, W, b, dY, activation, np.float32)
+    out, Z = np.full((12, 20), np.nan, np.float32), np.full((12, 20), np.nan, np.float32)
+    assert backend.forward(X, W, b, out, activation=activation, preactivation=Z) is out
+    assert_within(out, *reference["Y"], "Y")
+    assert_within(Z, *reference["Z"], "Z")
+    _, saved = activation_reference(X, W, b, dY, activation, np.float32)
+    dX, dW, db = backend.backward(dY, X, W, has_bias=True, need_dX=True, accumulate=False,
+                                  dX=None, dW=None, db=None, activation=activation, saved=saved)
+    assert type(dX) is np.ndarray
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        assert_within(value, *reference[name], name)
