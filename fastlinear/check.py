@@ -148,8 +148,10 @@ def _array_module(name):
     return module, np
 
 
-def run(backends=None, out=sys.stdout):
-    """Run the grid on ``backends`` (default: every registered one); return the exit status."""
+def run(backends=None, out=None):
+    """Run the grid on ``backends`` (default: every registered one), printing to ``out``
+    (default ``sys.stdout``); return the exit status."""
+    out = sys.stdout if out is None else out
     names = list(_dispatch.BACKENDS) if backends is None else list(backends)
     status = 0
     out.write(f"{'backend':8} {'device':24} {'dtype':8} {'cases':>6} {'worst/bound':>12}  "
