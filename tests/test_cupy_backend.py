@@ -7,6 +7,7 @@ checked by an emulation of cuBLAS's column-major GEMM on NumPy buffers).
 """
 
 import math
+import pathlib
 import sys
 import types
 
@@ -22,8 +23,10 @@ from fastlinear.backends import cupy_launch
 from tests.conftest import assert_close, make_inputs, reference64
 from tests.gpu_emulation import (
     LAYOUTS,
+    activation_reference,
     assert_backward_matches,
     assert_matches,
+    assert_within,
     emulated_gemm,
     flat_from_first_element,
     make_layout,
@@ -527,3 +530,183 @@ def test_overlap_check_on_cupy_arrays_is_numpys_bounds_check(monkeypatch):
             expected = np.may_share_memory(a, b)
             got = functional._shares_memory(_FakeCupyArray(a), _FakeCupyArray(b))
             assert got == expected, (name_a, name_b)
+
+
+# --- on the GPU: fused activations, issue 12's checks -------------------------------------------
+
+ACTIVATION_SHAPES = [(1, 1, 1), (3, 300, 31), (9, 17, 65), (65, 129, 70), (130, 70, 200)]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, D, M", ACTIVATION_SHAPES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("path", cupy_launch.FORWARD_PATHS)
+@pytest.mark.parametrize("activation", activations.ACTIVATIONS)
+def test_forward_activation_matches_reference(cp, rng, N, D, M, dtype, path, activation):
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    reference, _ = activation_reference(X, W, b, dY, activation, dtype)
+    with cupy_backend.forced_forward_path(path):
+        Y, saved = fastlinear.linear_forward(cp.asarray(X), cp.asarray(W), cp.asarray(b),
+                                             activation=activation, backend="cupy",
+                                             return_saved=True)
+    assert_within(Y, *reference["Y"], f"{activation} Y via {path}")
+    if activations.saved_for_backward(activation) == "preactivation":
+        assert_within(saved, *reference["Z"], f"{activation} Z via {path}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, D, M", [(5, 3, 2), (1000, 33, 40), (129, 70, 200)])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("activation", activations.ACTIVATIONS)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_backward_activation_matches_reference(cp, rng, N, D, M, dtype, activation, has_bias):
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    reference, saved = activation_reference(X, W, b, dY, activation, dtype)
+    dX, dW, db = fastlinear.linear_backward(
+        cp.asarray(dY), cp.asarray(X), cp.asarray(W), activation=activation,
+        saved=cp.asarray(saved), has_bias=has_bias, backend="cupy")
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        if name == "db" and not has_bias:
+            assert db is None
+            continue
+        assert_within(value, *reference[name], f"{activation} {name}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_column_sums_are_bitwise_reproducible(cp, rng):
+    """Many row splits finished by the last block in split order: the same bits every run."""
+    dY = cp.asarray(rng.standard_normal((2**20, 33)).astype(np.float32))
+    first = None
+    for _ in range(100):
+        db = cp.empty(33, np.float32)
+        cupy_backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
+        if first is None:
+            first = db.get()
+        else:
+            assert np.array_equal(db.get().view(np.uint32), first.view(np.uint32))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", cupy_launch.FORWARD_PATHS)
+def test_forward_and_backward_in_a_non_blocking_stream(cp, rng, path):
+    X, W, b, dY = make_inputs(rng, 300, 200, 100, np.float32)
+    reference, saved = activation_reference(X, W, b, dY, "gelu", np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        args = [cp.asarray(a) for a in (X, W, b, dY, saved)]
+        with cupy_backend.forced_forward_path(path):
+            Y = fastlinear.linear_forward(*args[:3], activation="gelu", backend="cupy")
+        grads = fastlinear.linear_backward(args[3], args[0], args[1], activation="gelu",
+                                           saved=args[4], backend="cupy")
+        results = [a.get(stream=stream) for a in (Y, *grads)]
+    stream.synchronize()
+    for name, value in zip(("Y", "dX", "dW", "db"), results, strict=True):
+        assert_within(value, *reference[name], name)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_cublas_pointer_mode_is_restored(cp, rng):
+    from cupy_backends.cuda.libs import cublas
+
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_DEVICE)
+    try:
+        X, W, b, dY = (cp.asarray(a) for a in make_inputs(rng, 70, 60, 50, np.float32))
+        with cupy_backend.forced_forward_path("cublas"):
+            fastlinear.linear_forward(X, W, b, backend="cupy")
+        fastlinear.linear_backward(dY, X, W, backend="cupy")
+        assert cublas.getPointerMode(handle) == cublas.CUBLAS_POINTER_MODE_DEVICE
+    finally:
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", cupy_launch.FORWARD_PATHS)
+def test_float16_beyond_2_31_elements_uses_64_bit_indexing(cp, rng, path):
+    """Y, Z and G of 70000 x 32769 float16 elements (N * M > 2**31): the last rows are right."""
+    free, _ = cp.cuda.runtime.memGetInfo()
+    N, D, M = 70000, 4, 32769
+    if free < 6 * N * M * 2:
+        pytest.skip(f"needs {6 * N * M * 2 / 2**30:.0f} GiB of free device memory")
+    X, W, b, _ = make_inputs(rng, N, D, M, np.float16, bias=True)
+    X_gpu, W_gpu, b_gpu = cp.asarray(X), cp.asarray(W), cp.asarray(b)
+    with cupy_backend.forced_forward_path(path):
+        Y, Z = fastlinear.linear_forward(X_gpu, W_gpu, b_gpu, activation="gelu",
+                                         backend="cupy", return_saved=True)
+    tail = slice(N - 3, N)
+    dY_tail = rng.standard_normal((3, M)).astype(np.float16)
+    reference, _ = activation_reference(X[tail], W, b, dY_tail, "gelu", np.float16)
+    assert_within(Y[tail], *reference["Y"], f"last rows of Y via {path}")
+    assert_within(Z[tail], *reference["Z"], f"last rows of Z via {path}")
+    del Y
+    dY = cp.zeros((N, M), np.float16)  # zero except the last rows: G and db come from those
+    dY[tail] = cp.asarray(dY_tail)
+    G, db = cp.empty((N, M), np.float16), cp.empty(M, np.float16)
+    cupy_backend._gradient_column_sums(dY, Z, "gelu", G, db, accumulate=False)
+    dY64, Z64 = dY_tail.astype(np.float64), Z[tail].get().astype(np.float64)
+    expected = activations.grad("gelu", dY64, Z64)
+    bound = (16 * np.finfo(np.float32).eps * np.abs(dY64) * (1 + np.abs(Z64))
+             + np.finfo(np.float16).eps * np.abs(expected) + np.finfo(np.float16).tiny)
+    assert_within(G[tail], expected, bound, "last rows of G")
+    assert not cp.any(G[:N - 3])
+    assert_within(db, expected.sum(0), bound.sum(0) + np.finfo(np.float16).eps
+                  * np.abs(expected).sum(0), "db")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_call_runs_on_the_device_of_its_arrays_on_the_gpu(cp, rng):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    X, W, b, dY = make_inputs(rng, 20, 30, 10, np.float32)
+    reference = reference64(X, W, b, dY)
+    with cp.cuda.Device(1):
+        X1, W1, b1 = cp.asarray(X), cp.asarray(W), cp.asarray(b)
+    with cp.cuda.Device(0):
+        Y = fastlinear.linear_forward(X1, W1, b1, backend="cupy")
+        assert Y.device.id == 1
+        with pytest.raises(ValueError, match="X on device 0, W on device 1"):
+            fastlinear.linear_forward(cp.asarray(X), W1, backend="cupy")
+    assert_matches(Y, "Y", reference, np.float32, "Y")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_own_kernels_flush_float32_subnormals_and_stay_within_the_bound(cp):
+    """What the module docstring states: products below float32's smallest normal are flushed
+    by our kernels (CuPy compiles them with -ftz=true), kept by cuBLAS; both paths stay within
+    the error bound's absolute slack."""
+    X = np.full((4, 8), 1e-20, np.float32)
+    W = np.full((8, 3), 1e-20, np.float32)
+    reference = reference64(X, W, None, np.zeros((4, 3), np.float32))
+    results = {}
+    for path in cupy_launch.FORWARD_PATHS:
+        with cupy_backend.forced_forward_path(path):
+            results[path] = fastlinear.linear_forward(cp.asarray(X), cp.asarray(W),
+                                                      backend="cupy").get()
+        assert_matches(results[path], "Y", reference, np.float32, f"Y via {path}")
+    assert np.all(results["tiled"] == 0) and np.all(results["small_batch"] == 0)
+    assert np.all(results["cublas"] > 0)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_kernels_are_clean_under_compute_sanitizer(tool):
+    import shutil
+    import subprocess
+
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    script = pathlib.Path(__file__).with_name("gpu_sanitizer_smoke.py")
+    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable,
+                             str(script)], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0 and "smoke ok" in result.stdout, (
+        result.stdout[-4000:] + result.stderr[-4000:])
