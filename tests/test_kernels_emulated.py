@@ -265,3 +265,21 @@ def test_public_functions_with_an_activation_round_trip_host_arrays(backend, rng
     assert type(dX) is np.ndarray
     for name, value in (("dX", dX), ("dW", dW), ("db", db)):
         assert_within(value, *reference[name], name)
+
+
+@pytest.mark.parametrize("activation", activations.ACTIVATIONS)
+@pytest.mark.parametrize("N, D, M", [(4, 0, 3), (0, 5, 3), (4, 5, 0)])
+def test_empty_dimensions_with_an_activation(backend, rng, activation, N, D, M):
+    X, W, b, dY = make_inputs(rng, N, D, M, np.float64)
+    Z = np.full((N, M), np.nan)
+    Y = backend._forward_device(X, W, b, None, activation, Z)
+    expected_Z = np.broadcast_to(b, (N, M))  # X @ W is zeros
+    np.testing.assert_allclose(Z, expected_Z, rtol=1e-15)
+    np.testing.assert_allclose(Y, activations.apply(activation, expected_Z.copy()), rtol=1e-14)
+    saved = Z if activations.saved_for_backward(activation) == "preactivation" else Y
+    dX, dW, db = backend._backward_device(dY, X, W, True, True, False, None, None, None,
+                                          activation, saved)
+    G = activations.grad(activation, dY, saved)
+    np.testing.assert_allclose(dX, G @ W.T, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(dW, np.zeros((D, M)))
+    np.testing.assert_allclose(db, G.sum(0), rtol=1e-13, atol=1e-13)
