@@ -166,8 +166,8 @@ def assert_backward_matches(results, reference, dtype, need_dX, has_bias, dW0, d
 def assert_matches(actual, key, reference, dtype, what, previous=None):
     """Check a result against the float64 reference (plus ``previous`` when accumulating).
 
-    float16 is computed with float32 sums and rounded to float16 at most twice (the
-    cublas_epilogue path rounds the product, then the sum with b), hence the eps16 term.
+    float16 is computed with float32 sums and rounded to float16 at most twice (the cuBLAS
+    path with an activation rounds the product, then act(product + b)), hence the eps16 term.
     """
     from tests.conftest import assert_close, error_bound
 
