@@ -1,47 +1,33 @@
 """The cupy backend: the linear layer on an NVIDIA GPU, by cuBLAS GEMMs and fastlinear's kernels.
 
-Install with ``pip install "fastlinear[cuda]"`` (CuPy for CUDA 13 with its ``ctk`` extra, which
-brings the CUDA headers, NVRTC and cuBLAS). This module imports without CuPy; CuPy is imported
-when the backend is first asked for, and the backend counts as available only once it has
-compiled a kernel and opened cuBLAS on the current device.
+Install with ``pip install "fastlinear[cuda]"`` (CuPy with its ``ctk`` extra: CUDA's headers,
+NVRTC, cuBLAS). Imports without CuPy; the backend is available once CuPy has compiled a kernel
+and opened cuBLAS on the current device.
 
 Arrays
-    CuPy arrays in, CuPy arrays out, with no host round trip. NumPy arrays are accepted too: they
-    are copied to the device, computed there and the results copied back (into ``out``/``dX``/
-    ``dW``/``db`` when those are NumPy buffers). That copies every input and result over PCIe on
-    every call, so a training loop should keep its arrays on the device:
-    ``fastlinear.Linear(..., backend="cupy")`` keeps its parameters and gradients there. Arrays
-    of both libraries may be mixed in one call: ``Y`` and ``dX`` come back in the library of the
-    data (``X``, ``dY``), ``dW`` and ``db`` in the library of ``W``. The call runs on the device
-    of its CuPy arrays (the current device when there are none); CuPy arrays on two devices are
-    refused.
+    CuPy in, CuPy out. NumPy arrays are copied to the device and the results back (``Y`` and
+    ``dX`` in the library of ``X``/``dY``, ``dW`` and ``db`` in that of ``W``): a training loop
+    keeps its arrays on the device (``Linear(..., backend="cupy")``). A call runs on the device
+    of its CuPy arrays; arrays on two devices are refused.
 Precision
-    float64 in float64; float32 in float32 (cuBLAS with CUBLAS_COMPUTE_32F: no TF32 unless the
-    cuBLAS handle's math mode allows it, which CuPy does not by default); float16 with float32
-    accumulation, rounded to float16 once per output element, except on the cuBLAS path with an
-    activation (the product is rounded, then act(product + b)). CuPy compiles fastlinear's
-    kernels with ``-ftz=true``: their float32 (and float16) arithmetic flushes subnormal numbers
-    to zero, cuBLAS's does not, so results below float32's smallest normal (1.2e-38) depend on
-    the path; each stays within the error bound's absolute slack of that size.
-Forward, ``Y = act(X @ W + b)`` (one of ``cupy_launch.FORWARD_PATHS``, see ``forward_path``)
-    ``small_batch`` (few rows of X) and ``tiled`` (small problems): one launch of fastlinear's
-    own kernel with bias, activation and the optional pre-activation store in its epilogue.
-    ``cublas``: without an activation, ``fill_rows_with_bias`` writes b into every row of Y, then
-    one GEMM with beta = 1 adds ``X @ W`` (2 launches, b rounded into Y once). With an
-    activation, a beta = 0 GEMM, then ``bias_activation_epilogue`` adds b, stores the
-    pre-activation when asked and applies the activation in one read and one write of Y
-    (2 launches; bias fill + beta = 1 GEMM + an activation pass would be 3 launches and a second
-    read and write of Y).
+    float64 in float64; float32 in float32 (CUBLAS_COMPUTE_32F, no TF32 under CuPy's default
+    math mode); float16 with float32 sums, rounded once per element (twice on the cuBLAS path
+    with an activation: the product, then act(product + b)). CuPy compiles our kernels with
+    ``-ftz=true``, so their float32/float16 arithmetic flushes subnormals and cuBLAS's does not:
+    below float32's smallest normal the result depends on the path, within the error bound.
+Forward ``Y = act(X @ W + b)``, one path of ``cupy_launch.FORWARD_PATHS`` (``forward_path``)
+    ``small_batch`` and ``tiled``: one launch of our kernel, bias, activation and pre-activation
+    store in its epilogue. ``cublas`` without an activation: ``fill_rows_with_bias``, then a
+    beta = 1 GEMM (2 launches, one rounding). With an activation: a beta = 0 GEMM, then
+    ``bias_activation_epilogue`` in one read and write of Y (2 launches, where a bias fill, a
+    beta = 1 GEMM and an activation pass would take 3 and a second pass over Y).
 Backward
-    ``gradient_column_sums`` reads dY once: with an activation it writes ``G = dY * act'(saved)``
-    for the GEMMs, and with a bias it sums the columns into db, in the same launch (plus a
-    memset of its tile counters when the rows are split over several blocks). ``dX = G @ W.T``
-    and ``dW = X.T @ G`` are cuBLAS GEMMs (``dW`` with beta = 1 when accumulating); a dimension
-    beyond cuBLAS's C ints (2**31 - 1) is split into several GEMMs.
+    ``gradient_column_sums`` reads dY once: ``G = dY * act'(saved)`` for the GEMMs (with an
+    activation) and ``db`` (with a bias) in the same launch; ``dX = G @ W.T`` and
+    ``dW = X.T @ G`` by cuBLAS, split where a dimension exceeds a C int.
 Kernels
-    ``kernels/*.cu``, compiled once per process and device by ``cupy.RawModule`` (CuPy also
-    caches the binary on disk), with a ``#line`` prefix so compiler messages name the real file,
-    and the block shapes of ``cupy_launch`` as ``-D`` defines.
+    ``kernels/*.cu`` through ``cupy.RawModule``, once per process and device (CuPy caches the
+    binary on disk), with ``#line`` prefixes and the ``cupy_launch`` defines.
 """
 
 import contextlib
