@@ -51,17 +51,21 @@ class NumpyAsCupy:
         return out
 
 
-@pytest.fixture
-def backend(host_kernels, monkeypatch):
-    """The cupy backend computing on NumPy arrays: CPU kernels, emulated cuBLAS, 4 SMs."""
+def _emulate(monkeypatch, host):
+    """Make the cupy backend compute on NumPy arrays: CPU kernels, emulated cuBLAS, 4 SMs."""
     monkeypatch.setattr(cupy_backend, "_cupy", NumpyAsCupy)
-    monkeypatch.setattr(cupy_backend, "_kernel",
-                        lambda name, device_id: HostKernel(host_kernels, name))
+    monkeypatch.setattr(cupy_backend, "_kernel", lambda name, device_id: HostKernel(host, name))
     monkeypatch.setattr(cupy_backend, "_device_id", lambda: 0)
     monkeypatch.setattr(cupy_backend, "_sm_count", lambda device_id: 4)
     monkeypatch.setattr(cupy_backend, "_gemm_call", backend_gemm_call)
     monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 4)  # split small inputs
     return cupy_backend
+
+
+@pytest.fixture
+def backend(host_kernels, monkeypatch):
+    """The cupy backend computing on NumPy arrays: CPU kernels, emulated cuBLAS, 4 SMs."""
+    return _emulate(monkeypatch, host_kernels)
 
 
 @pytest.mark.parametrize("N, D, M", [(1, 1, 1), (3, 300, 31), (9, 17, 65), (65, 15, 33)])
@@ -283,3 +287,37 @@ def test_empty_dimensions_with_an_activation(backend, rng, activation, N, D, M):
     np.testing.assert_allclose(dX, G @ W.T, rtol=1e-13, atol=1e-13)
     np.testing.assert_array_equal(dW, np.zeros((D, M)))
     np.testing.assert_allclose(db, G.sum(0), rtol=1e-13, atol=1e-13)
+
+
+SMALL_BLOCK_SHAPES = {"BIAS_THREADS": 64, "COLSUM_LANES": 16, "COLSUM_ROW_LANES": 4,
+                      "SMALL_BATCH_ROWS": 4, "SMALL_BATCH_COLS": 16, "SMALL_BATCH_SLICES": 4,
+                      "TILE_ROWS": 32, "TILE_COLS": 32, "TILE_THREADS": 8}
+
+
+def test_block_shapes_are_set_in_python_alone(rng, monkeypatch, tmp_path):
+    """Other block shapes in cupy_launch reach the kernels through the -D defines: rebuilt with
+    them, every path still computes the layer (edge tiles on small inputs, stumpy-style)."""
+    for name, value in SMALL_BLOCK_SHAPES.items():
+        monkeypatch.setitem(cupy_launch.BLOCK_SHAPES, name, value)
+        monkeypatch.setattr(cupy_launch, name, value)
+    host = build_host_kernels(tmp_path)
+    if host is None:
+        pytest.skip("g++ is not on PATH: cannot run the CUDA kernels on the CPU")
+    _emulate(monkeypatch, host)
+    X, W, b, dY = make_inputs(rng, 37, 21, 35, np.float32)
+    reference, saved = activation_reference(X, W, b, dY, "gelu", np.float32)
+    for path in cupy_launch.FORWARD_PATHS:
+        if path == "small_batch":
+            X_path = X[:3]
+            path_reference, _ = activation_reference(X_path, W, b, dY[:3], "gelu", np.float32)
+        else:
+            X_path, path_reference = X, reference
+        Z = np.empty((X_path.shape[0], 35), np.float32)
+        with cupy_backend.forced_forward_path(path):
+            Y = cupy_backend._forward_device(X_path, W, b, None, "gelu", Z)
+        assert_within(Y, *path_reference["Y"], f"Y via {path}")
+        assert_within(Z, *path_reference["Z"], f"Z via {path}")
+    dX, dW, db = cupy_backend._backward_device(dY, X, W, True, True, False, None, None, None,
+                                               "gelu", saved)
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        assert_within(value, *reference[name], name)
