@@ -13,11 +13,11 @@
 //
 // The block shapes, activation codes and activation constants come from Python as -D defines
 // (fastlinear/backends/cupy_launch.py, compile_options), so they exist in one place only.
-// float32 arithmetic here follows CuPy's -ftz=true (subnormals flush to zero); cuBLAS keeps them.
 
 #if !defined(BIAS_THREADS) || !defined(COLSUM_LANES) || !defined(COLSUM_ROW_LANES) ||           \
     !defined(SMALL_BATCH_ROWS) || !defined(SMALL_BATCH_COLS) || !defined(SMALL_BATCH_SLICES) || \
-    !defined(TILE_ROWS) || !defined(TILE_COLS) || !defined(TILE_THREADS) ||                    \
+    !defined(SMALL_BATCH_CHUNK) || !defined(TILE_ROWS) || !defined(TILE_COLS) ||               \
+    !defined(TILE_DEPTH) || !defined(TILE_THREADS) ||                                          \
     !defined(FASTLINEAR_ACT_NONE) || !defined(FASTLINEAR_ACT_RELU) ||                          \
     !defined(FASTLINEAR_ACT_GELU) || !defined(FASTLINEAR_ACT_GELU_TANH) ||                     \
     !defined(FASTLINEAR_ACT_TANH) || !defined(FASTLINEAR_ACT_SIGMOID) ||                       \
@@ -58,6 +58,17 @@ __device__ __forceinline__ void store_rounded(float* target, float value) { *tar
 __device__ __forceinline__ void store_rounded(double* target, double value) { *target = value; }
 
 __device__ __forceinline__ index_t smaller(index_t a, index_t b) { return a < b ? a : b; }
+
+// The products and sums of the layer keep float32 subnormals, as cuBLAS and NumPy do, although
+// CuPy compiles with -ftz=true: __fmaf_ieee_rn ignores that flag (a + b is fma(a, 1, b), exact
+// in the same single rounding). Only the activation functions' own arithmetic flushes.
+__device__ __forceinline__ float multiply_add(float a, float b, float c)
+{
+    return __fmaf_ieee_rn(a, b, c);
+}
+__device__ __forceinline__ double multiply_add(double a, double b, double c) { return a * b + c; }
+__device__ __forceinline__ float plus(float a, float b) { return __fmaf_ieee_rn(a, 1.0f, b); }
+__device__ __forceinline__ double plus(double a, double b) { return a + b; }
 
 // ---------------------------------------------------------------------------------------------
 // Activations, as fastlinear/activations.py defines them (its docstring has the formulas; the
@@ -182,7 +193,7 @@ __device__ void bias_activation_epilogue(T* Y, const T* bias, index_t bias_strid
     const acc_t value = has_bias ? widen(bias[col * bias_stride]) : acc_t(0);
     for (index_t row = blockIdx.y; row < rows; row += gridDim.y) {
         const index_t index = row * cols + col;
-        store_output(Y, Z, write_z, activation, index, widen(Y[index]) + value);
+        store_output(Y, Z, write_z, activation, index, plus(widen(Y[index]), value));
     }
 }
 
@@ -227,7 +238,7 @@ __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t co
                     widen(saved[row * saved_row_stride + col * saved_col_stride]));
                 store_rounded(G + row * cols + col, gradient);
             }
-            sum += gradient;
+            sum = plus(sum, gradient);
         }
     }
     if (!has_db) {
@@ -237,13 +248,13 @@ __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t co
     __syncthreads();
     if (row_lane == 0) {
         for (int other = 1; other < COLSUM_ROW_LANES; ++other) {
-            sum += lane_sums[other][lane];
+            sum = plus(sum, lane_sums[other][lane]);
         }
     }
 
     if (gridDim.y == 1) {
         if (row_lane == 0 && col < cols) {
-            store_rounded(db + col, accumulate ? widen(db[col]) + sum : sum);
+            store_rounded(db + col, accumulate ? plus(widen(db[col]), sum) : sum);
         }
         return;
     }
@@ -270,9 +281,9 @@ __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t co
         const volatile acc_t* split_sums = partials;
         acc_t total = 0;
         for (unsigned int split = 0; split < gridDim.y; ++split) {
-            total += split_sums[split * cols + col];
+            total = plus(total, split_sums[split * cols + col]);
         }
-        store_rounded(db + col, accumulate ? widen(db[col]) + total : total);
+        store_rounded(db + col, accumulate ? plus(widen(db[col]), total) : total);
     }
 }
 
@@ -285,7 +296,6 @@ __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t co
 // shared memory SMALL_BATCH_CHUNK columns at a time; at the end the 8 slice sums are added in
 // shared memory, and thread (x, y) finishes row y of the tile (bias, activation, store_output).
 // Grid: (ceil(cols / 32), ceil(rows / 8)).
-#define SMALL_BATCH_CHUNK 256
 
 template <typename T>
 __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
@@ -336,7 +346,7 @@ __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
                 const acc_t w = widen(w_column[k * w_row_stride]);
 #pragma unroll
                 for (int r = 0; r < SMALL_BATCH_ROWS; ++r) {
-                    acc[r] += x_chunk[r][k] * w;
+                    acc[r] = multiply_add(x_chunk[r][k], w, acc[r]);
                 }
             }
         }
@@ -353,10 +363,10 @@ __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
         acc_t total = 0;
 #pragma unroll
         for (int s = 0; s < SMALL_BATCH_SLICES; ++s) {
-            total += slice_sums[s][slice][lane];
+            total = plus(total, slice_sums[s][slice][lane]);
         }
         if (has_bias) {
-            total += widen(bias[col * bias_stride]);
+            total = plus(total, widen(bias[col * bias_stride]));
         }
         store_output(Y, Z, write_z, activation, row * cols + col, total);
     }
@@ -368,7 +378,6 @@ __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
 // the inner axis walked TILE_DEPTH at a time. Threads: TILE_THREADS x TILE_THREADS; thread (x, y) owns the 4 x 4 outputs at rows
 // y + 16 i and columns x + 16 j of the tile (strided, so that 16 adjacent threads store 16
 // adjacent elements of a row of Y). Grid: (ceil(cols / 64), ceil(rows / 64)).
-#define TILE_DEPTH 16
 #define TILE_MICRO (TILE_ROWS / TILE_THREADS)
 
 template <typename T>
@@ -437,7 +446,7 @@ __device__ void linear_forward_tiled(const T* X, index_t x_row_stride, index_t x
             for (int i = 0; i < TILE_MICRO; ++i) {
 #pragma unroll
                 for (int j = 0; j < TILE_MICRO; ++j) {
-                    acc[i][j] += x_values[i] * w_values[j];
+                    acc[i][j] = multiply_add(x_values[i], w_values[j], acc[i][j]);
                 }
             }
         }
@@ -456,7 +465,7 @@ __device__ void linear_forward_tiled(const T* X, index_t x_row_stride, index_t x
             const index_t row = row0 + ty + TILE_THREADS * i;
             if (row < rows) {
                 store_output(Y, Z, write_z, activation, row * cols + col,
-                             acc[i][j] + bias_value);
+                             plus(acc[i][j], bias_value));
             }
         }
     }

@@ -102,6 +102,9 @@ static unsigned short fastlinear_host_float_to_half(float value)
                                               static_cast<int>(mantissa));
 }
 
+// CUDA's IEEE fused multiply-add (it ignores -ftz): the C++ one rounds once as well.
+static float __fmaf_ieee_rn(float a, float b, float c) { return std::fma(a, b, c); }
+
 #define __global__
 #define __device__
 #define __forceinline__ inline

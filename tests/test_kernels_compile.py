@@ -173,12 +173,23 @@ def test_module_compiles_with_nvrtc_as_cupy_compiles_it(arch):
 
 
 @needs_nvrtc
-def test_cupy_compiles_the_kernels_flushing_float32_subnormals():
-    """The flush the cupy backend's docstring states: CuPy appends -ftz=true after our options
-    and NVRTC's last -ftz wins, so float32 arithmetic of our kernels flushes subnormals (cuBLAS
-    does not); float64 arithmetic has no flush mode."""
+def test_products_and_sums_keep_float32_subnormals_under_cupys_ftz():
+    """CuPy appends -ftz=true after our options (NVRTC's last -ftz wins), which flushes float32
+    subnormals in plain arithmetic; cuBLAS keeps them. The layer's multiply-adds and sums use
+    __fmaf_ieee_rn, which ignores the flag, so every float32 kernel has IEEE fma.rn.f32 (not
+    .ftz), the forward kernels at least as many as one unrolled step of their product loop."""
     status, log, ptx = _nvrtc_compile(cupy_launch.kernel_source(), "fastlinear_kernels.cu",
                                       ["-arch=sm_90", *CUPY_NVRTC_OPTIONS])
     assert status == 0, log
-    f32_ops = set(re.findall(r"\b(?:add|mul|fma)(?:\.\w+)*\.f32\b", ptx))
-    assert f32_ops and all(".ftz" in op for op in f32_ops), f32_ops
+    assert ".ftz.f32" in ptx  # the flag is on: the activation functions' arithmetic flushes
+    bodies = dict(re.findall(r"\.visible\s+\.entry\s+(\w+)(.*?)\n}", ptx, re.DOTALL))
+    micro = cupy_launch.TILE_ROWS // cupy_launch.TILE_THREADS
+    # at least: one unrolled step of the product loop; the epilogue; one addition
+    expected = {"linear_forward_tiled": cupy_launch.TILE_DEPTH * micro * micro,
+                "linear_forward_small_batch": cupy_launch.SMALL_BATCH_ROWS
+                * cupy_launch.SMALL_BATCH_SLICES,
+                "gradient_column_sums": 1, "bias_activation_epilogue": 1}
+    for kernel, minimum in expected.items():
+        for suffix in ("f16", "f32"):
+            count = len(re.findall(r"\bfma\.rn\.f32\b", bodies[f"{kernel}_{suffix}"]))
+            assert count >= minimum, f"{kernel}_{suffix}: {count} IEEE fma.rn.f32"
