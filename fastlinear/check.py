@@ -78,12 +78,17 @@ def _reference(X, W, b, dY, activation, saved, dtype):
 
 
 def _worst_ratio(actual, expected, bound, previous=None):
-    """Largest |actual - expected| / bound (inf for a NaN or an infinity out of place)."""
-    actual = np.asarray(actual, dtype=np.float64)
+    """Largest |actual - expected| / bound (inf for a NaN or an infinity out of place).
+
+    ``previous``: the buffer's values before an accumulating call; their sum with the new
+    gradient is rounded once more to the buffer's dtype.
+    """
     if previous is not None:
+        eps = np.finfo(previous.dtype).eps
         previous = np.asarray(previous, dtype=np.float64)
         expected = expected + previous
-        bound = bound + 2 * np.finfo(np.float32).eps * (np.abs(previous) + np.abs(expected))
+        bound = bound + 2 * eps * (np.abs(previous) + np.abs(expected))
+    actual = np.asarray(actual, dtype=np.float64)
     if actual.shape != expected.shape:
         return np.inf
     err = np.abs(actual - expected)

@@ -321,3 +321,18 @@ def test_block_shapes_are_set_in_python_alone(rng, monkeypatch, tmp_path):
                                                "gelu", saved)
     for name, value in (("dX", dX), ("dW", dW), ("db", db)):
         assert_within(value, *reference[name], name)
+
+
+def test_check_command_passes_the_emulated_kernels_in_float16(backend, monkeypatch, capsys):
+    """``python -m fastlinear check`` on the cupy backend's own kernels: its float16 bounds
+    (which no CPU backend exercises) hold for them, so a failure on the GPU means a fault."""
+    from fastlinear import _dispatch, check
+
+    monkeypatch.setitem(_dispatch._modules, "cupy", backend)
+    monkeypatch.setattr(check, "_array_module", lambda name: (backend, np))
+    monkeypatch.setattr(check, "_device", lambda name: "emulated")
+    monkeypatch.setattr(check, "SHAPES", check.SHAPES[:2])  # small_batch and tiled, not cuBLAS
+    monkeypatch.setattr(backend, "DTYPES", (np.dtype(np.float16),))
+    status = check.run(["cupy"])
+    out = capsys.readouterr().out
+    assert status == 0 and "cupy     emulated                 float16" in out, out
