@@ -61,13 +61,25 @@ def _as_rows(x, name, width, what):
 
 
 def _shares_memory(a, b):
+    """Whether the memory spans of ``a`` and ``b`` overlap (a bounds check, as NumPy's
+    ``may_share_memory``). For CuPy arrays it is computed from pointers and strides on the host:
+    ``cupy.shares_memory`` is exact, but lists every element's address on the device and
+    synchronises it, on every call with a buffer."""
     if _library(a) != _library(b):
         return False  # host and device memory never overlap
-    if _library(a) == "cupy":
-        import cupy
-
-        return cupy.shares_memory(a, b)
-    return np.may_share_memory(a, b)
+    if _library(a) != "cupy":
+        return np.may_share_memory(a, b)
+    if a.size == 0 or b.size == 0:
+        return False
+    spans = []
+    for array in (a, b):
+        low = high = array.data.ptr
+        for extent, stride in zip(array.shape, array.strides, strict=True):
+            reach = (extent - 1) * stride
+            low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+        spans.append((low, high + array.itemsize))
+    (a_low, a_high), (b_low, b_high) = spans
+    return a_low < b_high and b_low < a_high
 
 
 def _check_out(buf, name, shape, dtype, library, inputs):
