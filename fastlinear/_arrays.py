@@ -138,7 +138,7 @@ def cast(x: Any, name: str, dtype: np.dtype, casting: str) -> Any:
     """``x`` in ``dtype`` (a copy when it differs), if NumPy's ``casting`` rule allows it."""
     if x.dtype == dtype and x.dtype.isnative:
         return x
-    if not np.can_cast(x.dtype, dtype, casting=casting):
+    if not np.can_cast(x.dtype, dtype, casting=casting):  # type: ignore[arg-type]
         raise TypeError(f"{name} has dtype {x.dtype} but the call computes in {dtype}, and "
                         f"casting={casting!r} forbids converting it; convert with "
                         f"{name}.astype({dtype.name!r}) or pass casting='safe'")

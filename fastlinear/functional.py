@@ -61,13 +61,25 @@ def _as_rows(x, name, width, what):
 
 
 def _shares_memory(a, b):
+    """Whether the memory spans of ``a`` and ``b`` overlap (a bounds check, as NumPy's
+    ``may_share_memory``). For CuPy arrays it is computed from pointers and strides on the host:
+    ``cupy.shares_memory`` is exact, but lists every element's address on the device and
+    synchronises it, on every call with a buffer."""
     if _library(a) != _library(b):
         return False  # host and device memory never overlap
-    if _library(a) == "cupy":
-        import cupy
-
-        return cupy.shares_memory(a, b)
-    return np.may_share_memory(a, b)
+    if _library(a) != "cupy":
+        return np.may_share_memory(a, b)
+    if a.size == 0 or b.size == 0:
+        return False
+    spans = []
+    for array in (a, b):
+        low = high = array.data.ptr
+        for extent, stride in zip(array.shape, array.strides, strict=True):
+            reach = (extent - 1) * stride
+            low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+        spans.append((low, high + array.itemsize))
+    (a_low, a_high), (b_low, b_high) = spans
+    return a_low < b_high and b_low < a_high
 
 
 def _check_out(buf, name, shape, dtype, library, inputs):
@@ -153,6 +165,14 @@ def _is_plain_call(X, W, b):
             and X.dtype is W.dtype
             and (b is None or (type(b) is np.ndarray and b.shape == w_shape[1:]
                                and b.dtype is W.dtype)))
+
+
+def _plain_backend(backend, dtype):
+    """The backend of a plain NumPy call, or None where the general path must decide."""
+    module = _dispatch.resolve(backend, "numpy")
+    if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
+        return module
+    return None
 
 
 def _fits_fast_path(elements, dtype):
@@ -258,11 +278,13 @@ def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = No
         activation = activations.check_activation(activation)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if out is None and not return_saved and _is_plain_call(X, W, b) and \
-            _fits_fast_path(X.shape[0] * W.shape[1], W.dtype):
-        module = _dispatch.resolve(backend, "numpy")
-        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-            return module.forward(X, W, b, None, activation=activation)
+    if out is None and _is_plain_call(X, W, b) and \
+            _fits_fast_path(X.shape[0] * W.shape[1] * (1 + return_saved), W.dtype):
+        module = _plain_backend(backend, W.dtype)
+        if module is not None:
+            if not return_saved:
+                return module.forward(X, W, b, None, activation=activation)
+            return _forward_saving(module, X, W, b, activation)
     if _dask.is_dask(X):  # one task per row chunk, on the workers
         return _dask.linear_forward(X, W, b, activation=activation, backend=backend, out=out,
                                     return_saved=return_saved, casting=casting)
@@ -289,6 +311,15 @@ def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = No
     if activation is None:
         return Y, None
     return Y, (Y if Z is None else _give_back(Z.reshape(shape), call.data_back))
+
+
+def _forward_saving(module, X, W, b, activation):
+    """``(Y, saved)`` of a plain NumPy call: ``saved`` is what the activation's backward reads."""
+    if activations.saved_for_backward(activation) != "preactivation":
+        Y = module.forward(X, W, b, None, activation=activation)
+        return Y, (None if activation is None else Y)
+    Z = np.empty((X.shape[0], W.shape[1]), W.dtype)
+    return module.forward(X, W, b, None, activation=activation, preactivation=Z), Z
 
 
 def _check_activation_saved(activation, saved):
@@ -386,14 +417,17 @@ def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, s
         activation = _check_activation_saved(activation, saved)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if (activation is None and dX is None and dW is None and db is None and not accumulate
+    if (dX is None and dW is None and db is None and not accumulate
             and _is_plain_call(X, W, None)
             and type(dY) is np.ndarray and dY.shape == (X.shape[0], W.shape[1])
-            and dY.dtype is W.dtype and _fits_fast_path(X.size + W.size + W.shape[1], W.dtype)):
-        module = _dispatch.resolve(backend, "numpy")
-        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
+            and dY.dtype is W.dtype and _fits_fast_path(X.size + W.size + W.shape[1], W.dtype)
+            and (activation is None or (type(saved) is np.ndarray and saved.shape == dY.shape
+                                        and saved.dtype is W.dtype))):
+        module = _plain_backend(backend, W.dtype)
+        if module is not None:
             return module.backward(dY, X, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
-                                   accumulate=False, dX=None, dW=None, db=None)
+                                   accumulate=False, dX=None, dW=None, db=None,
+                                   activation=activation, saved=saved)
     if _dask.is_dask(dY) or _dask.is_dask(X):  # row chunks on the workers, dW/db tree-summed
         return _dask.linear_backward(dY, X, W, activation=activation, saved=saved,
                                      has_bias=has_bias, need_dX=need_dX, backend=backend,
@@ -416,13 +450,12 @@ def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, s
     dX2, dW2, db2 = call.module.backward(
         dY2, X2, call.W, has_bias=has_bias, need_dX=need_dX, accumulate=accumulate,
         dX=buffers[0], dW=buffers[1], db=buffers[2], activation=activation, saved=saved2)
-    results = []
-    for result, given, back in ((dX2, dX, call.data_back), (dW2, dW, call.weight_back),
-                                (db2, db, call.weight_back)):
-        if result is not None and given is not None:
-            results.append(given)
-        else:
-            results.append(_give_back(result, back))
-    if results[0] is not None and dX is None:
-        results[0] = _give_back(dX2.reshape(X.shape), call.data_back)
-    return results[0], results[1], results[2]
+    if dX2 is not None and dX is None:
+        dX2 = dX2.reshape(X.shape)
+    return (_result(dX2, dX, call.data_back), _result(dW2, dW, call.weight_back),
+            _result(db2, db, call.weight_back))
+
+
+def _result(result, given, converter):
+    """A backward result for the caller: their own buffer when they gave one, else converted."""
+    return given if result is not None and given is not None else _give_back(result, converter)

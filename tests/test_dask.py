@@ -16,15 +16,19 @@ import pytest
 
 import fastlinear
 from fastlinear import _dask, _dispatch, activations
-from tests.conftest import CPU_DTYPES, assert_matches_reference, make_inputs, reference64
+from tests.helpers import (
+    CPU_DTYPES,
+    assert_matches_reference,
+    backend_param,
+    make_inputs,
+    reference64,
+)
 
 dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
-CPU_BACKENDS = [pytest.param(name, id=name, marks=[pytest.mark.skip(reason=reason)] if reason
-                             else []) for name in ("numpy", "numba")
-                for reason in [_dispatch.unavailable_reason(name)]]
+CPU_BACKENDS = [backend_param(name) for name in ("numpy", "numba")]
 GPU_REASON = _dispatch.unavailable_reason("cupy")
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "dask_out_of_core.py"
 

@@ -4,14 +4,36 @@ Each case runs the notebook's class (``tests.test_layer.NotebookLinear``, plain 
 ``fastlinear.Linear`` and asks for the same dtype, shape and values.
 """
 
+import sys
+
 import numpy as np
 import pytest
 
 import fastlinear
-from tests.conftest import assert_close
+from fastlinear import _dispatch
+from tests.helpers import assert_close, make_inputs, to_numpy
 from tests.test_layer import NotebookLinear
 
 D, M, N = 5, 3, 4
+
+X, W, b, dY = make_inputs(np.random.default_rng(6), 4, 3, 2, np.float64)
+
+
+def forward(backend, **kwargs):
+    args = {"X": X, "W": W, "b": b, "out": None, **kwargs}
+    return fastlinear.linear_forward(args["X"], args["W"], args["b"], out=args["out"],
+                                     backend=backend)
+
+
+def backward(backend, **kwargs):
+    args = {"dY": dY, "X": X, "W": W, **kwargs}
+    options = {k: v for k, v in args.items() if k not in ("dY", "X", "W")}
+    return fastlinear.linear_backward(args["dY"], args["X"], args["W"], backend=backend,
+                                      **options)
+
+
+def backend_dtypes(backend):
+    return _dispatch._load(backend).DTYPES
 
 
 def pair(dtype=np.float64, seed=3):
@@ -207,3 +229,176 @@ def test_dlpack_conversions_share_memory():
     buffer = np.empty((N, M))
     fastlinear.linear_forward(X, np.eye(D, M), out=torch.from_dlpack(buffer), backend="numpy")
     np.testing.assert_allclose(buffer, X.numpy() @ np.eye(D, M), rtol=1e-12)
+
+
+# --- dtypes NumPy's promotion cannot compute in -----------------------------------------------
+
+@pytest.mark.parametrize("name", ["X", "b"])
+@pytest.mark.parametrize("dtype", [np.complex128, object, "U3"])
+def test_complex_object_and_string_data_are_type_errors(backend, name, dtype):
+    value = {"X": X, "b": b}[name].astype(dtype)
+    with pytest.raises(TypeError, match=f"{name} has dtype .*; fastlinear computes in floating"):
+        forward(backend, **{name: value})
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+def test_integer_only_operands_are_type_errors(dtype):
+    with pytest.raises(TypeError, match=f"X {np.dtype(dtype)}, W {np.dtype(dtype)} promote to "
+                                        f"{np.dtype(dtype)}, but fastlinear computes in floating"):
+        fastlinear.linear_forward(X.astype(dtype), W.astype(dtype))
+
+def test_float16_on_a_cpu_backend_names_the_backend_dtypes(backend):
+    with pytest.raises(TypeError, match=rf"computes in float16 .*the '{backend}' backend computes "
+                                        r"in float32, float64"):
+        fastlinear.linear_forward(X.astype(np.float16), W.astype(np.float16), backend=backend)
+
+def test_casting_no_keeps_the_refusal(backend):
+    with pytest.raises(TypeError, match="dY has dtype float32 but the call computes in float64, "
+                                        "and casting='no' forbids"):
+        fastlinear.linear_backward(dY.astype(np.float32), X, W, backend=backend, casting="no")
+    with pytest.raises(TypeError, match="X has dtype int64 .* casting='no'"):
+        fastlinear.linear_forward(X.astype(np.int64), W, backend=backend, casting="no")
+    with pytest.raises(ValueError, match="casting must be one of"):
+        fastlinear.linear_forward(X, W, backend=backend, casting="never")
+
+
+NON_FLOAT = [np.complex64, np.complex128, object]
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_, *NON_FLOAT, np.float16, np.longdouble])
+def test_weight_dtypes_outside_the_backend_are_refused(backend, dtype):
+    if np.dtype(dtype) in backend_dtypes(backend):
+        pytest.skip(f"{backend} computes in {np.dtype(dtype)}")
+    with pytest.raises(TypeError, match=rf"{np.dtype(dtype)}"):
+        forward(backend, X=X.astype(dtype), W=W.astype(dtype), b=b.astype(dtype))
+
+@pytest.mark.parametrize("name", ["X", "dY"])
+@pytest.mark.parametrize("dtype", NON_FLOAT)
+def test_backward_data_that_is_not_real_is_refused(backend, name, dtype):
+    value = {"X": X, "dY": dY}[name].astype(dtype)
+    with pytest.raises(TypeError, match=rf"{name} has dtype {np.dtype(dtype)}"):
+        backward(backend, **{name: value})
+
+def test_non_native_byte_order_is_read_correctly(backend):
+    swapped = np.dtype(np.float64).newbyteorder()
+    Y = forward(backend, X=X.astype(swapped), W=W.astype(swapped))
+    assert Y.dtype == np.float64 and Y.dtype.isnative
+    np.testing.assert_allclose(Y, X @ W + b, rtol=1e-12)
+    with pytest.raises(TypeError, match=rf"X has dtype {swapped.str} .*casting='no'"):
+        fastlinear.linear_forward(X.astype(swapped), W, b, backend=backend, casting="no")
+    fastlinear.linear_forward(X.astype(swapped), W, b, backend=backend, casting="equiv")
+
+
+# --- lists and objects that are not arrays -----------------------------------------------------
+
+def test_lists_promote_as_numpy_makes_them(backend):
+    """Lists become arrays of their own dtype (float lists: float64), then NumPy promotion."""
+    W32 = W.astype(np.float32)
+    Y = fastlinear.linear_forward(X.tolist(), W32, tuple(b.tolist()), backend=backend)
+    assert Y.dtype == (np.asarray(X.tolist()) @ W32).dtype == np.float64
+    np.testing.assert_allclose(to_numpy(Y), X @ W32.astype(np.float64) + b, rtol=1e-12)
+    dX, dW, db = fastlinear.linear_backward(dY.tolist(), X.tolist(), W.tolist(), backend=backend)
+    assert dX.dtype == dW.dtype == db.dtype == np.float64
+    np.testing.assert_allclose(to_numpy(dW), X.T @ dY, rtol=1e-12)
+
+def test_weight_as_a_list(backend):
+    Y = fastlinear.linear_forward(X, W.tolist(), b, backend=backend)
+    np.testing.assert_allclose(to_numpy(Y), X @ W + b, rtol=1e-12)
+    Y = fastlinear.linear_forward(X, [[1, 2], [3, 4], [5, 6]], backend=backend)
+    np.testing.assert_allclose(Y, X @ np.array([[1, 2], [3, 4], [5, 6]]), rtol=1e-12)
+
+@pytest.mark.parametrize("value,error,match", [
+    ([[1.0, 2.0], [3.0]], TypeError, r"X could not be converted to an array"),
+    ([[1.0, 2.0]], ValueError, r"X has 2 features but 3 were expected"),
+    ([1.0, 2.0], ValueError, r"X has 2 features but 3 were expected"),
+    ([], ValueError, r"X has 0 features but 3 were expected"),
+    ([[1.0, 2.0, 1j]], TypeError, r"X has dtype complex128"),
+    ([["a", "b", "c"]], TypeError, r"X has dtype <U1; fastlinear computes in floating"),
+])
+def test_bad_lists(backend, value, error, match):
+    with pytest.raises(error, match=match):
+        forward(backend, X=value)
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, "abc", 3.0, None, memoryview(b"abc")])
+def test_non_array_input(backend, value):
+    with pytest.raises(TypeError, match=r"X must be an array \(NumPy, CuPy, or any object with "
+                                        r"__dlpack__"):
+        fastlinear.linear_forward(value, W, backend=backend)
+
+def test_non_array_weight():
+    with pytest.raises(TypeError, match="W must be an array"):
+        fastlinear.linear_forward(X, "W")
+
+def test_masked_arrays_are_refused(backend):
+    with pytest.raises(TypeError, match="masked array"):
+        forward(backend, X=np.ma.masked_array(X, mask=X > 0))
+
+
+class ArrayLike:
+    """Has ``__array__`` (as pandas, xarray, torch do), but fastlinear converts only lists."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+def fake_array(module, name="ndarray"):
+    """An instance of a class that claims to come from ``module`` (an array library we lack)."""
+    cls = type(name, (), {"__module__": module, "shape": X.shape, "dtype": X.dtype,
+                          "ndim": 2})
+    return cls()
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: ArrayLike(X), r"X must be an array \(NumPy, CuPy, or any object with __dlpack__ "
+                           r".*got .*ArrayLike"),
+    (lambda: memoryview(X), r"got builtins.memoryview"),
+    (lambda: fake_array("torch", "Tensor"), r"got torch.Tensor"),
+    (lambda: fake_array("jax.numpy", "Array"), r"got jax.numpy.Array"),
+    (lambda: {"X": X}, r"got builtins.dict"),
+])
+def test_foreign_array_types_are_type_errors(backend, make, match):
+    with pytest.raises(TypeError, match=match):
+        forward(backend, X=make())
+
+@pytest.mark.parametrize("name", ["X", "W", "b"])
+def test_cupy_array_given_to_a_cpu_backend(backend, name):
+    """A (fake) CuPy array for a NumPy-only backend is a TypeError naming both sides."""
+    module = _dispatch._load(backend)
+    if "cupy" in module.ARRAY_LIBRARIES:
+        pytest.skip(f"the {backend} backend takes CuPy arrays")
+    with pytest.raises(TypeError, match=rf"the '{backend}' backend takes numpy arrays, "
+                                        rf"got {name} as a cupy._core.core.ndarray"):
+        forward(backend, **{name: fake_array("cupy._core.core")})
+
+def test_real_cupy_array_given_to_a_cpu_backend(backend):
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    if "cupy" in _dispatch._load(backend).ARRAY_LIBRARIES:
+        pytest.skip(f"the {backend} backend takes CuPy arrays")
+    with pytest.raises(TypeError, match=rf"the '{backend}' backend takes numpy arrays"):
+        forward(backend, X=cupy.asarray(X))
+
+
+class DeviceArray:
+    """An object that says its memory is on a DLPack device (reading it would need that device)."""
+
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("fastlinear must decide from __dlpack_device__ before reading")
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+
+def test_cuda_memory_without_cupy_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(TypeError, match=r"X \(.*DeviceArray\) is in CUDA memory, which needs "
+                                        r"CuPy: pip install \"fastlinear\[cuda\]\""):
+        fastlinear.linear_forward(DeviceArray(2), np.ones((3, 2)))
+
+
+def test_memory_on_another_kind_of_device_is_refused():
+    with pytest.raises(TypeError, match=r"X \(.*DeviceArray\) lives on DLPack device type 14; "
+                                        r"fastlinear takes host memory"):
+        fastlinear.linear_forward(DeviceArray(14), np.ones((3, 2)))
