@@ -1,7 +1,7 @@
 """Full-batch gradient descent on a dataset larger than a dask worker's memory, with fastlinear.
 
-The example writes a linear-regression data set to disk as .npy chunks (by default 1.2 GB of
-float32 features, more than twice one worker's 512 MiB memory limit), starts a
+The example writes a linear-regression data set to disk as .npy chunks (by default 1.27 GB of
+float32 data, more than twice one worker's 512 MiB memory limit), starts a
 ``distributed.LocalCluster`` of 2 worker processes, and trains a ``fastlinear.Linear`` layer on
 all rows at every step. Each step is one dask graph: every row chunk is read from disk, goes
 through ``layer.forward`` and ``layer.backward`` on a worker, and only the (D, M) gradients and
