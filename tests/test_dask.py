@@ -168,6 +168,27 @@ def test_W_and_b_are_one_graph_key_each(client, rng):
     assert len(pickle.dumps(tasks)) < 2 * W.nbytes
 
 
+def test_one_compute_runs_each_chunk_task_once(monkeypatch, rng):
+    """dask's graph optimisation fuses blockwise tasks; it must not copy a chunk's forward or
+    backward into each of its consumers (dX, dW, db, a loss)."""
+    calls = {"forward": 0, "backward": 0}
+
+    def counting(name, task):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return task(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(_dask, "_forward_chunk", counting("forward", _dask._forward_chunk))
+    monkeypatch.setattr(_dask, "_backward_chunk", counting("backward", _dask._backward_chunk))
+    X, W, b, T = make_inputs(rng, 50, 4, 3, np.float64)
+    Xd, Td = chunked(X, 10, 4), chunked(T, 10, 3)
+    R = fastlinear.linear_forward(Xd, W, b, backend="numpy") - Td
+    grads = fastlinear.linear_backward(R / 50, Xd, W, backend="numpy")
+    dask.compute((R ** 2).sum(), *grads, scheduler="sync")  # in this process: calls counted
+    assert calls == {"forward": 5, "backward": 5}
+
+
 def test_W_updated_in_place_after_building_does_not_change_result(client, rng):
     X, W, b, _ = make_inputs(rng, 20, 5, 4, np.float64)
     Y = fastlinear.linear_forward(chunked(X, 7, 5), W, b, backend="numpy")
