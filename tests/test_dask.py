@@ -10,6 +10,8 @@ import os
 import pathlib
 import pickle
 import runpy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -196,6 +198,17 @@ def test_W_updated_in_place_after_building_does_not_change_result(client, rng):
     W += 1.0
     (Y,) = compute(client, Y)
     np.testing.assert_allclose(Y, expected, rtol=1e-13)
+
+
+def test_fastlinear_never_imports_dask_for_other_arrays():
+    code = ("import sys, numpy as np, fastlinear\n"
+            "X = np.ones((3, 2)); W = np.ones((2, 4))\n"
+            "Y = fastlinear.linear_forward(X, W, np.ones(4), backend='numpy')\n"
+            "fastlinear.linear_backward(Y, X, W, backend='numpy')\n"
+            "fastlinear.linear_forward(X.tolist(), W, backend='numpy')\n"
+            "assert not any(m == 'dask' or m.startswith('dask.') for m in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
 # --- how the backend reaches the workers -----------------------------------------------------
