@@ -114,13 +114,13 @@ template <typename A> __device__ __forceinline__ A activate(int activation, A z)
 }
 
 // dy * act'(z) from `saved`: the output y for relu, tanh and sigmoid, the pre-activation z for
-// the GELUs. ReLU multiplies by its 0/1 mask as the reference does, so a NaN or inf dy where
-// y <= 0 gives NaN there too.
+// the GELUs. ReLU selects as PyTorch's threshold_backward: 0 where y <= 0, even for a NaN or
+// inf dy, and dy where y is NaN.
 template <typename A> __device__ __forceinline__ A activation_grad(int activation, A dy, A saved)
 {
     switch (activation) {
     case FASTLINEAR_ACT_RELU:
-        return dy * (saved <= A(0) ? A(0) : A(1));
+        return saved <= A(0) ? A(0) : dy;
     case FASTLINEAR_ACT_TANH:
         return dy * (A(1) - saved * saved);
     case FASTLINEAR_ACT_SIGMOID:

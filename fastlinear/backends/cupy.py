@@ -353,40 +353,45 @@ def _gradient_column_sums(dY, saved, activation, G, db, accumulate):
             tile_counters)
 
 
+def _upstream_gradient(dY, saved, activation, db, accumulate):
+    """``G = dY * act'(saved)`` (``dY`` itself without an activation) and ``db (+)= G.sum(0)``,
+    in one launch of ``gradient_column_sums``."""
+    n, m = dY.shape
+    G = dY
+    if n and m:
+        if activation is not None:
+            G = _cupy().empty((n, m), dtype=dY.dtype)
+        if activation is not None or db is not None:
+            _gradient_column_sums(dY, saved, activation, G, db, accumulate)
+    elif db is not None and m and not accumulate:
+        db.fill(0)
+    return G
+
+
+def _product(P, Q, C, accumulate):
+    """``C (+)= P @ Q`` by cuBLAS, also when a dimension is empty."""
+    rows, cols = C.shape
+    if rows and cols:
+        if P.shape[1]:
+            _gemm(P, Q, C, beta=1 if accumulate else 0)
+        elif not accumulate:
+            C.fill(0)
+    return C
+
+
 def _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
                      saved=None):
     cupy = _cupy()
     n, d = X.shape
     m = W.shape[1]
-    dtype = W.dtype
     if has_bias and db is None:
-        db = cupy.empty(m, dtype=dtype)
-    G = dY
-    if n and m:
-        if activation is not None:
-            G = cupy.empty((n, m), dtype=dtype)
-        if activation is not None or has_bias:
-            _gradient_column_sums(dY, saved, activation, G, db if has_bias else None,
-                                  accumulate)
-    elif has_bias and m and not accumulate:
-        db.fill(0)
+        db = cupy.empty(m, dtype=W.dtype)
+    G = _upstream_gradient(dY, saved, activation, db if has_bias else None, accumulate)
     if need_dX:
-        if dX is None:
-            dX = cupy.empty((n, d), dtype=dtype)
-        if n and d:
-            if m:
-                _gemm(G, W.T, dX, beta=0)
-            else:
-                dX.fill(0)
+        dX = _product(G, W.T, cupy.empty((n, d), dtype=W.dtype) if dX is None else dX, False)
     else:
         dX = None
-    if dW is None:
-        dW = cupy.empty((d, m), dtype=dtype)
-    if d and m:
-        if n:
-            _gemm(X.T, G, dW, beta=1 if accumulate else 0)
-        elif not accumulate:
-            dW.fill(0)
+    dW = _product(X.T, G, cupy.empty((d, m), dtype=W.dtype) if dW is None else dW, accumulate)
     return dX, dW, (db if has_bias else None)
 
 
