@@ -166,7 +166,7 @@ def assert_matches(actual, key, reference, dtype, what, previous=None):
     float16 is computed with float32 sums and rounded to float16 at most twice (the
     cublas_epilogue path rounds the product, then the sum with b), hence the eps16 term.
     """
-    from tests.conftest import assert_close, error_bound
+    from tests.helpers import assert_close, error_bound
 
     expected, magnitude, terms = reference[key]
     actual, previous = as_numpy(actual), as_numpy(previous)

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 import fastlinear
 from fastlinear import _dispatch
 from fastlinear.backends import cupy as cupy_backend
-from tests.conftest import assert_close, make_inputs, reference64
 from tests.gpu_emulation import (
     LAYOUTS,
     assert_backward_matches,
@@ -27,6 +26,7 @@ from tests.gpu_emulation import (
     flat_from_first_element,
     make_layout,
 )
+from tests.helpers import assert_close, make_inputs, reference64
 
 GPU_REASON = _dispatch.unavailable_reason("cupy")
 requires_gpu = pytest.mark.skipif(GPU_REASON is not None,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from fastlinear.backends import cupy as cupy_backend
-from tests.conftest import make_inputs, reference64
 from tests.gpu_emulation import (
     HostKernel,
     assert_backward_matches,
@@ -20,6 +19,7 @@ from tests.gpu_emulation import (
     build_host_kernels,
     make_layout,
 )
+from tests.helpers import make_inputs, reference64
 
 DTYPES = (np.float16, np.float32, np.float64)
 
