@@ -16,7 +16,9 @@ import importlib
 import math
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -31,14 +33,14 @@ class Contender:
     label: str
     pass_name: str  # "forward", "backward" or "step" (forward then backward)
     group: str  # contenders of one group share thread pools; the run pauses between groups
-    call: object  # callable with no arguments
+    call: Callable[[], Any]
     device: str = "cpu"
     traced: bool = True  # tracemalloc sees its allocations
-    synchronize: object = None  # waits for queued device work (GPU)
-    event_timer: object = None  # cupy.cuda.Event factory for GPU timing
+    synchronize: Callable[[], Any] | None = None  # waits for queued device work (GPU)
+    event_timer: Callable[[], Any] | None = None  # cupy.cuda.Event factory for GPU timing
     calls_per_block: int = 1
-    samples: list = field(default_factory=list)
-    peak_alloc: int = None
+    samples: list[float] = field(default_factory=list)
+    peak_alloc: int | None = None
 
 
 @dataclass
@@ -46,14 +48,14 @@ class Case:
     """Contenders timed against each other in one set of rounds: one block of a table."""
 
     table: str  # "layer", "training" or "fused"
-    name: str  # the row heading: "256x1024x1024", "batch 32", "32x64x128 step"
-    shape: tuple  # (N, D, M) of a layer; the network's sizes with the batch first for a step
+    name: str  # the row heading: "256x1024x1024", "32" (a batch), "32x64x128 step"
+    shape: tuple[int, ...]  # (N, D, M) of a layer; (batch, *layer widths) for a training step
     dtype: str
-    flops: dict  # pass name -> flops of one call
-    contenders: list
-    output_bytes: dict = field(default_factory=dict)  # pass name -> bytes of its outputs
+    flops: dict[str, int]  # pass name -> flops of one call
+    contenders: list[Contender]
+    output_bytes: dict[str, int] = field(default_factory=dict)  # pass name -> bytes of outputs
     rounds: int = 0
-    rows: list = field(default_factory=list)  # one dict per contender, once timed
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per contender, once timed
 
 
 def array_module(array):
