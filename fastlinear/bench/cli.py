@@ -53,13 +53,14 @@ def build_parser():
     fused = ", ".join(f"{grid.shape_text(s)} {p}" for s, p in grid.FUSED_CASES)
     parser = argparse.ArgumentParser(
         prog="python -m fastlinear bench",
-        description="Time every available fastlinear backend side by side with NumPy's X @ W + b,"
-                    " PyTorch (when installed) and the machine's GEMM rate; print a table and "
-                    "write a PNG plot.")
+        description="Time every available fastlinear backend side by side with NumPy, PyTorch "
+                    "(when installed) and the machine's GEMM rate: single layers, the demo's "
+                    "training step, fused linear + ReLU layers; print tables and write a PNG "
+                    "plot.")
     add = parser.add_argument
     add("--quick", action="store_true",
-        help=f"a few shapes ({', '.join(map(grid.shape_text, grid.QUICK_SHAPES))}), fewer rounds, "
-             "shorter blocks: a smoke test in seconds")
+        help=f"three layer shapes ({', '.join(map(grid.shape_text, grid.QUICK_SHAPES))}), fewer "
+             "rounds, shorter blocks: every table in about a minute")
     add("--shapes", type=grid.parse_shapes, default=None,
         help=f"comma-separated NxDxM list of single layers; default {shapes}")
     add("--dtypes", type=grid.parse_names, default=grid.DTYPES,
