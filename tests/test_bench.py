@@ -181,6 +181,29 @@ def test_bad_cases_and_batches_are_refused(text):
         bench.main(["--batches", text, "--plot", ""])
 
 
+def test_a_backend_without_activations_is_left_out_of_those_cases(second_backend, monkeypatch,
+                                                                   tmp_path, capsys):
+    """A backend that raises NotImplementedError for a case (the GPU backend before its fused
+    activations) loses its rows there, with a note; the run goes on."""
+    def forward(X, W, b, out, *, activation=None, preactivation=None):
+        if activation is not None:
+            raise NotImplementedError("echo: no activations")
+        return numpy_backend.forward(X, W, b, out)
+
+    monkeypatch.setattr(sys.modules["fastlinear_test_echo_backend"], "forward", forward)
+    json_path = tmp_path / "bench.json"
+    assert bench.main(["--cases", "layers,fused", "--shapes", "8x16x16", "--dtypes", "float32",
+                       "--repeat", "1", "--block-time", "0.0002", "--pause", "0", "--no-torch",
+                       "--no-progress", "--backends", f"numpy,{second_backend}", "--plot", "",
+                       "--json", str(json_path)]) == 0
+    assert "fastlinear[echo] left out of 32x64x128 step float32" in capsys.readouterr().err
+    report = json.loads(json_path.read_text())
+    assert "fastlinear[echo]" in {row["label"] for row in report["cases"][0]["rows"]}
+    for case in report["fused_relu"]:
+        assert {row["label"] for row in case["rows"]} >= {"NumPy", "fastlinear[numpy]"}
+        assert "fastlinear[echo]" not in {row["label"] for row in case["rows"]}
+
+
 # --------------------------------------------------------------------------------------------
 # The asv suite: imports, parameters consistent, every benchmark runs on the smallest case
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ backend) are traced, allocations inside Numba-compiled code and PyTorch are not.
 import gc
 import importlib
 import math
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -167,9 +168,25 @@ def run_rounds(contenders, rounds, pause, progress=None):
             gc.enable()
 
 
+def warm_up_case(case, block_time):
+    """Warm up every contender of ``case``; drop, with a note, those whose backend raises
+    NotImplementedError (a backend that cannot do this case yet); return the round's seconds."""
+    round_time, kept = 0.0, []
+    for contender in case.contenders:
+        try:
+            round_time += warm_up(contender, block_time)
+        except NotImplementedError as exc:
+            print(f"note: {contender.label} left out of {case.name} {case.dtype}: {exc}",
+                  file=sys.stderr)
+        else:
+            kept.append(contender)
+    case.contenders = kept
+    return round_time
+
+
 def time_case(case, options, progress=None):
     """Warm up, then time the case's contenders in interleaved rounds; set ``case.rounds``."""
-    round_time = sum(warm_up(c, options.block_time) for c in case.contenders)
+    round_time = warm_up_case(case, options.block_time)
     groups = len(thread_pool_groups(case.contenders))
     round_time += groups * options.pause if groups > 1 else 0.0
     case.rounds = rounds_within_budget(round_time, options.repeat, options.min_repeat,
