@@ -17,6 +17,8 @@ from fastlinear.bench.plot import plot
 from fastlinear.demo import LAYER_SIZES
 
 CASE_KINDS = ("layers", "training", "fused")
+# The versions in the header: fastlinear's own libraries and the baselines.
+BENCH_LIBRARIES = ("numpy", "numba", "scipy", "torch", "cupy")
 
 
 class _TextProgress:
@@ -170,8 +172,7 @@ def make_header(argv, options, torch_module, status):
         load = ", load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
     versions = [f"python {platform.python_version()}",
                 f"fastlinear {fastlinear.__version__} (git {info.git_revision() or 'unknown'})",
-                *info.versions((*info.REPORTED_LIBRARIES, "torch"),
-                               skip=() if torch_module else ("torch",))]
+                *info.versions(BENCH_LIBRARIES, skip=() if torch_module else ("torch",))]
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join([sys.executable, "-m", "fastlinear", "bench", *argv]),
