@@ -1,31 +1,32 @@
-"""asv benchmarks of fastlinear: forward, backward and a layer step per backend x shape x dtype.
+"""asv benchmarks of fastlinear: forward, backward, a layer step and the demo's training step.
 
-Every class is parametrised over ``BACKEND_NAMES`` x ``SHAPES`` x ``DTYPES``. A backend that cannot
-run on this machine skips in ``setup`` (``NotImplementedError`` with the reason), so the suite runs
-everywhere. GPU work is synchronised before a timed call returns.
+The layer classes are parametrised over ``BACKEND_NAMES`` x ``SHAPES`` x ``DTYPES``, the training
+step over backend x batch x dtype. A backend that cannot run on this machine skips in ``setup``
+(``NotImplementedError`` with the reason), so the suite runs everywhere. GPU work is synchronised
+before a timed call returns.
 
-The default grid is small enough for ``asv run --python=same`` to finish in a few minutes on a
-2-core machine. ``FASTLINEAR_ASV_GRID=full`` selects the larger grid of ``python -m fastlinear
-bench``. GFLOP/s counts 2·N·D·M flops forward and 4·N·D·M backward (dX and dW; db is free).
+Shapes, batches and the GFLOP/s timing come from ``python -m fastlinear bench`` itself
+(``fastlinear.bench.grid``, ``fastlinear.bench.timing``), so both tools measure the same things
+the same way. The default grid is the bench's ``--quick`` grid, small enough for ``asv run
+--python=same`` to finish in a few minutes on a 2-core machine; ``FASTLINEAR_ASV_GRID=full``
+selects the bench's default grid. GFLOP/s counts 2·N·D·M flops forward and 4·N·D·M backward (dX
+and dW; db is free).
 """
 
-import importlib
 import os
-import time
 
 import numpy as np
 
 import fastlinear
+from fastlinear.bench import timing
+from fastlinear.bench.grid import DEFAULT_SHAPES, DTYPES, QUICK_SHAPES, TRAINING_BATCHES, shape_text
+from fastlinear.bench.training import step_flops
+from fastlinear.demo import LAYER_SIZES, MLP
 
 GRID_ENV_VAR = "FASTLINEAR_ASV_GRID"
-GRIDS = {
-    # (N, D, M) = (batch, in_features, out_features): tiny (call overhead), medium, skinny (N=1).
-    "default": ("32x64x64", "256x1024x1024", "1x4096x4096"),
-    "full": ("32x64x64", "64x256x256", "256x1024x1024", "1024x1024x1024", "2048x4096x1024",
-             "8192x512x512", "1x4096x4096"),
-}
-SHAPES = GRIDS[os.environ.get(GRID_ENV_VAR, "default").strip().lower() or "default"]
-DTYPES = ("float32", "float64")
+GRIDS = {"default": QUICK_SHAPES, "full": DEFAULT_SHAPES}  # the grids of bench --quick and bench
+SHAPES = tuple(map(shape_text, GRIDS[os.environ.get(GRID_ENV_VAR, "default").strip().lower()
+                                     or "default"]))
 BACKEND_NAMES = tuple(fastlinear.BACKENDS)
 PARAMS = (list(BACKEND_NAMES), list(SHAPES), list(DTYPES))
 PARAM_NAMES = ("backend", "shape", "dtype")
@@ -44,16 +45,9 @@ def skip_if_unavailable(backend):
         raise NotImplementedError(reason)
 
 
-def array_module(layer):
-    """The array library the layer's parameters live in (numpy, or cupy for the GPU backend)."""
-    return importlib.import_module(type(layer.W).__module__.partition(".")[0])
-
-
 def synchronizer(xp):
     """A function that waits for the device to finish queued work (a no-op for NumPy)."""
-    if xp.__name__ == "cupy":
-        return xp.cuda.get_current_stream().synchronize
-    return lambda: None
+    return timing.device_timing(xp).get("synchronize") or (lambda: None)
 
 
 class LayerCase:
@@ -72,7 +66,8 @@ class LayerCase:
         N, D, M = parse_shape(shape)
         self.N, self.D, self.M = N, D, M
         self.layer = fastlinear.Linear(D, M, dtype=dtype, backend=backend, rng=0)
-        xp = array_module(self.layer)
+        xp = timing.array_module(self.layer.W)
+        self.timing = timing.device_timing(xp)
         rng = np.random.default_rng(1)
         self.X = xp.asarray(rng.standard_normal((N, D)), dtype=dtype)
         self.dY = xp.asarray(rng.standard_normal((N, M)), dtype=dtype)
@@ -84,25 +79,9 @@ class LayerCase:
         self.synchronize()
 
     def _gflops(self, step, flops):
-        """GFLOP/s of ``step``: median of 5 samples of enough calls to last >= 20 ms each."""
-        calls = 1
-        while True:
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            self.synchronize()
-            elapsed = time.perf_counter() - start
-            if elapsed >= 0.02 or calls >= 1 << 20:
-                break
-            calls *= 4
-        samples = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            self.synchronize()
-            samples.append((time.perf_counter() - start) / calls)
-        return float(f"{flops / np.median(samples) / 1e9:.4g}")  # 4 digits; more is noise
+        """GFLOP/s of ``step``: median of 5 blocks of >= 20 ms (the bench's timing core)."""
+        seconds = timing.median_seconds(step, block_time=0.02, rounds=5, **self.timing)
+        return float(f"{flops / seconds / 1e9:.4g}")  # 4 digits; more is noise
 
 
 class Forward(LayerCase):
@@ -146,7 +125,7 @@ class HostMemory(LayerCase):
 
     def setup(self, backend, shape, dtype):
         super().setup(backend, shape, dtype)
-        if array_module(self.layer).__name__ != "numpy":
+        if timing.array_module(self.layer.W) is not np:
             raise NotImplementedError("peak host memory says nothing about device allocations")
 
     def peakmem_forward(self, backend, shape, dtype):
@@ -154,3 +133,40 @@ class HostMemory(LayerCase):
 
     def peakmem_backward(self, backend, shape, dtype):
         self.layer.backward(self.dY)
+
+
+class TrainingStep:
+    """A training step of the demo's network (``fastlinear.demo.MLP``): forward and backward
+    through every layer, no optimizer, per backend x batch x dtype."""
+
+    params = (list(BACKEND_NAMES), list(TRAINING_BATCHES), list(DTYPES))
+    param_names = ("backend", "batch", "dtype")
+    rounds = 1
+    repeat = (3, 10, 2.0)
+    warmup_time = 0.1
+
+    def setup(self, backend, batch, dtype):
+        skip_if_unavailable(backend)
+        self.model = MLP(LAYER_SIZES, dtype, backend, rng=0)
+        xp = timing.array_module(self.model.layers[0].W)
+        rng = np.random.default_rng(1)
+        self.X = xp.asarray(rng.standard_normal((batch, LAYER_SIZES[0])), dtype=dtype)
+        self.dlogits = xp.asarray(rng.standard_normal((batch, LAYER_SIZES[-1])), dtype=dtype)
+        self.timing = timing.device_timing(xp)
+        self.synchronize = synchronizer(xp)
+        self._step()  # warm up: JIT compilation, kernel loading, thread start-up
+        self.synchronize()
+
+    def _step(self):
+        self.model.forward(self.X)
+        self.model.backward(self.dlogits)
+
+    def time_training_step(self, backend, batch, dtype):
+        self._step()
+        self.synchronize()
+
+    def track_training_step_gflops(self, backend, batch, dtype):
+        seconds = timing.median_seconds(self._step, block_time=0.02, rounds=5, **self.timing)
+        return float(f"{step_flops(batch) / seconds / 1e9:.4g}")
+
+    track_training_step_gflops.unit = "GFLOP/s"

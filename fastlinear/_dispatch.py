@@ -11,13 +11,28 @@ the program has made ``AUTO_LOAD_AFTER_CALLS`` calls (``_warmup``), and switches
 ready; ``FASTLINEAR_AUTO_LOAD=sync`` loads it in the first call instead.
 """
 
+from __future__ import annotations
+
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from fastlinear import _warmup
+
+if TYPE_CHECKING:  # the type checker holds every registered backend module to the contract
+    from types import ModuleType
+
+    from fastlinear.backends import Backend
+    from fastlinear.backends import cupy as _cupy_backend
+    from fastlinear.backends import numba as _numba_backend
+    from fastlinear.backends import numpy as _numpy_backend
+
+    _CHECKED: tuple[Backend, ...] = (_numpy_backend, _numba_backend, _cupy_backend)
 
 ENV_VAR = "FASTLINEAR_BACKEND"
 AUTO = "auto"
@@ -40,12 +55,13 @@ VALID_NAMES = (*BACKENDS, AUTO)
 _CANONICAL = frozenset(VALID_NAMES)
 
 _context_backend = contextvars.ContextVar("fastlinear_backend", default=None)
-_modules = {}  # name -> backend module that can run
-_unavailable = {}  # name -> reason it cannot
-_load_locks = {}  # name -> lock: one loader at a time per backend (see _load_lock)
-_auto_choice = {}  # array library -> module that auto picks, for good
-_interim_choice = {}  # array library -> module serving auto while a better one is passed over
-_interim_calls = [0]  # auto calls served by an interim choice
+_modules: dict[str, ModuleType] = {}  # name -> backend module that can run
+_unavailable: dict[str, str] = {}  # name -> reason it cannot
+_load_locks: dict[str, threading.Lock] = {}  # name -> one loader at a time (see _load_lock)
+_auto_choice: dict[str, ModuleType] = {}  # array library -> module that auto picks, for good
+# array library -> module serving auto while a better one is passed over; and how many calls
+_interim_choice: dict[str, ModuleType] = {}
+_interim_calls = [0]
 # ``auto`` calls served by numpy before numba is loaded, in a background thread (0 loads it at
 # the first call). Loading numba takes about 0.5 s of the interpreter's time (GIL-bound: a
 # background thread slows the caller by as much), and its kernels save about 2 us per call over
@@ -53,7 +69,6 @@ _interim_calls = [0]  # auto calls served by an interim choice
 # load time / saving per call is faster without it. Rent until the rent paid would buy: about
 # 100000 calls (230000 at 2 us per call, 30000 if fused activations save 15 us).
 AUTO_LOAD_AFTER_CALLS = 100_000
-_env_cache = [None, None]  # [raw value of the variable, normalised name]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -114,7 +129,7 @@ def _load_locked(name):
     raise BackendUnavailableError(reason)
 
 
-def _background_load_failed(name, exc):
+def _background_load_failed(name: str, exc: BaseException) -> None:
     """Cache why the background load of backend ``name`` failed: its reason to be unavailable.
 
     ``_load`` has cached the reason already when the backend cannot run; anything else (an
@@ -128,7 +143,7 @@ def _background_load_failed(name, exc):
         _modules.pop(name, None)
 
 
-def unavailable_reason(name):
+def unavailable_reason(name: str) -> str | None:
     """``None`` if backend ``name`` can run here, else the reason it cannot."""
     try:
         _load(normalize_name(name))
@@ -137,7 +152,7 @@ def unavailable_reason(name):
     return None
 
 
-def available_backends():
+def available_backends() -> dict[str, str | None]:
     """Map every registered backend name to ``None`` (available) or the reason it is not.
 
     Examples
@@ -154,7 +169,7 @@ def _env_raw():
 
     ``os.environ.get`` encodes the key and decodes the value on every call (0.7 us, a sixth of a
     small layer's forward pass); the mapping's own store, which ``os.environ`` keeps in step with
-    every assignment, answers in 0.05 us. Interpreters without that store take the plain way.
+    every assignment, answers several times faster. Interpreters without it take the plain way.
     """
     store = getattr(os.environ, "_data", None)
     if store is None:
@@ -168,14 +183,14 @@ _ENV_KEY = getattr(os.environ, "encodekey", lambda key: key)(ENV_VAR)
 def _env_backend():
     """The normalised value of ``FASTLINEAR_BACKEND`` (``None`` when unset or blank)."""
     raw = _env_raw()
-    if raw != _env_cache[0]:
-        name = None
-        if raw is not None:
-            text = raw if isinstance(raw, str) else os.fsdecode(raw)
-            if text.strip():
-                name = normalize_name(text, source=f"{ENV_VAR} value")
-        _env_cache[:] = [raw, name]
-    return _env_cache[1]
+    return None if raw is None else _env_name(raw)
+
+
+@functools.lru_cache(maxsize=8)
+def _env_name(raw):
+    """The backend name a raw ``FASTLINEAR_BACKEND`` value (str or bytes) asks for, or None."""
+    text = raw if isinstance(raw, str) else os.fsdecode(raw)
+    return normalize_name(text, source=f"{ENV_VAR} value") if text.strip() else None
 
 
 def requested_backend(backend=None):
@@ -246,7 +261,7 @@ def _choose_auto(array_library):
         f"(auto tries {', '.join(order) or 'none'})")
 
 
-def warm_up(array_library="numpy", wait=True):
+def warm_up(array_library: str = "numpy", wait: bool = True) -> str:
     """Start loading ``auto``'s first choice for ``array_library`` arrays now, in the background.
 
     ``auto`` serves its first ``AUTO_LOAD_AFTER_CALLS`` calls with the numpy backend and only
@@ -276,7 +291,7 @@ def warm_up(array_library="numpy", wait=True):
     return resolve(AUTO, array_library).NAME
 
 
-def current_backend(array_library="numpy"):
+def current_backend(array_library: str = "numpy") -> str:
     """The name of the backend a call on ``array_library`` arrays would use right now.
 
     Until ``auto``'s first choice is loaded (see ``warm_up``) this is the backend serving the
@@ -286,7 +301,7 @@ def current_backend(array_library="numpy"):
 
 
 @contextlib.contextmanager
-def use_backend(name):
+def use_backend(name: str) -> Iterator[str]:
     """Use backend ``name`` for fastlinear calls in this thread/context within the block.
 
     The ``backend=`` argument of a call still wins over it; it wins over ``FASTLINEAR_BACKEND``.
