@@ -20,6 +20,8 @@ what happens to them around ``fork`` and at interpreter exit.
   the reason the backend is unavailable.
 """
 
+from __future__ import annotations
+
 import atexit
 import os
 import threading
@@ -32,8 +34,8 @@ SYNC = "sync"
 MODES = (BACKGROUND, SYNC)
 
 _lock = threading.Lock()  # guards _threads and _finished
-_threads = {}  # backend name -> the thread that loads or loaded it
-_finished = set()  # names whose thread ran to its end (in this process or before a fork)
+_threads: dict[str, threading.Thread] = {}  # backend name -> the thread that loads or loaded it
+_finished: set[str] = set()  # names whose thread ran to its end (in this process or before a fork)
 _step_lock = threading.Lock()  # held by the thread during each step; fork waits for it
 _exiting = threading.Event()
 
@@ -117,7 +119,7 @@ def wait(name):
         thread.join()
 
 
-_hooks_registered = []  # [True] once _register_hooks ran
+_hooks_registered: list[bool] = []  # [True] once _register_hooks ran
 
 
 def _register_hooks():
