@@ -23,6 +23,7 @@ what happens to them around ``fork`` and at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 
@@ -53,8 +54,9 @@ def mode():
 def warm_up_calls(module):
     """Tiny calls that make backend ``module`` load the kernels of a training step, per dtype.
 
-    Forward with a bias; backward with a bias, with and without ``dX`` (a first layer needs
-    none): the calls ``fastlinear.Linear`` makes. Other variants load at their first call.
+    Forward with a bias, without and with ReLU; backward with a bias, with and without ``dX``
+    (a first layer needs none), and through ReLU: the calls of the demo's ``fastlinear.Linear``
+    layers. Other variants load at their first call.
     """
     calls = []
     for dtype in module.DTYPES:
@@ -62,11 +64,14 @@ def warm_up_calls(module):
         W = np.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4)
         b = np.linspace(-1.0, 1.0, 4, dtype=dtype)
         dY = np.linspace(-1.0, 1.0, 8, dtype=dtype).reshape(2, 4)
-        calls.append(lambda X=X, W=W, b=b: module.forward(X, W, b, None))
-        for need_dX in (True, False):
-            calls.append(lambda dY=dY, X=X, W=W, need_dX=need_dX: module.backward(
-                dY, X, W, has_bias=True, need_dX=need_dX, accumulate=False, dX=None, dW=None,
-                db=None))
+        Y = np.maximum(X @ W + b, 0)  # what a ReLU layer saves for its backward
+        backward = functools.partial(module.backward, dY, X, W, has_bias=True, accumulate=False,
+                                     dX=None, dW=None, db=None)
+        calls += [functools.partial(module.forward, X, W, b, None),
+                  functools.partial(module.forward, X, W, b, None, activation="relu"),
+                  functools.partial(backward, need_dX=True),
+                  functools.partial(backward, need_dX=False),
+                  functools.partial(backward, need_dX=True, activation="relu", saved=Y)]
     return calls
 
 
