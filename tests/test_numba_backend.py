@@ -304,11 +304,11 @@ def test_concurrent_calls_under_workqueue_layer():
 def test_scipy_blas_fallback():
     """Without NumPy's BLAS symbols the kernels call SciPy's LP64 BLAS: same results."""
     out = run_python(
-        "import numpy as np; from fastlinear.backends import numba as nb;"
-        "nb._NUMPY_BLAS_SYMBOLS = (); nb.SKINNY_MIN_WEIGHTS = 1;"
+        "import numpy as np; from fastlinear.backends import numba as nb, _numba_blas;"
+        "_numba_blas.NUMPY_BLAS_SYMBOLS = (); nb.SKINNY_MIN_WEIGHTS = 1;"
         "from tests.test_numba_backend import worker_results;"
         "print(len(worker_results(n_threads=4, rounds=2)));"
-        "print(nb._routines(np.dtype(np.float32))[2])")
+        "print(_numba_blas.blas_routines(np.dtype(np.float32)).int_bits)")
     assert out.split() == ["0", "32"]
 
 
@@ -341,29 +341,28 @@ def test_cached_kernels_load_in_a_new_process(rng):
     X, W, b, dY = make_inputs(rng, 3, 4, 5, np.float64)
     run_both(X, W, b, dY)  # compiled (or loaded) in this process: the cache files exist now
     out = run_python(
-        "import numpy as np, fastlinear; from fastlinear.backends import numba as nb;"
+        "import numpy as np, fastlinear; from fastlinear.backends import _numba_layer;"
         "X = np.ones((3, 4)); W = np.ones((4, 5)); b = np.ones(5);"
         "fastlinear.linear_forward(X, W, b, backend='numba');"
-        "kernel = nb._kernels['forward', np.dtype(np.float64), True];"
+        "kernel = _numba_layer.compiled(('forward', np.dtype(np.float64), True));"
         "print(sum(kernel.stats.cache_misses.values()), sum(kernel.stats.cache_hits.values()))")
     misses, hits = map(int, out.split())
     assert misses == 0 and hits >= 1
 
 
 def test_blas_threads_follow_numba_threads(rng):
-    import numba
+    from fastlinear.backends._numba_blas import blas_thread_controllers as controllers
 
     X, W, b, dY = make_inputs(rng, 256, 256, 128, np.float64)
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         run_both(X, W, b, dY)
-        assert [c.get_num_threads() for c in backend_module._blas["controllers"]] == [1] * len(
-            backend_module._blas["controllers"])
+        assert [c.get_num_threads() for c in controllers()] == [1] * len(controllers())
     finally:
         numba.set_num_threads(before)
     run_both(X, W, b, dY)
-    assert all(c.get_num_threads() == before for c in backend_module._blas["controllers"])
+    assert all(c.get_num_threads() == before for c in controllers())
 
 
 @pytest.mark.parametrize("N", [1, 64])
