@@ -344,7 +344,7 @@ def test_cached_kernels_load_in_a_new_process(rng):
         "import numpy as np, fastlinear; from fastlinear.backends import _numba_layer;"
         "X = np.ones((3, 4)); W = np.ones((4, 5)); b = np.ones(5);"
         "fastlinear.linear_forward(X, W, b, backend='numba');"
-        "kernel = _numba_layer.compiled(('forward', np.dtype(np.float64), True));"
+        "kernel = _numba_layer.compiled(('forward', np.dtype(np.float64), True, False));"
         "print(sum(kernel.stats.cache_misses.values()), sum(kernel.stats.cache_hits.values()))")
     misses, hits = map(int, out.split())
     assert misses == 0 and hits >= 1
@@ -386,3 +386,157 @@ def test_allocates_only_the_results(rng, N):
     slack = 4096
     assert forward_peak <= N * 192 * 8 + slack
     assert backward_peak <= sum(g.nbytes for g in grads) + slack
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused activations: the forward's epilogue and the backward's G = dY * act'(saved) pass.
+
+# Bounds of |act'(z)|: an error e in z moves act(z) by at most this times e.
+LIPSCHITZ = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": 1.13, "gelu_tanh": 1.13}
+# Rounding of the activation and its derivative themselves (libm's erf, tanh, exp are within a
+# few ulps): counted as this many more terms of the dot products that follow.
+ACTIVATION_TERMS = 8
+
+
+def assert_activation_close(Y, activation, Z_ref, dtype):
+    """``Y`` against ``act`` of the float64 pre-activation ``Z_ref = (expected, magnitude, terms)``:
+    the pre-activation's bound times the Lipschitz constant, plus the activation's own rounding
+    (relative to |y|, and to |z| for the GELUs, whose 0.5 (1 + erf) is absolute-accurate)."""
+    from fastlinear import activations
+    from tests.conftest import error_bound
+
+    expected_z, magnitude, terms = Z_ref
+    expected = activations.apply(activation, expected_z)
+    own = np.abs(expected) + (np.abs(expected_z) if activation.startswith("gelu") else 0)
+    bound = (LIPSCHITZ[activation] * error_bound(dtype, terms, magnitude)
+             + 2 * ACTIVATION_TERMS * np.finfo(dtype).eps * own)
+    err = np.abs(Y.astype(np.float64) - expected)
+    assert (err <= bound).all(), f"{activation}: worst {err.max()!r} over bound {bound.max()!r}"
+
+
+def derivative_scale(activation, saved):
+    """Size of the terms the derivative ``act'`` sums, elementwise: its rounding is relative to
+    them, not to a small ``act'`` (they cancel). Order 1, except for the tanh GELU's second
+    term, ``0.5 z (1 - t**2) beta (1 + 3 kappa z**2)``, where ``1 - t**2`` is rounded absolutely."""
+    from fastlinear import activations as act
+
+    if activation != "gelu_tanh":
+        return 1.0
+    zc = np.clip(saved, -act.GELU_CLAMP, act.GELU_CLAMP)
+    return 1.0 + np.abs(zc) * act.GELU_TANH_BETA * (1 + 3 * act.GELU_TANH_KAPPA * zc * zc)
+
+
+def reference_through(activation, X, W, dY, saved):
+    """Float64 gradients of ``G = dY * act'(saved)`` with their magnitudes: the dot products'
+    terms, and the rounding of ``G`` itself, relative to ``|dY|`` times the derivative's terms
+    (see ``derivative_scale``)."""
+    from fastlinear import activations
+
+    dY64, saved64 = dY.astype(np.float64), saved.astype(np.float64)
+    G = activations.grad(activation, dY64, saved64)
+    ref = reference64(X, W, None, G)
+    loose = reference64(X, W, None,
+                        np.abs(G) + np.abs(dY64) * derivative_scale(activation, saved64))
+    return {name: (ref[name][0], loose[name][1], ref[name][2] + ACTIVATION_TERMS)
+            for name in ("dX", "dW", "db")}
+
+
+def fused_step(X, W, b, dY, activation, **backward_args):
+    """Forward with ``return_saved`` and backward through the activation, numba backend."""
+    Y, saved = fastlinear.linear_forward(X, W, b, activation=activation, backend="numba",
+                                         return_saved=True)
+    grads = fastlinear.linear_backward(dY, X, W, activation=activation, saved=saved,
+                                       has_bias=b is not None, backend="numba", **backward_args)
+    return Y, saved, grads
+
+
+ACTIVATION_NAMES = ["relu", "gelu", "gelu_tanh", "tanh", "sigmoid"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("N", [1, SKINNY, SKINNY + 1, 40])  # gemv, skinny, gemm paths
+def test_fused_activation(rng, activation, dtype, N):
+    X, W, b, dY = make_inputs(rng, N, 37, 29, dtype)
+    X *= 0.5  # pre-activations of order 1..10: every part of the curves
+    Y, saved, (dX, dW, db) = fused_step(X, W, b, dY, activation)
+    ref = reference64(X, W, b, dY)
+    assert_activation_close(Y, activation, ref["Y"], dtype)
+    if activation.startswith("gelu"):  # the saved pre-activation, written in the same pass
+        assert_matches_reference({"Y": saved}, ref, dtype)
+    else:
+        assert saved is Y
+    assert_matches_reference({"dX": dX, "dW": dW, "db": db},
+                             reference_through(activation, X, W, dY, saved), dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("N", [SKINNY, 9])
+def test_fused_activation_flags_layouts_and_accumulate(rng, activation, N):
+    """Strided dY and saved, no dX, no bias, accumulation into given buffers; dY untouched."""
+    dtype = np.float64
+    X, W, b, dY = make_inputs(rng, N, 23, 19, dtype)
+    _, saved = fastlinear.linear_forward(X, W, b, activation=activation, backend="numba",
+                                         return_saved=True)
+    dY, saved = views(dY, "strided"), views(saved, "F")
+    dY_before = dY.copy()
+    ref = reference_through(activation, X, W, dY, saved)
+    dW0, db0 = rng.standard_normal(W.shape), rng.standard_normal(W.shape[1])
+    for has_bias in (True, False):
+        dW_buf, db_buf = dW0.copy(), db0.copy()
+        dX, dW, db = fastlinear.linear_backward(
+            dY, X, W, activation=activation, saved=saved, has_bias=has_bias, need_dX=False,
+            accumulate=True, dW=dW_buf, db=db_buf if has_bias else None, backend="numba")
+        assert dX is None and dW is dW_buf
+        expected, magnitude, terms = ref["dW"]
+        assert_close(dW, dW0 + expected, dtype, terms + 1, magnitude + np.abs(dW0), "dW")
+        if has_bias:
+            expected, magnitude, terms = ref["db"]
+            assert_close(db, db0 + expected, dtype, terms + 1, magnitude + np.abs(db0), "db")
+        else:
+            assert db is None
+            np.testing.assert_array_equal(db_buf, db0)
+    np.testing.assert_array_equal(dY, dY_before)
+
+
+SPECIAL_Z = [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 20.0, -20.0, 90.0, -90.0, 1e3,
+             -1e3, 1e4, -1e4, 3e38, -3e38, np.inf, -np.inf, np.nan]
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("N", [1, SKINNY, SKINNY + 1])
+def test_fused_activation_special_values(activation, dtype, N):
+    """Kinks, large |z|, inf and NaN as the reference gives them, and no warnings: ``Z`` is set
+    exactly (X = ones (N, 1), W = the values as one row), so ``db / N`` is ``act'(z)``."""
+    import warnings
+
+    from fastlinear import activations
+
+    z = np.array(SPECIAL_Z, dtype=dtype)
+    X, W, dY = np.ones((N, 1), dtype), z[None, :].copy(), np.ones((N, z.size), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Y, saved, (_, _, db) = fused_step(X, W, np.zeros(z.size, dtype), dY, activation)
+    with np.errstate(all="ignore"):
+        expected_y = activations.apply(activation, np.tile(z, (N, 1)))
+        expected_g = activations.grad(activation, dY, saved)[0]
+    eps = np.finfo(dtype).eps
+    zz = np.tile(z, (N, 1)).astype(np.float64)
+    with np.errstate(all="ignore"):
+        own = np.abs(zz) if activation.startswith("gelu") else 0
+        check_values(Y, expected_y, 2 * ACTIVATION_TERMS * eps * (np.abs(expected_y) + own))
+        scale = derivative_scale(activation, saved[0].astype(np.float64))
+        check_values(db / N, expected_g, 2 * ACTIVATION_TERMS * eps * (np.abs(expected_g) + scale))
+
+
+def check_values(actual, expected, bound):
+    """NaN where ``expected`` is NaN, infinities equal, finite values within ``bound``."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(actual[~finite & ~np.isnan(expected)],
+                                  expected[~finite & ~np.isnan(expected)])
+    bound = np.broadcast_to(bound, expected.shape)
+    err = np.abs(actual[finite] - expected[finite])
+    assert (err <= bound[finite]).all(), (actual, expected)

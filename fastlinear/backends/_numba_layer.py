@@ -10,8 +10,10 @@ from Numba's cache.
 import threading
 
 import numba
+import numpy as np
 from numba import njit, prange, types
 
+from fastlinear.backends._numba_activations import NONE, activate, activation_grad
 from fastlinear.backends._numba_blas import (
     assume_contiguous,
     is_contiguous,
@@ -44,8 +46,9 @@ def _add_rows(total, A):
                 total[j] += A[i, j]
 
 
-def _forward(gemm, gemv, int_bits, X, W, b, Y):
-    """``Y = X @ W + b``: bias rows written first, then BLAS adds the product (beta=1).
+def _forward(gemm, gemv, int_bits, X, W, b, Y, code, Z):
+    """``Y = act(X @ W + b)``, ``Z = X @ W + b`` (if given): bias rows written first, then BLAS
+    adds the product (beta=1), then each row, still in cache, is copied to Z and activated.
 
     One row (N = 1) is a matrix-vector product: gemv streams W at memory speed, where gemm with
     one column does not.
@@ -62,41 +65,85 @@ def _forward(gemm, gemv, int_bits, X, W, b, Y):
         row_times_matrix(gemv, int_bits, X[0], W, Y[0], beta)
     else:
         matmul_into(gemm, int_bits, X, W, Y, beta)
+    if code != NONE or Z is not None:
+        for i in range(rows):
+            if Z is not None:
+                _copy_row(Y[i], Z[i])
+            activate(code, Y[i])
 
 
-def _backward(gemm, int_bits, dY, X, W, dX, dW, db, accumulate):
-    """dX = dY @ W.T (if dX given), db (+)= dY.sum(0) (if db given), dW (+)= X.T @ dY."""
+@njit(cache=True)
+def _copy_row(source, target):
+    for j in range(source.shape[0]):
+        target[j] = source[j]
+
+
+@njit(cache=True)
+def _through_activation(code, dY, saved, db, accumulate):
+    """``G = dY * act'(saved)`` (a new C-contiguous array) and ``db (+)= G.sum(0)`` (if ``db``
+    is given), in one pass over the rows; ``dY`` is not written."""
+    G = np.empty(dY.shape, dY.dtype)
+    if db is not None and not accumulate:
+        db[:] = 0.0
+    for i in range(dY.shape[0]):
+        upstream, kept, grads = dY[i], saved[i], G[i]
+        if is_contiguous(upstream) and is_contiguous(kept):
+            activation_grad(code, assume_contiguous(upstream), assume_contiguous(kept), grads)
+        else:
+            activation_grad(code, upstream, kept, grads)
+        if db is not None:
+            for j in range(grads.shape[0]):
+                db[j] += grads[j]
+    return G
+
+
+@njit(cache=True)
+def _blas_gradients(gemm, int_bits, G, X, W, dX, dW, db, accumulate):
+    """dX = G @ W.T (if dX given), db (+)= G.sum(0) (if db given), dW (+)= X.T @ G."""
     if dX is not None:
-        matmul_into(gemm, int_bits, dY, W.T, dX, 0.0)
+        matmul_into(gemm, int_bits, G, W.T, dX, 0.0)
     if db is not None:
         if not accumulate:
             db[:] = 0.0
-        _add_rows(db, dY)
-    matmul_into(gemm, int_bits, X.T, dY, dW, 1.0 if accumulate else 0.0)
+        _add_rows(db, G)
+    matmul_into(gemm, int_bits, X.T, G, dW, 1.0 if accumulate else 0.0)
 
 
-def _skinny_backward(dY, X, W, dX, dW, db, accumulate):
-    """Backward for few rows N, one sweep over the rows of W and dW (rows of W and dY contiguous).
+def _backward(gemm, int_bits, dY, X, W, dX, dW, db, accumulate, code, saved):
+    """Gradients through BLAS; with an activation (``saved`` given) of ``G = dY * act'``."""
+    if saved is None:
+        _blas_gradients(gemm, int_bits, dY, X, W, dX, dW, db, accumulate)
+    else:
+        G = _through_activation(code, dY, saved, db, accumulate)
+        _blas_gradients(gemm, int_bits, G, X, W, dX, dW, None, accumulate)
 
-    BLAS would zero dW, update it and read W in a separate gemv; here each parallel task owns
-    one row d of W (length M) and the same row of dW: it reduces ``dX[n, d] = dY[n, :] . W[d, :]``
-    and writes ``dW[d, :] (+)= sum_n X[n, d] * dY[n, :]``. W and dW are streamed once each; dY
-    (N x M) stays in cache.
+
+def _skinny_backward(dY, X, W, dX, dW, db, accumulate, code, saved):
+    """Backward for few rows N, one sweep over the rows of W and dW (rows of W contiguous).
+
+    ``G = dY * act'(saved)`` (a copy of dY without an activation) and db come first, in one
+    pass; G (N x M) then stays in cache. BLAS would zero dW, update it and read W in a separate
+    gemv; here each parallel task owns one row d of W (length M) and the same row of dW: it
+    reduces ``dX[n, d] = G[n, :] . W[d, :]`` and writes ``dW[d, :] (+)= sum_n X[n, d] * G[n, :]``.
+    W and dW are streamed once each.
     """
-    rows, cols = dY.shape
-    depth = W.shape[0]
-    for d in prange(depth):
+    kept = dY
+    if saved is not None:
+        kept = saved
+    G = _through_activation(code, dY, kept, db, accumulate)
+    rows, cols = G.shape
+    for d in prange(W.shape[0]):
         weights = assume_contiguous(W[d])
         grads = dW[d]
         if dX is not None:
             for n in range(rows):
-                upstream = assume_contiguous(dY[n])
+                upstream = G[n]
                 total = weights.dtype.type(0.0)
                 for j in range(cols):
                     total += upstream[j] * weights[j]
                 dX[n, d] = total
         scale = X[0, d]
-        upstream = assume_contiguous(dY[0])
+        upstream = G[0]
         if accumulate:
             for j in range(cols):
                 grads[j] += scale * upstream[j]
@@ -105,13 +152,9 @@ def _skinny_backward(dY, X, W, dX, dW, db, accumulate):
                 grads[j] = scale * upstream[j]
         for n in range(1, rows):
             scale = X[n, d]
-            upstream = assume_contiguous(dY[n])
+            upstream = G[n]
             for j in range(cols):
                 grads[j] += scale * upstream[j]
-    if db is not None:
-        if not accumulate:
-            db[:] = 0.0
-        _add_rows(db, dY)
 
 
 # "reassoc" lets LLVM split the skinny dot products over SIMD lanes (a strict left-to-right sum
@@ -136,13 +179,16 @@ def _signature(name, dtype, present):
     def optional(array_type, is_present):
         return array_type if is_present else types.none
 
+    code = types.int64
     if name == "forward":
-        (has_bias,) = present
+        has_bias, has_preactivation = present
         return types.void(address, address, address, matrix_in, matrix_in,
-                          optional(vector_in, has_bias), matrix_out)
-    has_dX, has_bias = present
+                          optional(vector_in, has_bias), matrix_out, code,
+                          optional(matrix_out, has_preactivation))
+    has_dX, has_bias, has_saved = present
     arrays = (matrix_in, matrix_in, matrix_in, optional(matrix_out, has_dX), matrix_out,
-              optional(vector_out, has_bias), types.boolean)
+              optional(vector_out, has_bias), types.boolean, code,
+              optional(matrix_in, has_saved))
     if name == "backward":
         return types.void(address, address, *arrays)
     return types.void(*arrays)

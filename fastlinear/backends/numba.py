@@ -1,12 +1,16 @@
-"""The Numba CPU backend: the layer's compiled functions around NumPy's BLAS, bias and db fused.
+"""The Numba CPU backend: the layer's compiled functions around NumPy's BLAS, bias, activation
+and db fused.
 
 Method, by shape:
 
 * Forward, N >= 2: one compiled call fills ``Y`` with the bias rows, then runs gemm with
-  ``beta=1`` straight into ``Y``: no temporary of ``Y``'s size, no separate bias pass.
+  ``beta=1`` straight into ``Y``: no temporary of ``Y``'s size, no separate bias pass. Each
+  row of ``Y``, still in cache, is then copied to the pre-activation buffer (if given) and
+  activated.
 * Forward, N = 1: gemv (``beta=1`` on the bias), which streams ``W`` at memory speed.
-* Backward, N > ``SKINNY_ROWS``: gemm for ``dX`` and ``dW`` (``beta=1`` when accumulating), and
-  ``db`` summed in the same compiled call.
+* Backward: ``G = dY * act'(saved)`` and ``db`` in one pass, in the compiled call that then
+  runs the products on ``G`` (``dY`` is read, never written).
+* Backward, N > ``SKINNY_ROWS``: gemm for ``dX`` and ``dW`` (``beta=1`` when accumulating).
 * Backward, N <= ``SKINNY_ROWS`` and ``W`` not tiny: memory-bound, so one ``prange`` function
   walks the rows of ``W`` and ``dW`` together, once.
 
@@ -24,8 +28,6 @@ import time
 import types
 
 import numpy as np
-
-from fastlinear import activations
 
 NAME = "numba"
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -47,6 +49,7 @@ try:
     import numba
 
     from fastlinear.backends import _numba_blas, _numba_layer
+    from fastlinear.backends._numba_activations import activation_code
 except ImportError as exc:  # the dispatcher imports this module to ask whether it can run
     _IMPORT_ERROR = exc
 else:
@@ -117,22 +120,18 @@ def _run_parallel(function, *args):
 
 def forward(X, W, b, out, *, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
-    if activation is not None:  # TEMPORARY, unfused: replaced by the fused kernels
-        Y = forward(X, W, b, out)
-        if preactivation is not None:
-            preactivation[...] = Y
-        return activations.apply(activation, Y, out=Y)
     # Written for the per-call overhead at tiny shapes.
     dtype = W.dtype
     blas = _numba_blas.blas_routines(dtype)
-    function = _numba_layer.compiled(("forward", dtype, b is not None))
+    function = _numba_layer.compiled(("forward", dtype, b is not None, preactivation is not None))
     N, D = X.shape
     M = W.shape[1]
     if out is None:
         out = np.empty((N, M), dtype)
     if N * D * M >= _BLAS_THREADS_MIN_WORK:
         _numba_blas.match_blas_threads()
-    function(blas.gemm, blas.gemv, blas.int_bits, X, W, b, out)
+    function(blas.gemm, blas.gemv, blas.int_bits, X, W, b, out, activation_code(activation),
+             preactivation)
     if N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS:
         _recent.skinny_forward_end = time.perf_counter()
     return out
@@ -141,8 +140,6 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
 def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
              saved=None):
     """Gradients from ``dY``, through the activation; see ``fastlinear.backends``."""
-    if activation is not None:  # TEMPORARY, unfused: replaced by the fused kernels
-        dY = activations.grad(activation, dY, saved)
     N, D = X.shape
     M = W.shape[1]
     dtype = W.dtype
@@ -156,18 +153,23 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
         db = None
     elif db is None:
         db = np.empty(M, dtype=dtype)
-    rows_contiguous = M <= 1 or (W.strides[1] == W.itemsize and dY.strides[1] == dY.itemsize)
-    if (0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS and rows_contiguous
+    code = activation_code(activation)
+    has_saved = activation is not None
+    if not has_saved:
+        saved = None
+    if (0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS
+            and (M <= 1 or W.strides[1] == W.itemsize)
             and _parallel_usable()):
-        function = _numba_layer.compiled(("skinny_backward", dtype, need_dX, has_bias))
+        function = _numba_layer.compiled(("skinny_backward", dtype, need_dX, has_bias, has_saved))
+        args = (dY, X, W, dX, dW, db, accumulate, code, saved)
         if time.perf_counter() - _recent.skinny_forward_end < BLAS_SPIN_SECONDS:
-            _run_on_one_thread(function, dY, X, W, dX, dW, db, accumulate)
+            _run_on_one_thread(function, *args)
         else:
-            _run_parallel(function, dY, X, W, dX, dW, db, accumulate)
+            _run_parallel(function, *args)
     else:
         blas = _numba_blas.blas_routines(dtype)
-        function = _numba_layer.compiled(("backward", dtype, need_dX, has_bias))
+        function = _numba_layer.compiled(("backward", dtype, need_dX, has_bias, has_saved))
         if N * D * M >= _BLAS_THREADS_MIN_WORK:
             _numba_blas.match_blas_threads()
-        function(blas.gemm, blas.int_bits, dY, X, W, dX, dW, db, accumulate)
+        function(blas.gemm, blas.int_bits, dY, X, W, dX, dW, db, accumulate, code, saved)
     return dX, dW, db
