@@ -312,21 +312,52 @@ def test_scipy_blas_fallback():
     assert out.split() == ["0", "32"]
 
 
+FORK_AFTER_PARALLEL = """
+import os, numpy as np, numba
+from numba import njit, prange
+
+@njit(parallel=True)
+def users_parallel_sum(a):
+    total = 0.0
+    for i in prange(a.size):
+        total += a[i]
+    return total
+
+def skinny_backward():
+    nb.SKINNY_MIN_WEIGHTS = 1
+    X, W, dY = np.ones((1, 64)), np.ones((64, 32)), np.ones((1, 32))
+    args = dict(has_bias=True, need_dX=True, accumulate=False, dX=None, dW=None, db=None)
+    return nb.backward(dY, X, W, **args)
+
+{setup}
+print(numba.threading_layer(), nb._parallel_usable())
+pid = os.fork()
+if pid == 0:
+    usable = nb._parallel_usable()
+    dX, dW, db = skinny_backward()
+    os._exit(0 if (dW == 1).all() and (dX == 32).all() and not usable else 3)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_after_parallel_kernel():
-    """GNU OpenMP aborts a forked child's parallel region: the child must take the BLAS path."""
-    out = run_python(
-        "import os, numpy as np; from fastlinear.backends import numba as nb;"
-        "nb.SKINNY_MIN_WEIGHTS = 1;"
-        "X, W, dY = np.ones((1, 64)), np.ones((64, 32)), np.ones((1, 32));"
-        "args = dict(has_bias=True, need_dX=True, accumulate=False, dX=None, dW=None, db=None);"
-        "nb.backward(dY, X, W, **args);"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    dX, dW, db = nb.backward(dY, X, W, **args)\n"
-        "    os._exit(0 if (dW == 1).all() and (dX == 32).all() else 3)\n"
-        "print(os.waitpid(pid, 0)[1])")
-    assert out.split() == ["0"]
+@pytest.mark.parametrize("setup", [
+    # fastlinear's own skinny kernel started the threading layer
+    "from fastlinear.backends import numba as nb; skinny_backward()",
+    # the user's parallel code started it, after fastlinear was imported
+    "from fastlinear.backends import numba as nb; users_parallel_sum(np.ones(1000))",
+    # the user's parallel code started it before fastlinear was imported
+    "users_parallel_sum(np.ones(1000)); from fastlinear.backends import numba as nb",
+])
+def test_forked_child_after_parallel_code(setup):
+    """Under GNU OpenMP a forked child's parallel region aborts the process ('fork() called
+    from a process already using GNU OpenMP'): the child must take the BLAS path."""
+    out = run_python(FORK_AFTER_PARALLEL.replace("{setup}", setup),
+                     NUMBA_THREADING_LAYER="omp")
+    layer, usable_in_parent, child_status = out.split()
+    assert layer == "omp" and child_status == "0"
+    # in the parent the fused kernel stays usable where the start was seen in this process
+    assert usable_in_parent == str(not setup.startswith("users"))
 
 
 def test_missing_numba_names_the_extra():

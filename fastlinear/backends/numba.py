@@ -72,16 +72,35 @@ _recent = types.SimpleNamespace(skinny_forward_end=-math.inf)
 # Numba's threading layer.
 
 _parallel_lock = threading.Lock()
-# The process Numba's threading layer was started in, once a parallel region ran here.
-_threading_state = types.SimpleNamespace(layer=None, pid=None)
+
+
+def _threading_layer():
+    """Numba's threading layer once a parallel region started it (in this process or in the
+    parent it was forked from), else ``None``."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+# The process in which GNU OpenMP, if it starts, starts: this one, or ``None`` when it had
+# already started when this module was imported (then it may have started in a parent).
+_openmp_owner = types.SimpleNamespace(pid=None)
+
+
+def _note_openmp_owner():
+    """Record this process as the future owner of GNU OpenMP, unless it has started already."""
+    if _threading_layer() != "omp":
+        _openmp_owner.pid = os.getpid()
 
 
 def _parallel_usable():
-    """False in a child forked after GNU OpenMP started: its next parallel region would abort.
+    """False where GNU OpenMP started in another process (a parent this one was forked from, by
+    whoever's parallel code): a parallel region here would abort the process.
 
     The callers then take the BLAS path (OpenBLAS is fork-safe).
     """
-    return _threading_state.layer != "omp" or _threading_state.pid == os.getpid()
+    return _threading_layer() != "omp" or _openmp_owner.pid == os.getpid()
 
 
 def _run_on_one_thread(function, *args):
@@ -95,23 +114,18 @@ def _run_on_one_thread(function, *args):
 
 
 def _run_parallel(function, *args):
-    """Run a ``prange`` function; serialised only where the threading layer is not thread-safe.
-
-    The layer is known only after the first parallel call, so that call holds the lock too.
-    """
-    if _threading_state.layer not in (None, "workqueue"):
+    """Run a ``prange`` function; serialised where the threading layer is not thread-safe
+    (``workqueue``) or not known yet."""
+    if _threading_layer() not in (None, "workqueue"):
         return function(*args)
     with _parallel_lock:
-        result = function(*args)
-        if _threading_state.layer is None:
-            try:
-                layer = numba.threading_layer()
-            except ValueError:  # no parallel region ran yet: stay serialised, ask next time
-                pass
-            else:
-                _threading_state.pid = os.getpid()
-                _threading_state.layer = layer
-    return result
+        return function(*args)
+
+
+if _IMPORT_ERROR is None:
+    _note_openmp_owner()
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_note_openmp_owner)
 
 
 # ---------------------------------------------------------------------------------------------
