@@ -173,6 +173,30 @@ def test_layouts(rng, N, x_layout, w_layout):
     check(X, W, b, dY, dtype)
 
 
+@pytest.fixture
+def dX_by_rows(monkeypatch):
+    """Every backward through the BLAS path computes dX by the register-blocked row kernel."""
+    monkeypatch.setattr(backend_module, "ROWS_DOT_ROWS_MIN_M", 0)
+    monkeypatch.setattr(backend_module, "ROWS_DOT_ROWS_MAX_WORK", 1 << 62)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("N,D,M", SHAPES + [(8, 8, 8), (9, 10, 11), (33, 7, 129)])
+def test_shapes_dX_by_rows(rng, N, D, M, dtype, dX_by_rows):
+    """The 4 x 4 blocks and every edge of the register-blocked dX = G @ W.T."""
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    check(X, W, b, dY, dtype)
+
+
+@pytest.mark.parametrize("x_layout", LAYOUTS)
+@pytest.mark.parametrize("w_layout", ["C", "F", "C-padded", "strided"])
+def test_layouts_dX_by_rows(rng, x_layout, w_layout, dX_by_rows):
+    """Rows of dY or W not contiguous: dX through gemm; contiguous, with a padded stride: rows."""
+    X, W, b, dY = make_inputs(rng, 29, 21, 18, np.float32)
+    X, dY, W = views(X, x_layout), views(dY, x_layout), views(W, w_layout)
+    check(X, W, b, dY, np.float32)
+
+
 def test_batch_dims(rng):
     X, W, b, dY = make_inputs(rng, 24, 7, 5, np.float64)
     X3, dY3 = X.reshape(2, 3, 4, 7), dY.reshape(2, 3, 4, 5)
@@ -497,6 +521,15 @@ def test_fused_activation(rng, activation, dtype, N):
         assert_matches_reference({"Y": saved}, ref, dtype)
     else:
         assert saved is Y
+    assert_matches_reference({"dX": dX, "dW": dW, "db": db},
+                             reference_through(activation, X, W, dY, saved), dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_fused_activation_dX_by_rows(rng, activation, dtype, dX_by_rows):
+    X, W, b, dY = make_inputs(rng, 13, 37, 29, dtype)
+    _, saved, (dX, dW, db) = fused_step(X, W, b, views(dY, "F"), activation)
     assert_matches_reference({"dX": dX, "dW": dW, "db": db},
                              reference_through(activation, X, W, dY, saved), dtype)
 

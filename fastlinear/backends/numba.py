@@ -40,6 +40,11 @@ SKINNY_MIN_WEIGHTS = 1 << 17
 # From this many multiply-adds on, a call checks that the BLAS thread count follows Numba's.
 # The setting persists, so smaller calls follow it too once one large call has run.
 _BLAS_THREADS_MIN_WORK = 1 << 23
+# Backward calls of at most this many multiply-adds, with rows of at least this length, compute
+# dX = G @ W.T as register-blocked dot products of rows (_numba_layer._rows_dot_rows): faster
+# there than OpenBLAS's gemm with a transposed operand (benchmarks/small_layers.py).
+ROWS_DOT_ROWS_MAX_WORK = 1 << 18
+ROWS_DOT_ROWS_MIN_M = 96
 # OpenBLAS's workers spin-wait for about this long after each call; a prange function started
 # in that window shares the cores with them and runs slower than on one thread. So the skinny
 # backward runs on the calling thread alone this soon after a skinny forward (a training step).
@@ -185,5 +190,9 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
         function = _numba_layer.compiled(("backward", dtype, need_dX, has_bias, has_saved))
         if N * D * M >= _BLAS_THREADS_MIN_WORK:
             _numba_blas.match_blas_threads()
-        function(blas.gemm, blas.int_bits, dY, X, W, dX, dW, db, accumulate, code, saved)
+        dX_by_rows = (need_dX and N * D * M <= ROWS_DOT_ROWS_MAX_WORK and M >= ROWS_DOT_ROWS_MIN_M
+                      and (M <= 1 or W.strides[1] == W.itemsize)
+                      and (has_saved or M <= 1 or dY.strides[1] == dY.itemsize))
+        function(blas.gemm, blas.int_bits, dY, X, W, dX, dW, db, accumulate, code, saved,
+                 dX_by_rows)
     return dX, dW, db
