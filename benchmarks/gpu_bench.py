@@ -1,27 +1,36 @@
-"""GPU benchmark: fastlinear's cupy backend against PyTorch's ``torch.nn.functional.linear``.
+"""GPU benchmark: fastlinear's cupy backend against PyTorch, with fused activations.
 
 Run from the repository root on a machine with a CUDA GPU, CuPy and PyTorch::
 
-    python benchmarks/gpu_bench.py                       # all shapes, float32 and float16
+    python benchmarks/gpu_bench.py                       # every shape, dtype and activation
+    python benchmarks/gpu_bench.py --quick               # a few shapes, None and relu
     python benchmarks/gpu_bench.py --reps 50 --log my.log
 
-For each shape (N, D, M) and dtype it times, with CUDA events on the default stream (the
-median of ``--reps`` runs after ``--warmup`` runs; host work the GPU waits for, such as argument
-checks and launches, counts for both libraries):
+The header names the device, compute capability, driver, CUDA runtime, cuBLAS, NVRTC, Python,
+NumPy, CuPy, PyTorch and fastlinear versions and the shape rule's constants. For each dtype
+(float16, float32, float64), shape (N, D, M) and activation it times, with CUDA events on the
+current stream (the median of ``--reps`` runs after ``--warmup`` runs; host work the GPU waits
+for, such as argument checks and launches, counts for both libraries):
 
-* forward  ``Y = X @ W + b``: ``fastlinear.linear_forward(..., backend="cupy")`` (the shape rule
-  picks the path) vs ``F.linear(X, W.T, b)`` (the same memory, shared through DLPack);
-* backward ``dX, dW, db``: ``fastlinear.linear_backward(..., backend="cupy")`` vs autograd's
-  ``Y.backward(dY)`` (the forward that builds the graph runs before the start event);
-* every forward path of the cupy backend forced in turn (``cublas_beta``, ``cublas_epilogue``,
-  ``tiled``, ``small_batch`` where the shape allows), to set the shape rule's thresholds.
+* forward ``Y = act(X @ W + b)``: ``fastlinear.linear_forward(..., activation=...)`` (the shape
+  rule picks the path; GELUs also store the pre-activation, as training needs) vs
+  ``act(F.linear(X, W.T, b))`` (the same memory, shared through DLPack);
+* backward ``dX, dW, db``: ``fastlinear.linear_backward(..., activation=..., saved=...)`` vs
+  autograd's ``Y.backward(dY)`` through ``act(F.linear(...))`` (the forward that builds the graph
+  runs before the start event);
+* unless ``--no-paths``: every forward path of the cupy backend forced in turn (``small_batch``,
+  ``tiled``, ``cublas``), and, for the bias without an activation, the alternative
+  ``cublas+epilogue`` (a beta = 0 GEMM, then the bias added by ``bias_activation_epilogue``)
+  against the product's ``fill_rows_with_bias`` + beta = 1 GEMM: the table to set
+  ``SMALL_BATCH_MAX_ROWS``, ``TILED_MAX_WORK``, ``OWN_KERNEL_MAX_INNER_UNFILLED`` and the bias
+  method from.
 
 It reports milliseconds, TFLOP/s (forward 2 N D M flops, backward 4 N D M) and the ratio
-torch time / fastlinear time (above 1: fastlinear is faster), plus the largest relative
-difference between the two results. Precision: float32 with TF32 off in both (torch's
-``allow_tf32`` flags off; fastlinear calls cuBLAS with CUBLAS_COMPUTE_32F and CuPy's default
-math mode); float16 with float32 accumulation in both (torch's
-``allow_fp16_reduced_precision_reduction`` off). The header names the device and versions.
+torch time / fastlinear time (above 1: fastlinear is faster), plus the largest difference between
+the two results relative to the largest |value|. Precision: float32 with TF32 off in both
+(torch's ``allow_tf32`` flags off; fastlinear calls cuBLAS with CUBLAS_COMPUTE_32F and CuPy's
+default math mode); float16 with float32 accumulation in both (torch's
+``allow_fp16_reduced_precision_reduction`` off).
 """
 
 import argparse
@@ -29,11 +38,17 @@ import datetime
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 
-SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (32, 4096, 4096), (1, 8192, 8192),
-          (16384, 1024, 1024)]
-DTYPES = ("float32", "float16")
+# (N, D, M): large GEMMs, batches of 32 and 1, the demo's layer, tall-and-narrow, and the long-D
+# shapes that a kernel without a split over D would serve from one block.
+SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 1024), (64, 4096, 4096),
+          (32, 4096, 4096), (8, 8192, 8192), (1, 8192, 8192), (32, 64, 128), (256, 128, 64),
+          (9, 2**18, 1), (1, 2**18, 32)]
+QUICK_SHAPES = [(4096, 4096, 4096), (32, 4096, 4096), (1, 8192, 8192), (32, 64, 128)]
+DTYPES = ("float16", "float32", "float64")
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "tanh", "sigmoid")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -41,6 +56,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20, help="timed runs per case (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few shapes, no activation and relu only")
+    parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     parser.add_argument("--log", type=pathlib.Path, default=None,
                         help="log file (default benchmarks/results/gpu_bench-<UTC time>.log)")
     parser.add_argument("--no-paths", action="store_true",
@@ -79,6 +97,57 @@ def median_ms(run, record_start, record_end, elapsed_ms, reps, warmup, setup=Non
     return statistics.median(times)
 
 
+def git_commit():
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def torch_activation(F, torch, activation):
+    """PyTorch's function for a fastlinear activation name (None: identity)."""
+    return {
+        None: lambda y: y,
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+    }[activation]
+
+
+def log_header(log, args, stamp, cp, np, torch, fastlinear, cupy_launch):
+    from cupy_backends.cuda.libs import cublas
+
+    device = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(device.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    try:
+        nvrtc = ".".join(map(str, cp.cuda.nvrtc.getVersion()))
+    except Exception as exc:  # the version is informative only
+        nvrtc = f"unknown ({exc})"
+    log(f"# fastlinear GPU benchmark, {stamp:%Y-%m-%d %H:%M:%S} UTC, host {platform.node()}, "
+        f"commit {git_commit()}")
+    log(f"# device {device.id}: {name}, compute capability {props['major']}.{props['minor']}, "
+        f"{props['multiProcessorCount']} SMs, {props['totalGlobalMem'] / 2**30:.1f} GiB")
+    log(f"# CUDA driver {cp.cuda.runtime.driverGetVersion()}, runtime "
+        f"{cp.cuda.runtime.runtimeGetVersion()}, cuBLAS "
+        f"{cublas.getVersion(cp.cuda.device.get_cublas_handle())}, NVRTC {nvrtc}")
+    log(f"# python {platform.python_version()}, numpy {np.__version__}, cupy {cp.__version__}, "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), fastlinear "
+        f"{fastlinear.__version__}")
+    log("# float32: TF32 off in both (torch allow_tf32=False; fastlinear CUBLAS_COMPUTE_32F, "
+        "CuPy default math mode). float16: float32 accumulation in both (torch "
+        "allow_fp16_reduced_precision_reduction=False).")
+    log(f"# median of {args.reps} runs after {args.warmup} warm-up runs, CUDA events; "
+        "ratio = torch ms / fastlinear ms (>1: fastlinear faster)")
+    log(f"# shape rule: small_batch for N <= {cupy_launch.SMALL_BATCH_MAX_ROWS}, tiled for "
+        f"N*D*M <= {cupy_launch.TILED_MAX_WORK}, either only with >= half the SMs busy or "
+        f"D <= {cupy_launch.OWN_KERNEL_MAX_INNER_UNFILLED}; else cublas")
+    log()
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -88,7 +157,9 @@ def main(argv=None):
     import torch.nn.functional as F
 
     import fastlinear
+    from fastlinear import activations as fl_activations
     from fastlinear.backends import cupy as cupy_backend
+    from fastlinear.backends import cupy_launch
 
     if not torch.cuda.is_available():
         sys.exit("PyTorch sees no CUDA device")
@@ -103,6 +174,8 @@ def main(argv=None):
     stamp = datetime.datetime.now(datetime.timezone.utc)
     log = Log(args.log or ROOT / "benchmarks" / "results"
               / f"gpu_bench-{stamp:%Y%m%d-%H%M%S}.log")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    activation_names = (None, "relu") if args.quick else ACTIVATIONS
 
     # cupy events for fastlinear, torch events for torch: each on its library's current stream.
     def cupy_event():
@@ -130,35 +203,20 @@ def main(argv=None):
         return median_ms(run, torch_event, torch_event, torch_elapsed, args.reps, args.warmup,
                          setup)
 
-    device = cp.cuda.Device()
-    props = cp.cuda.runtime.getDeviceProperties(device.id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    from cupy_backends.cuda.libs import cublas
-
-    log(f"# fastlinear GPU benchmark, {stamp:%Y-%m-%d %H:%M:%S} UTC, host {platform.node()}")
-    log(f"# device {device.id}: {name}, compute capability {props['major']}.{props['minor']}, "
-        f"{props['multiProcessorCount']} SMs, {props['totalGlobalMem'] / 2**30:.1f} GiB")
-    log(f"# CUDA driver {cp.cuda.runtime.driverGetVersion()}, runtime "
-        f"{cp.cuda.runtime.runtimeGetVersion()}, cuBLAS "
-        f"{cublas.getVersion(cp.cuda.device.get_cublas_handle())}")
-    log(f"# python {platform.python_version()}, numpy {np.__version__}, cupy {cp.__version__}, "
-        f"torch {torch.__version__} (CUDA {torch.version.cuda}), fastlinear "
-        f"{fastlinear.__version__}")
-    log("# float32: TF32 off in both (torch allow_tf32=False; fastlinear CUBLAS_COMPUTE_32F, "
-        "CuPy default math mode). float16: float32 accumulation in both (torch "
-        "allow_fp16_reduced_precision_reduction=False).")
-    log(f"# median of {args.reps} runs after {args.warmup} warm-up runs, CUDA events; "
-        "ratio = torch ms / fastlinear ms (>1: fastlinear faster)")
-    log(f"# shape rule: small_batch for N <= {cupy_backend.SMALL_BATCH_MAX_ROWS}, tiled for "
-        f"N*D*M <= {cupy_backend.TILED_MAX_WORK}, else cublas_beta")
-    log()
-    header = (f"{'pass':8} {'dtype':8} {'N':>6} {'D':>6} {'M':>6} {'path':16} "
+    log_header(log, args, stamp, cp, np, torch, fastlinear, cupy_launch)
+    header = (f"{'pass':8} {'dtype':8} {'N':>6} {'D':>6} {'M':>6} {'act':9} {'path':12} "
               f"{'fl ms':>9} {'fl TF/s':>8} {'torch ms':>9} {'torch TF/s':>10} "
               f"{'ratio':>6} {'max rel diff':>12}")
     log(header)
     path_rows = []
 
-    def run_case(dtype_name, N, D, M):
+    def diff(ours, theirs):
+        ours = cp.asarray(ours, dtype=cp.float64)
+        theirs = cp.asarray(theirs, dtype=cp.float64)
+        scale = max(float(cp.abs(theirs).max()), 1e-30)
+        return float(cp.abs(ours - theirs).max() / scale)
+
+    def run_case(dtype_name, N, D, M, activation):
         """Log the forward and backward rows of one case; collect its forced-path rows."""
         dtype = np.dtype(dtype_name)
         rng = cp.random.default_rng(0)
@@ -169,72 +227,88 @@ def main(argv=None):
         Xt = torch.from_dlpack(X)
         weight = torch.from_dlpack(W).t()  # (M, D), PyTorch's layout, same memory
         bt, dYt = torch.from_dlpack(b), torch.from_dlpack(dY)
+        act = torch_activation(F, torch, activation)
         flops = 2.0 * N * D * M
-        w_steps = cupy_backend.element_strides(W)
-        rule = cupy_backend.forward_path(N, D, M, w_steps[1] == 1)
+        w_steps = cupy_launch.element_strides(W)
+        rule = cupy_launch.forward_path(N, D, M, w_steps[1] == 1,
+                                        cupy_backend._sm_count(cp.cuda.Device().id))
+        act_name = activation or "-"
+        saves = fl_activations.saved_for_backward(activation) == "preactivation"
 
-        def diff(ours, theirs):
-            ours = cp.asarray(ours, dtype=cp.float64)
-            theirs = cp.asarray(theirs, dtype=cp.float64)
-            return float(cp.abs(ours - theirs).max() / max(float(cp.abs(theirs).max()),
-                                                            1e-30))
+        def ours_forward():
+            return fastlinear.linear_forward(X, W, b, activation=activation, backend="cupy",
+                                             return_saved=saves)
 
-        # forward
-        ours_ms = time_cupy(lambda: fastlinear.linear_forward(X, W, b, backend="cupy"))
-        torch_ms = time_torch(lambda: F.linear(Xt, weight, bt))
-        rel = diff(fastlinear.linear_forward(X, W, b, backend="cupy"),
-                   cp.from_dlpack(F.linear(Xt, weight, bt).detach()))
-        log(f"{'forward':8} {dtype_name:8} {N:6} {D:6} {M:6} {rule:16} {ours_ms:9.3f} "
-            f"{flops / ours_ms / 1e9:8.1f} {torch_ms:9.3f} {flops / torch_ms / 1e9:10.1f} "
-            f"{torch_ms / ours_ms:6.2f} {rel:12.2e}")
+        ours_ms = time_cupy(ours_forward)
+        torch_ms = time_torch(lambda: act(F.linear(Xt, weight, bt)))
+        Y, saved = fastlinear.linear_forward(X, W, b, activation=activation, backend="cupy",
+                                             return_saved=True)
+        rel = diff(Y, cp.from_dlpack(act(F.linear(Xt, weight, bt)).detach()))
+        log(f"{'forward':8} {dtype_name:8} {N:6} {D:6} {M:6} {act_name:9} {rule:12} "
+            f"{ours_ms:9.3f} {flops / ours_ms / 1e9:8.1f} {torch_ms:9.3f} "
+            f"{flops / torch_ms / 1e9:10.1f} {torch_ms / ours_ms:6.2f} {rel:12.2e}")
 
-        # backward (dX, dW, db)
-        ours_ms = time_cupy(lambda: fastlinear.linear_backward(dY, X, W, backend="cupy"))
+        ours_ms = time_cupy(lambda: fastlinear.linear_backward(
+            dY, X, W, activation=activation, saved=saved, backend="cupy"))
         leaves = {}
 
         def torch_forward():
             leaves["X"] = Xt.detach().requires_grad_()
             leaves["weight"] = weight.detach().requires_grad_()
             leaves["b"] = bt.detach().requires_grad_()
-            leaves["Y"] = F.linear(leaves["X"], leaves["weight"], leaves["b"])
+            leaves["Y"] = act(F.linear(leaves["X"], leaves["weight"], leaves["b"]))
 
         torch_ms = time_torch(lambda: leaves["Y"].backward(dYt), setup=torch_forward)
         torch_forward()
         leaves["Y"].backward(dYt)
-        dX, dW, db = fastlinear.linear_backward(dY, X, W, backend="cupy")
+        dX, dW, db = fastlinear.linear_backward(dY, X, W, activation=activation, saved=saved,
+                                                backend="cupy")
         rel = max(diff(dX, cp.from_dlpack(leaves["X"].grad)),
                   diff(dW, cp.from_dlpack(leaves["weight"].grad.t().contiguous())),
                   diff(db, cp.from_dlpack(leaves["b"].grad)))
-        log(f"{'backward':8} {dtype_name:8} {N:6} {D:6} {M:6} {'cublas+colsum':16} "
+        log(f"{'backward':8} {dtype_name:8} {N:6} {D:6} {M:6} {act_name:9} {'colsum+gemm':12} "
             f"{ours_ms:9.3f} {2 * flops / ours_ms / 1e9:8.1f} {torch_ms:9.3f} "
             f"{2 * flops / torch_ms / 1e9:10.1f} {torch_ms / ours_ms:6.2f} {rel:12.2e}")
         leaves.clear()
 
-        if not args.no_paths:
-            for path in cupy_backend.FORWARD_PATHS:
-                if path == "small_batch" and N > 64:
-                    continue  # one block row per 8 rows: meant for tiny batches only
-                if path == "tiled" and N * D * M > 1 << 34:
-                    continue  # far slower than cuBLAS there; not worth the minutes
-                with cupy_backend.forced_forward_path(path):
-                    path_ms = time_cupy(
-                        lambda: fastlinear.linear_forward(X, W, b, backend="cupy"))
-                path_rows.append((dtype_name, N, D, M, path, path_ms, flops / path_ms / 1e9,
-                                  path == rule))
+        if args.no_paths:
+            return
+        for path in cupy_launch.FORWARD_PATHS:
+            if path == "small_batch" and N > 64:
+                continue  # one block row per 8 rows: meant for tiny batches only
+            if path != "cublas" and N * D * M > 1 << 34:
+                continue  # far slower than cuBLAS there; not worth the minutes
+            with cupy_backend.forced_forward_path(path):
+                path_ms = time_cupy(ours_forward)
+            path_rows.append((dtype_name, N, D, M, act_name, path, path_ms, path == rule))
+        if activation is None:
+            # The measured alternative for the bias: GEMM (beta = 0), then the epilogue pass.
+            Y_alt = cp.empty((N, M), dtype)
 
-    for dtype_name in DTYPES:
-        for N, D, M in SHAPES:
-            run_case(dtype_name, N, D, M)
-            cp.get_default_memory_pool().free_all_blocks()  # the case's arrays are gone
-            torch.cuda.empty_cache()
+            def gemm_then_epilogue():
+                cupy_backend._gemm(X, W, Y_alt, beta=0)
+                cupy_backend._bias_activation_epilogue(Y_alt, b, None, None)
+
+            path_rows.append((dtype_name, N, D, M, act_name, "cublas+epilogue",
+                              time_cupy(gemm_then_epilogue), False))
+
+    for dtype_name in args.dtypes:
+        for N, D, M in shapes:
+            for activation in activation_names:
+                run_case(dtype_name, N, D, M, activation)
+                cp.get_default_memory_pool().free_all_blocks()  # the case's arrays are gone
+                torch.cuda.empty_cache()
 
     if path_rows:
         log()
-        log("# forward paths of the cupy backend, each forced ('*' = the shape rule's choice)")
-        log(f"{'dtype':8} {'N':>6} {'D':>6} {'M':>6} {'path':16} {'ms':>9} {'TF/s':>8}")
-        for dtype_name, N, D, M, path, ms, tflops, chosen in path_rows:
-            log(f"{dtype_name:8} {N:6} {D:6} {M:6} {path:16} {ms:9.3f} {tflops:8.1f}"
-                f"{' *' if chosen else ''}")
+        log("# forward paths of the cupy backend, each forced ('*' = the shape rule's choice; "
+            "cublas+epilogue: the bias by an epilogue pass after a beta = 0 GEMM, to compare "
+            "with cublas's fill + beta = 1)")
+        log(f"{'dtype':8} {'N':>6} {'D':>6} {'M':>6} {'act':9} {'path':16} {'ms':>9} "
+            f"{'TF/s':>8}")
+        for dtype_name, N, D, M, act_name, path, ms, chosen in path_rows:
+            log(f"{dtype_name:8} {N:6} {D:6} {M:6} {act_name:9} {path:16} {ms:9.3f} "
+                f"{2.0 * N * D * M / ms / 1e9:8.1f}{' *' if chosen else ''}")
     log()
     log(f"# log written to {log.path}")
 

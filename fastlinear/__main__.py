@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastlinear info | demo | bench`` (``--help`` on each)."""
+"""Command line: ``python -m fastlinear info | check | demo | bench`` (``--help`` on each)."""
 
 import argparse
 import sys
@@ -9,11 +9,15 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="backends, their availability, versions, threads, devices",
                         add_help=False)
+    commands.add_parser("check", help="every available backend against the NumPy reference",
+                        add_help=False)
     commands.add_parser("demo", help="train a small MLP on scikit-learn's digits", add_help=False)
     commands.add_parser("bench", help="side-by-side benchmark of every backend", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from fastlinear.info import main as command
+    elif args.command == "check":
+        from fastlinear.check import main as command
     elif args.command == "demo":
         from fastlinear.demo import main as command
     else:

@@ -119,8 +119,10 @@ def grad(activation, dY, saved, out=None):
     if activation is None:
         out[...] = dY
     elif activation == "relu":
-        # torch's threshold_backward: zero where y <= 0, so NaN outputs pass the gradient
-        np.multiply(dY, ~(saved <= 0), out=out)
+        # torch's threshold_backward selects, not multiplies: zero where y <= 0 even where dY
+        # is NaN or inf, and the gradient passes where y is NaN
+        np.copyto(out, dY)
+        out[saved <= 0] = 0
     elif activation == "tanh":
         np.multiply(dY, one - saved * saved, out=out)
     elif activation == "sigmoid":

@@ -1,105 +1,58 @@
-"""The functional API: ``linear_forward`` and ``linear_backward`` validate once, then dispatch.
+"""The functional API: ``linear_forward`` and ``linear_backward`` check once, then dispatch.
 
 All input checks live here, so backends stay free of them. Conventions (the classic NumPy layer's,
 not PyTorch's): ``W`` has shape ``(in_features, out_features)`` = ``(D, M)``, ``X`` has shape
-``(N, D)`` or ``(*, D)``, ``b`` has shape ``(M,)`` or ``(1, M)``, ``Y`` has shape ``(N, M)`` or
-``(*, M)``.
-
-Rules
------
-* Array type in = array type out. NumPy and CuPy arrays are accepted; Python lists and tuples are
-  converted with ``numpy.asarray(x, dtype=W.dtype)`` (a list has no dtype of its own); anything
-  else is a ``TypeError``. Masked arrays are refused (the mask would be ignored silently).
-  The CPU backends take NumPy arrays only. The cupy backend takes CuPy arrays, and NumPy arrays
-  too, which it copies to the device: ``Y`` and ``dX`` come back in the library of the data input
-  (``X``, ``dY``), ``dW`` and ``db`` in the library of ``W`` (so a layer whose parameters live on
-  the GPU keeps its gradients there).
-* Every array of a call has the same floating dtype, from the backend's ``DTYPES`` (float32 and
-  float64 everywhere, float16 on the GPU too). float32 stays float32. Mixed dtypes and integer,
-  bool, complex or object arrays are a ``TypeError``; nothing is cast behind your back.
-* Shapes must agree exactly; nothing is broadcast except the bias over rows.
-* NaN and inf propagate as in NumPy; they are not checked for.
-* Output buffers (``out``, ``dX``, ``dW``, ``db``) overlap no input and no other output; the
-  buffer given is the array returned, also with leading batch dimensions.
-* Outputs that fastlinear allocates in host memory and that would not fit in it (more bytes than
-  the machine's physical memory) are refused with a ``MemoryError`` before anything is
-  allocated; an operating system that overcommits memory would otherwise accept the allocation
-  and kill the process when it is filled.
+``(N, D)``, ``(*, D)`` or ``(D,)``, ``b`` broadcasts to ``(M,)``, ``Y`` has ``X``'s leading
+shape and ``M`` columns. The README's "Rules" section states the rest; ``fastlinear._arrays``
+converts the caller's arrays and applies NumPy's type promotion.
 """
+
+from __future__ import annotations
 
 import math
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from fastlinear import _dispatch, activations
+from fastlinear import _arrays, _dask, _dispatch, activations
 
 __all__ = ["linear_forward", "linear_backward"]
 
-
-def _library(x):
-    """Root module of an array's type: ``"numpy"``, ``"cupy"``, ``"builtins"`` ..."""
-    return type(x).__module__.partition(".")[0]
+_library = _arrays.library
 
 
-def _as_array(x, name, dtype=None):
-    """Return ``x`` as an array (converting lists/tuples), or raise TypeError naming what came."""
-    if type(x) is np.ndarray:
-        return x
-    if _library(x) == "cupy":
-        return x
-    if isinstance(x, np.ndarray):
-        if isinstance(x, np.ma.MaskedArray):
-            raise TypeError(
-                f"{name} is a numpy masked array; fastlinear would ignore its mask. "
-                f"Pass {name}.filled(...) or an unmasked ndarray"
-            )
-        return x if type(x) is np.ndarray else np.asarray(x)
-    if isinstance(x, (list, tuple)):
-        try:
-            return np.asarray(x, dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} could not be converted to a {dtype} array: {exc}") from exc
-    raise TypeError(
-        f"{name} must be a numpy.ndarray or cupy.ndarray (or a list of numbers), "
-        f"got {type(x).__module__}.{type(x).__qualname__}"
-    )
-
-
-def _check_dtype(x, name, dtype):
-    if x.dtype != dtype:
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but the call computes in {dtype} (the dtype of W); "
-            f"fastlinear does not cast: convert with {name}.astype({dtype.name!r})"
-        )
-
-
-def _check_weight(W, module):
+def _check_weight(W):
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
-    if W.dtype not in module.DTYPES:
+
+
+def _check_backend_dtype(dtype, module):
+    if dtype not in module.DTYPES:
         names = ", ".join(d.name for d in module.DTYPES)
-        raise TypeError(
-            f"W has dtype {W.dtype}; the {module.NAME!r} backend computes in {names}"
-        )
+        raise TypeError(f"the call computes in {dtype} (NumPy's result dtype of its operands); "
+                        f"the {module.NAME!r} backend computes in {names}")
 
 
-def _check_bias(b, M, dtype):
-    """Return ``b`` as a 1-D ``(M,)`` view; ``(1, M)`` is accepted as the notebook uses it."""
-    _check_dtype(b, "b", dtype)
+def _as_bias(b, M, dtype):
+    """``b`` as a 1-D ``(M,)`` array: NumPy broadcasting of a scalar, ``(1,)``, ``(1, M)``..."""
+    if _arrays.is_scalar(b) or isinstance(b, np.generic):
+        return np.full(M, b, dtype=dtype)
     if b.ndim == 2 and b.shape[0] == 1:
         b = b.reshape(b.shape[1])
-    if b.ndim != 1 or b.shape[0] != M:
-        raise ValueError(f"b must have shape ({M},) or (1, {M}) to match W's {M} columns, "
-                         f"got shape {b.shape}")
-    return b
+    if b.shape == (M,):
+        return b
+    if b.ndim <= 1 and b.size == 1:
+        return _arrays.namespace(b).full(M, b.reshape(()), dtype=dtype)
+    raise ValueError(f"b must broadcast to ({M},) to match W's {M} columns (a scalar, (1,), "
+                     f"({M},) or (1, {M})), got shape {b.shape}")
 
 
-def _check_rows(x, name, width, what):
-    """Check ``x`` is ``(*, width)``; return it flattened to 2-D ``(rows, width)``."""
-    if x.ndim < 2:
-        raise ValueError(f"{name} must be 2-D (N, {width}) or (*, {width}), got shape {x.shape}"
-                         f"; for a single row use {name}.reshape(1, -1)")
+def _as_rows(x, name, width, what):
+    """Check ``x`` is ``(*, width)`` or ``(width,)``; return it as 2-D ``(rows, width)``."""
+    if x.ndim == 0:
+        raise ValueError(f"{name} must be (N, {width}), (*, {width}) or one sample ({width},), "
+                         f"got a 0-d array")
     if x.shape[-1] != width:
         raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
                          f"(shape {x.shape})")
@@ -108,33 +61,54 @@ def _check_rows(x, name, width, what):
 
 
 def _shares_memory(a, b):
+    """Whether the memory spans of ``a`` and ``b`` overlap (a bounds check, as NumPy's
+    ``may_share_memory``). For CuPy arrays it is computed from pointers and strides on the host:
+    ``cupy.shares_memory`` is exact, but lists every element's address on the device and
+    synchronises it, on every call with a buffer."""
     if _library(a) != _library(b):
         return False  # host and device memory never overlap
-    if _library(a) == "cupy":
-        import cupy
-
-        return cupy.shares_memory(a, b)
-    return np.may_share_memory(a, b)
+    if _library(a) != "cupy":
+        return np.may_share_memory(a, b)
+    if a.size == 0 or b.size == 0:
+        return False
+    spans = []
+    for array in (a, b):
+        low = high = array.data.ptr
+        for extent, stride in zip(array.shape, array.strides, strict=True):
+            reach = (extent - 1) * stride
+            low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+        spans.append((low, high + array.itemsize))
+    (a_low, a_high), (b_low, b_high) = spans
+    return a_low < b_high and b_low < a_high
 
 
 def _check_out(buf, name, shape, dtype, library, inputs):
-    """Check a caller-supplied output buffer of exactly ``shape``; return it as 2-D (or 1-D)."""
-    if _library(buf) != library:
-        raise TypeError(f"{name} must be a {library}.ndarray like the inputs, "
-                        f"got {type(buf).__module__}.{type(buf).__qualname__}")
-    if buf.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {buf.dtype}")
-    if buf.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {buf.shape}")
-    if not buf.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous, got strides {buf.strides}")
+    """Check a caller-supplied output buffer of exactly ``shape``.
+
+    Returns the buffer as a NumPy/CuPy array (a view of a foreign buffer), flattened to 2-D.
+    """
+    if isinstance(buf, (list, tuple)):  # a converted copy would receive the result, not buf
+        raise TypeError(f"{name} must be an array that receives the result, got "
+                        f"{_arrays.type_name(buf)}")
+    native, _ = _arrays.to_native(buf, name)
+    if _library(native) != library:
+        raise TypeError(f"{name} must be a {library} array like the result, "
+                        f"got {_arrays.type_name(buf)}")
+    if native.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {native.dtype}")
+    if native.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {native.shape}")
+    if not native.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {native.strides}")
     # Some CuPy versions have no flags.writeable (their arrays are always writable).
-    if not getattr(buf.flags, "writeable", True):
+    if not getattr(native.flags, "writeable", True):
         raise ValueError(f"{name} is read-only")
     for input_name, array in inputs:
-        if array is not None and _shares_memory(buf, array):
+        if array is not None and _shares_memory(native, array):
             raise ValueError(f"{name} overlaps the input {input_name}; pass a separate buffer")
-    return buf if buf.ndim <= 2 else buf.reshape(math.prod(shape[:-1]), shape[-1])
+    if native.ndim <= 2:
+        return native
+    return native.reshape(math.prod(shape[:-1]), shape[-1])
 
 
 def _host_memory_bytes():
@@ -193,49 +167,81 @@ def _is_plain_call(X, W, b):
                                and b.dtype is W.dtype)))
 
 
+def _plain_backend(backend, dtype):
+    """The backend of a plain NumPy call, or None where the general path must decide."""
+    module = _dispatch.resolve(backend, "numpy")
+    if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
+        return module
+    return None
+
+
 def _fits_fast_path(elements, dtype):
     """Whether outputs of ``elements`` in all may be allocated without the general checks."""
     nbytes = elements * dtype.itemsize
     return nbytes <= FAST_PATH_MAX_BYTES and nbytes <= HOST_MEMORY_BYTES
 
 
-def _prepare(W, arrays, backend):
-    """Convert and check the call's arrays and resolve its backend.
+class _Call(NamedTuple):
+    """A call's arrays after conversion and promotion, and where its results go back to."""
 
-    ``arrays`` is ``((name, array), ...)`` with the data input (X or dY) first: its library
-    decides what ``auto`` picks. Returns ``(module, W, [arrays...])``. This runs on every call,
-    so it is written for speed: one pass per array, no work for arrays already in order.
-    """
-    W = _as_array(W, "W")
-    dtype = W.dtype
-    checked = [None if x is None and name == "b" else _as_array(x, name, dtype)
-               for name, x in arrays]
-    module = _dispatch.resolve(backend, _library(checked[0]))
+    module: Any  # the backend module (fastlinear.backends.Backend)
+    dtype: np.dtype
+    W: Any
+    arrays: list  # the other operands, converted, in the order given (None where absent)
+    data_back: _arrays.Converter  # Y / dX back into the data input's library
+    weight_back: _arrays.Converter  # dW / db back into W's library
+
+
+def _check_libraries(module, operands):
     libraries = module.ARRAY_LIBRARIES
-    for name, x in (("W", W), *zip((name for name, _ in arrays), checked, strict=True)):
-        if x is not None and _library(x) not in libraries:
-            raise TypeError(
-                f"the {module.NAME!r} backend takes {' or '.join(libraries)} "
-                f"arrays, got {name} as a {type(x).__module__}.{type(x).__qualname__}"
-            )
-    _check_weight(W, module)
-    for (name, _), x in zip(arrays, checked, strict=True):
-        if x is not None and x.dtype != dtype:
-            _check_dtype(x, name, dtype)
-    return module, W, checked
+    for name, x in operands:
+        if hasattr(x, "dtype") and _library(x) not in libraries:
+            raise TypeError(f"the {module.NAME!r} backend takes {' or '.join(libraries)} arrays, "
+                            f"got {name} as a {_arrays.type_name(x)}")
 
 
-def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, return_saved=False):
+def _prepare(W, arrays, backend, casting):
+    """Convert, promote and check the call's arrays; resolve its backend.
+
+    ``arrays`` is ``((name, array or None), ...)`` with the data input (X or dY) first: its
+    library decides what ``auto`` picks and where ``Y``/``dX`` go back to.
+    """
+    W, weight_back = _arrays.to_native(W, "W")
+    natives = [None if x is None and i else _arrays.to_native(x, name, scalar_ok=name == "b")
+               for i, (name, x) in enumerate(arrays)]
+    data_back = natives[0][1]
+    natives = [None if pair is None else pair[0] for pair in natives]
+    operands = [(name, x) for (name, _), x in zip(arrays, natives, strict=True) if x is not None]
+    operands.insert(1, ("W", W))
+    dtype = _arrays.result_dtype(operands)
+    module = _dispatch.resolve(backend, _library(natives[0]))
+    _check_libraries(module, operands)
+    _check_weight(W)
+    _check_backend_dtype(dtype, module)
+    cast = [x if x is None or not hasattr(x, "dtype") else _arrays.cast(x, name, dtype, casting)
+            for (name, _), x in zip(arrays, natives, strict=True)]
+    return _Call(module, dtype, _arrays.cast(W, "W", dtype, casting), cast, data_back,
+                 weight_back)
+
+
+def _give_back(result, converter):
+    return result if converter is None or result is None else converter(result)
+
+
+def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = None,
+                   backend: str | None = None, out: Any = None, return_saved: bool = False,
+                   casting: str = "safe") -> Any:
     """Forward pass of a linear layer, ``Y = act(X @ W + b)``, bias and activation fused.
 
     Parameters
     ----------
-    X : array, shape (N, D) or (*, D)
-        Input rows. Leading dimensions are batch dimensions.
+    X : array, shape (N, D), (*, D) or (D,)
+        Input rows; leading dimensions are batch dimensions, a 1-D ``X`` is one sample.
+        NumPy, CuPy, or any array with ``__dlpack__`` (PyTorch, JAX, ...); lists too.
     W : array, shape (D, M)
         Weights as ``(in_features, out_features)`` (the transpose of PyTorch's ``weight``).
-    b : array, shape (M,) or (1, M), optional
-        Bias, added to every row.
+    b : array or scalar, broadcasting to (M,), optional
+        Bias, added to every row: shape ``(M,)``, ``(1, M)``, ``(1,)`` or a scalar.
     activation : str, optional
         ``None`` or one of ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"tanh"``, ``"sigmoid"``
         (defined as PyTorch's, see ``fastlinear.activations``), applied in the pass that
@@ -243,71 +249,133 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
     backend : str, optional
         ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"auto"``; overrides ``use_backend`` and
         ``FASTLINEAR_BACKEND``.
-    out : array, shape (N, M) or (*, M), optional
+    out : array, shape of Y, optional
         C-contiguous buffer of the result dtype that receives ``Y``.
     return_saved : bool
         Also return what ``linear_backward`` needs to differentiate the activation: ``Y``
         itself for relu, tanh and sigmoid, the pre-activation ``X @ W + b`` (a second array)
         for the GELUs, ``None`` without an activation.
+    casting : {"safe", "no", "equiv", "same_kind", "unsafe"}
+        NumPy's casting rule for converting operands to the result dtype (NumPy's
+        ``result_type`` of ``X``, ``W`` and ``b``). A conversion copies the operand; ``"no"``
+        refuses any conversion instead.
 
     Returns
     -------
-    Y : array, shape (N, M) or (*, M), same dtype and array type as ``X``.
+    Y : array of X's leading shape by M, in the result dtype and X's array library.
     (Y, saved) : when ``return_saved``.
 
     Raises
     ------
     TypeError
-        Non-array input, non-float or mixed dtypes, arrays of different libraries.
+        Non-array input, non-floating or complex data, a cast that ``casting`` forbids.
     ValueError
-        Shapes that do not agree, a bad ``out`` buffer, an unknown backend name.
+        Shapes that do not agree, a bad ``out`` buffer, an unknown backend or activation.
     fastlinear.BackendUnavailableError
         The backend asked for cannot run here (the message says why and what to install).
     """
     if activation is not None:
         activation = activations.check_activation(activation)
-    if out is None and not return_saved and _is_plain_call(X, W, b) and \
-            _fits_fast_path(X.shape[0] * W.shape[1], W.dtype):
-        module = _dispatch.resolve(backend, "numpy")
-        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-            return module.forward(X, W, b, None, activation=activation)
-    module, W, (X, b) = _prepare(W, (("X", X), ("b", b)), backend)
-    D, M = W.shape
-    lead = X.shape[:-1]
-    X2 = _check_rows(X, "X", D, "features")
+    if casting != "safe":
+        _arrays.check_casting(casting)
+    if out is None and _is_plain_call(X, W, b) and \
+            _fits_fast_path(X.shape[0] * W.shape[1] * (1 + return_saved), W.dtype):
+        module = _plain_backend(backend, W.dtype)
+        if module is not None:
+            if not return_saved:
+                return module.forward(X, W, b, None, activation=activation)
+            return _forward_saving(module, X, W, b, activation)
+    if _dask.is_dask(X):  # one task per row chunk, on the workers
+        return _dask.linear_forward(X, W, b, activation=activation, backend=backend, out=out,
+                                    return_saved=return_saved, casting=casting)
+    call = _prepare(W, (("X", X), ("b", b)), backend, casting)
+    X, b = call.arrays
+    D, M = call.W.shape
+    X2 = _as_rows(X, "X", D, "features")
     if b is not None:
-        b = _check_bias(b, M, W.dtype)
+        b = _as_bias(b, M, call.dtype)
+    shape = (*X.shape[:-1], M)
     saves_z = return_saved and activations.saved_for_backward(activation) == "preactivation"
     out_2d = None
     if out is not None:
-        out_2d = _check_out(out, "out", (*lead, M), W.dtype, _library(X),
-                            (("X", X), ("W", W), ("b", b)))
-    elif X2.shape[0] * M * W.dtype.itemsize * (1 + saves_z) > HOST_MEMORY_BYTES \
+        out_2d = _check_out(out, "out", shape, call.dtype, _library(X),
+                            (("X", X), ("W", call.W), ("b", b)))
+    elif X2.shape[0] * M * call.dtype.itemsize * (1 + saves_z) > HOST_MEMORY_BYTES \
             and _library(X) == "numpy":
-        _check_size([("Y", (*lead, M))] + [("Z", (*lead, M))] * saves_z, W.dtype)
-    Z = None
-    if saves_z:
-        Z = _empty_like_library(X, (X2.shape[0], M), W.dtype)
-    Y = module.forward(X2, W, b, out_2d, activation=activation, preactivation=Z)
-    Y = out if out is not None else (Y if len(lead) == 1 else Y.reshape(*lead, M))
+        _check_size([("Y", shape)] + [("Z", shape)] * saves_z, call.dtype)
+    Z = _arrays.namespace(X).empty((X2.shape[0], M), call.dtype) if saves_z else None
+    Y = call.module.forward(X2, call.W, b, out_2d, activation=activation, preactivation=Z)
+    Y = out if out is not None else _give_back(Y.reshape(shape), call.data_back)
     if not return_saved:
         return Y
     if activation is None:
         return Y, None
-    return Y, (Y if Z is None else Z.reshape(Y.shape))
+    return Y, (Y if Z is None else _give_back(Z.reshape(shape), call.data_back))
 
 
-def _empty_like_library(like, shape, dtype):
-    """A new C-contiguous array in the library (NumPy or CuPy) of the array ``like``."""
-    if _library(like) == "cupy":
-        import cupy
+def _forward_saving(module, X, W, b, activation):
+    """``(Y, saved)`` of a plain NumPy call: ``saved`` is what the activation's backward reads."""
+    if activations.saved_for_backward(activation) != "preactivation":
+        Y = module.forward(X, W, b, None, activation=activation)
+        return Y, (None if activation is None else Y)
+    Z = np.empty((X.shape[0], W.shape[1]), W.dtype)
+    return module.forward(X, W, b, None, activation=activation, preactivation=Z), Z
 
-        return cupy.empty(shape, dtype)
-    return np.empty(shape, dtype)
+
+def _check_activation_saved(activation, saved):
+    """The canonical activation name; its ``saved`` array must be given."""
+    activation = activations.check_activation(activation)
+    if activation is not None and saved is None:
+        raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
+                         f"return_saved=True) returned beside Y "
+                         f"(the {activations.saved_for_backward(activation)})")
+    return activation
 
 
-def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, need_dX=True,
-                    backend=None, accumulate=False, dX=None, dW=None, db=None):
+def _check_upstream(dY, X, M, name):
+    """Check ``dY`` (or ``saved``) has the forward output's shape; return it as 2-D."""
+    expected = (*X.shape[:-1], M)
+    if dY.shape != expected:
+        raise ValueError(f"{name} must have the shape of the forward output {expected} "
+                         f"(X has shape {X.shape}, W has {M} columns), got {dY.shape}")
+    return dY if dY.ndim == 2 else dY.reshape(math.prod(expected[:-1]), M)
+
+
+def _gradient_buffers(call, given, shapes, inputs, has_bias, need_dX, accumulate):
+    """Check the caller's gradient buffers; return them as native 2-D arrays (or None).
+
+    ``given`` and ``shapes`` are ``(dX, dW, db)``; dX lives in the data's library, dW and db
+    in W's.
+    """
+    dX, dW, db = given[0] if need_dX else None, given[1], given[2] if has_bias else None
+    if accumulate and (dW is None or (has_bias and db is None)):
+        raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
+                         "(and db when has_bias)")
+    libraries = (_library(inputs[0][1]), _library(call.W), _library(call.W))
+    checked = [None if buf is None else _check_out(buf, name, shape, call.dtype, library, inputs)
+               for buf, name, shape, library in zip((dX, dW, db), ("dX", "dW", "db"), shapes,
+                                                    libraries, strict=True)]
+    if sum(buf is not None for buf in checked) > 1:
+        _check_outputs_apart(tuple(zip(("dX", "dW", "db"), checked, strict=True)))
+    return checked
+
+
+def _check_backward_size(call, X2, dY, shapes, buffers, has_bias, need_dX):
+    """MemoryError before allocating host gradients that would not fit (see ``_check_size``)."""
+    D, M = call.W.shape
+    if (X2.size + D * M + M) * call.dtype.itemsize <= HOST_MEMORY_BYTES:
+        return
+    wanted = (need_dX and _library(dY) == "numpy", _library(call.W) == "numpy",
+              has_bias and _library(call.W) == "numpy")
+    _check_size([(name, shape) for name, shape, want, buf
+                 in zip(("dX", "dW", "db"), shapes, wanted, buffers, strict=True)
+                 if want and buf is None], call.dtype)
+
+
+def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, saved: Any = None,
+                    has_bias: bool = True, need_dX: bool = True, backend: str | None = None,
+                    accumulate: bool = False, dX: Any = None, dW: Any = None, db: Any = None,
+                    casting: str = "safe") -> tuple[Any, Any, Any]:
     """Backward pass of a linear layer from ``dY``, through the activation.
 
     With ``G = dY * act'(Z)`` (``G = dY`` without an activation, computed in the pass that reads
@@ -315,9 +383,9 @@ def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, nee
 
     Parameters
     ----------
-    dY : array, shape (N, M) or (*, M)
-        Upstream gradient, the shape of the forward output.
-    X : array, shape (N, D) or (*, D)
+    dY : array, the shape of the forward output
+        Upstream gradient: ``(N, M)``, ``(*, M)`` or ``(M,)`` for a 1-D ``X``.
+    X : array, shape (N, D), (*, D) or (D,)
         The forward input.
     W : array, shape (D, M)
         Weights as ``(in_features, out_features)``.
@@ -337,69 +405,57 @@ def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, nee
         (gradient accumulation). Both buffers are then required.
     dX, dW, db : arrays, optional
         C-contiguous output buffers of shapes ``X.shape``, ``(D, M)``, ``(M,)``.
+    casting : str
+        As for ``linear_forward``; the result dtype is that of ``dY``, ``X``, ``W``, ``saved``.
 
     Returns
     -------
-    (dX, dW, db) : tuple of arrays (``dX``/``db`` may be ``None``, see above)
+    (dX, dW, db) : ``dX`` in dY's array library, ``dW`` and ``db`` in W's; ``dX`` is ``None``
+    without ``need_dX``, ``db`` is ``None`` without ``has_bias``.
     """
     if activation is not None:
-        activation = activations.check_activation(activation)
-        if activation is not None and saved is None:
-            raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
-                             f"return_saved=True) returned beside Y "
-                             f"(the {activations.saved_for_backward(activation)})")
-    if (activation is None and dX is None and dW is None and db is None and not accumulate
+        activation = _check_activation_saved(activation, saved)
+    if casting != "safe":
+        _arrays.check_casting(casting)
+    if (dX is None and dW is None and db is None and not accumulate
             and _is_plain_call(X, W, None)
             and type(dY) is np.ndarray and dY.shape == (X.shape[0], W.shape[1])
-            and dY.dtype is W.dtype and _fits_fast_path(X.size + W.size + W.shape[1], W.dtype)):
-        module = _dispatch.resolve(backend, "numpy")
-        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
+            and dY.dtype is W.dtype and _fits_fast_path(X.size + W.size + W.shape[1], W.dtype)
+            and (activation is None or (type(saved) is np.ndarray and saved.shape == dY.shape
+                                        and saved.dtype is W.dtype))):
+        module = _plain_backend(backend, W.dtype)
+        if module is not None:
             return module.backward(dY, X, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
-                                   accumulate=False, dX=None, dW=None, db=None)
-    module, W, (dY, X) = _prepare(W, (("dY", dY), ("X", X)), backend)
-    D, M = W.shape
-    X2 = _check_rows(X, "X", D, "features")
-    if dY.shape != (*X.shape[:-1], M):
-        raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
-                         f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
-    dY2 = dY if dY.ndim == 2 else dY.reshape(X2.shape[0], M)
-    saved2 = None
-    if activation is not None:
-        saved = _as_array(saved, "saved", W.dtype)
-        if _library(saved) != _library(dY):
-            raise TypeError(f"saved must be a {_library(dY)} array like dY, got "
-                            f"{type(saved).__module__}.{type(saved).__qualname__}")
-        _check_dtype(saved, "saved", W.dtype)
-        if saved.shape != dY.shape:
-            raise ValueError(f"saved must have dY's shape {dY.shape}, got {saved.shape}")
-        saved2 = saved if saved.ndim == 2 else saved.reshape(dY2.shape)
-    inputs = (("dY", dY), ("X", X), ("W", W), ("saved", saved2))
-    if accumulate and (dW is None or (has_bias and db is None)):
-        raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
-                         "(and db when has_bias)")
-    if dW is not None:
-        dW = _check_out(dW, "dW", (D, M), W.dtype, _library(W), inputs)
-    if has_bias and db is not None:
-        db = _check_out(db, "db", (M,), W.dtype, _library(W), inputs)
-    dX_given = dX if need_dX else None
-    if dX_given is not None:
-        dX = _check_out(dX, "dX", X.shape, W.dtype, _library(dY), inputs)
-    db_given = db if has_bias else None
-    if (dX_given is not None) + (dW is not None) + (db_given is not None) > 1:
-        _check_outputs_apart((("dX", dX_given), ("dW", dW), ("db", db_given)))
-    if (X2.size + D * M + M) * W.dtype.itemsize > HOST_MEMORY_BYTES:
-        allocated = []  # the outputs the backend will allocate in host memory
-        if need_dX and dX_given is None and _library(dY) == "numpy":
-            allocated.append(("dX", X.shape))
-        if _library(W) == "numpy":
-            allocated += [("dW", (D, M))] if dW is None else []
-            allocated += [("db", (M,))] if has_bias and db_given is None else []
-        _check_size(allocated, W.dtype)
-    dX2, dW, db = module.backward(dY2, X2, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
-                                  accumulate=bool(accumulate), dX=dX if need_dX else None,
-                                  dW=dW, db=db_given, activation=activation, saved=saved2)
-    if dX_given is not None:
-        return dX_given, dW, db
-    if dX2 is not None and X.ndim != 2:
+                                   accumulate=False, dX=None, dW=None, db=None,
+                                   activation=activation, saved=saved)
+    if _dask.is_dask(dY) or _dask.is_dask(X):  # row chunks on the workers, dW/db tree-summed
+        return _dask.linear_backward(dY, X, W, activation=activation, saved=saved,
+                                     has_bias=has_bias, need_dX=need_dX, backend=backend,
+                                     accumulate=accumulate, dX=dX, dW=dW, db=db, casting=casting)
+    call = _prepare(W, (("dY", dY), ("X", X), ("saved", saved if activation else None)),
+                    backend, casting)
+    dY, X, saved = call.arrays
+    D, M = call.W.shape
+    X2 = _as_rows(X, "X", D, "features")
+    dY2 = _check_upstream(dY, X, M, "dY")
+    saved2 = None if activation is None else _check_upstream(saved, X, M, "saved")
+    if saved2 is not None and _library(saved2) != _library(dY):
+        raise TypeError(f"saved must be a {_library(dY)} array like dY, got {_library(saved2)}")
+    shapes = (X.shape, (D, M), (M,))
+    inputs = (("dY", dY), ("X", X), ("W", call.W), ("saved", saved2))
+    has_bias, need_dX, accumulate = bool(has_bias), bool(need_dX), bool(accumulate)
+    buffers = _gradient_buffers(call, (dX, dW, db), shapes, inputs, has_bias, need_dX,
+                                accumulate)
+    _check_backward_size(call, X2, dY, shapes, buffers, has_bias, need_dX)
+    dX2, dW2, db2 = call.module.backward(
+        dY2, X2, call.W, has_bias=has_bias, need_dX=need_dX, accumulate=accumulate,
+        dX=buffers[0], dW=buffers[1], db=buffers[2], activation=activation, saved=saved2)
+    if dX2 is not None and dX is None:
         dX2 = dX2.reshape(X.shape)
-    return dX2, dW, db
+    return (_result(dX2, dX, call.data_back), _result(dW2, dW, call.weight_back),
+            _result(db2, db, call.weight_back))
+
+
+def _result(result, given, converter):
+    """A backward result for the caller: their own buffer when they gave one, else converted."""
+    return given if result is not None and given is not None else _give_back(result, converter)

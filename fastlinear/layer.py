@@ -6,11 +6,15 @@ assign; ``forward(X)`` returns ``Y``; ``backward(dY)`` stores ``dW``/``db`` and 
 The math lives in ``fastlinear.functional``; the layer only holds state.
 """
 
+from __future__ import annotations
+
 import importlib
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from fastlinear import _dispatch, activations
+from fastlinear import _arrays, _dispatch, activations
 from fastlinear.functional import linear_backward, linear_forward
 
 __all__ = ["Linear"]
@@ -38,17 +42,24 @@ class Linear:
         ``None`` or one of ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"tanh"``, ``"sigmoid"``:
         ``forward`` returns ``act(X @ W + b)``, fused into the pass that writes it, and
         ``backward`` takes the gradient with respect to that activated output.
+    casting : str
+        NumPy's casting rule for data of another dtype than the parameters: ``"safe"`` (the
+        default) computes in NumPy's result dtype as ``X @ W + b`` would, copying what needs
+        converting; ``"no"`` refuses any conversion (no hidden copies).
 
     Attributes
     ----------
     W : array (D, M)
     b : array (M,) or None
-    dW, db : gradients of the last ``backward`` (zeros before it)
+    dW, db : gradients of the last ``backward`` (zeros before it; lazy dask arrays after a
+        ``backward`` on dask arrays, see ``backward``)
     X : the input cached by the last ``forward`` (``None`` before it)
     """
 
-    def __init__(self, in_features, out_features, bias=True, dtype=np.float64, backend=None,
-                 rng=None, activation=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: npt.DTypeLike = np.float64, backend: str | None = None,
+                 rng: np.random.Generator | int | None = None, activation: str | None = None,
+                 casting: str = "safe") -> None:
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -57,6 +68,7 @@ class Linear:
             raise TypeError(f"dtype must be a floating dtype (float32, float64), got {dtype}")
         self.backend = None if backend is None else _dispatch.normalize_name(backend)
         self.activation = activations.check_activation(activation)
+        self.casting = _arrays.check_casting(casting)
         shape = (int(in_features), int(out_features))
         if rng is None:
             W = np.random.randn(*shape) * 0.01  # noqa: NPY002 (the notebook's global RNG)
@@ -70,48 +82,54 @@ class Linear:
         self.X = None
         self._saved = None  # what backward needs for the activation (Y or the pre-activation)
 
-    def _array_module(self):
+    def _array_module(self) -> Any:
         """CuPy when this layer's backend is cupy (parameters live on the device), else NumPy."""
         if self.backend is None or self.backend == _dispatch.AUTO:
             return np
         return importlib.import_module(_dispatch._load(self.backend).ARRAY_LIBRARIES[0])
 
     @property
-    def in_features(self):
-        return self.W.shape[0]
+    def in_features(self) -> int:
+        return int(self.W.shape[0])
 
     @property
-    def out_features(self):
-        return self.W.shape[1]
+    def out_features(self) -> int:
+        return int(self.W.shape[1])
 
     @property
-    def dtype(self):
-        return self.W.dtype
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.W.dtype)
 
-    def forward(self, X):
+    def forward(self, X: Any) -> Any:
         """Return ``Y = X @ W + b`` for ``X`` of shape ``(N, in_features)`` or ``(*, in_features)``.
 
         The input is cached in ``self.X`` for ``backward`` (and, with an activation, the output
         or the pre-activation that its derivative needs).
         """
         if self.activation is None:
-            Y = linear_forward(X, self.W, self.b, backend=self.backend)
+            Y = linear_forward(X, self.W, self.b, backend=self.backend, casting=self.casting)
             saved = None
         else:
             Y, saved = linear_forward(X, self.W, self.b, activation=self.activation,
-                                      backend=self.backend, return_saved=True)
+                                      backend=self.backend, return_saved=True,
+                                      casting=self.casting)
         self.X, self._saved = X, saved
         return Y
 
     __call__ = forward
 
-    def backward(self, dY, *, accumulate=False, need_dX=True):
+    def backward(self, dY: Any, *, accumulate: bool = False, need_dX: bool = True) -> Any:
         """Store ``dW = X.T @ dY`` and ``db = dY.sum(0)``; return ``dX = dY @ W.T``.
 
         ``dY`` has the shape of the last ``forward`` output. With ``accumulate=True`` the
         gradients are added to ``self.dW``/``self.db`` (gradient accumulation) instead of
         replacing them. ``need_dX=False`` skips ``dX`` (returns ``None``), e.g. for a first layer.
         If the call raises, ``dW`` and ``db`` keep their previous values.
+
+        With dask arrays (``forward`` on a dask ``X``, then a dask ``dY``), ``dX`` and the stored
+        ``dW``/``db`` are lazy dask arrays (one chunk each, tree sums over the row chunks):
+        compute them together, ``dX, layer.dW, layer.db = dask.compute(dX, layer.dW,
+        layer.db)``, before updating the parameters. ``accumulate=True`` is refused with them.
         """
         if self.X is None:
             raise RuntimeError("backward() called before forward(): the layer has no cached input "
@@ -122,11 +140,12 @@ class Linear:
         dW, db = (self.dW, self.db) if accumulate else (None, None)
         dX, dW, db = linear_backward(dY, self.X, self.W, activation=self.activation,
                                      saved=self._saved, has_bias=has_bias, need_dX=need_dX,
-                                     backend=self.backend, accumulate=accumulate, dW=dW, db=db)
+                                     backend=self.backend, accumulate=accumulate, dW=dW, db=db,
+                                     casting=self.casting)
         self.dW, self.db = dW, db
         return dX
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Reset ``dW`` and ``db`` to zeros, in place when their shapes still match."""
         xp = self._array_module()
         grads = [("dW", self.W.shape)]
@@ -136,19 +155,21 @@ class Linear:
             self.db = None
         for name, shape in grads:
             grad = getattr(self, name)
-            if grad is not None and grad.shape == shape and grad.dtype == self.dtype:
+            # a lazy dask gradient (from a dask backward) is replaced, not zeroed lazily
+            if (grad is not None and type(grad) is type(self.W) and grad.shape == shape
+                    and grad.dtype == self.dtype):
                 grad[...] = 0
             else:
                 setattr(self, name, xp.zeros(shape, dtype=self.dtype))
 
-    def parameters(self):
+    def parameters(self) -> list[tuple[Any, Any]]:
         """``[(W, dW), (b, db)]``: parameter/gradient pairs (no bias pair without a bias)."""
         pairs = [(self.W, self.dW)]
         if self.b is not None:
             pairs.append((self.b, self.db))
         return pairs
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         backend = self.backend or "default"
         activation = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "

@@ -11,7 +11,21 @@
 // sums are float32, the result is rounded once on store); float32 in float32; float64 in float64.
 // No header is included, so NVRTC (CuPy's RawModule) and nvcc compile this file alike.
 //
-// The block shapes below are mirrored in fastlinear/backends/cupy.py (a test checks they agree).
+// The block shapes, activation codes and activation constants come from Python as -D defines
+// (fastlinear/backends/cupy_launch.py, compile_options), so they exist in one place only.
+
+#if !defined(BIAS_THREADS) || !defined(COLSUM_LANES) || !defined(COLSUM_ROW_LANES) ||           \
+    !defined(SMALL_BATCH_ROWS) || !defined(SMALL_BATCH_COLS) || !defined(SMALL_BATCH_SLICES) || \
+    !defined(SMALL_BATCH_CHUNK) || !defined(TILE_ROWS) || !defined(TILE_COLS) ||               \
+    !defined(TILE_DEPTH) || !defined(TILE_THREADS) ||                                          \
+    !defined(FASTLINEAR_ACT_NONE) || !defined(FASTLINEAR_ACT_RELU) ||                          \
+    !defined(FASTLINEAR_ACT_GELU) || !defined(FASTLINEAR_ACT_GELU_TANH) ||                     \
+    !defined(FASTLINEAR_ACT_TANH) || !defined(FASTLINEAR_ACT_SIGMOID) ||                       \
+    !defined(FASTLINEAR_GELU_TANH_BETA) || !defined(FASTLINEAR_GELU_TANH_KAPPA) ||             \
+    !defined(FASTLINEAR_SQRT1_2) || !defined(FASTLINEAR_INV_SQRT_2PI) ||                       \
+    !defined(FASTLINEAR_GELU_CLAMP)
+#error "compile with the -D defines of fastlinear.backends.cupy_launch.compile_options()"
+#endif
 
 typedef long long index_t;
 
@@ -45,13 +59,110 @@ __device__ __forceinline__ void store_rounded(double* target, double value) { *t
 
 __device__ __forceinline__ index_t smaller(index_t a, index_t b) { return a < b ? a : b; }
 
+// The products and sums of the layer keep float32 subnormals, as cuBLAS and NumPy do, although
+// CuPy compiles with -ftz=true: __fmaf_ieee_rn ignores that flag (a + b is fma(a, 1, b), exact
+// in the same single rounding). Only the activation functions' own arithmetic flushes.
+__device__ __forceinline__ float multiply_add(float a, float b, float c)
+{
+    return __fmaf_ieee_rn(a, b, c);
+}
+__device__ __forceinline__ double multiply_add(double a, double b, double c) { return a * b + c; }
+__device__ __forceinline__ float plus(float a, float b) { return __fmaf_ieee_rn(a, 1.0f, b); }
+__device__ __forceinline__ double plus(double a, double b) { return a + b; }
+
+// ---------------------------------------------------------------------------------------------
+// Activations, as fastlinear/activations.py defines them (its docstring has the formulas; the
+// NumPy functions there are the reference the tests hold these to). Computed in the accumulator
+// type: float for float16 and float32, double for float64. `activation` is a FASTLINEAR_ACT_*
+// code, the same for every thread of a launch, so the switch does not diverge.
+__device__ __forceinline__ float math_exp(float x) { return expf(x); }
+__device__ __forceinline__ double math_exp(double x) { return exp(x); }
+__device__ __forceinline__ float math_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double math_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float math_erf(float x) { return erff(x); }
+__device__ __forceinline__ double math_erf(double x) { return erf(x); }
+
+// z clamped to [-GELU_CLAMP, GELU_CLAMP] with NaN kept (fminf/fmaxf would drop it).
+template <typename A> __device__ __forceinline__ A gelu_clamp(A z)
+{
+    const A limit = A(FASTLINEAR_GELU_CLAMP);
+    return z < -limit ? -limit : (z > limit ? limit : z);
+}
+
+template <typename A> __device__ __forceinline__ A activate(int activation, A z)
+{
+    switch (activation) {
+    case FASTLINEAR_ACT_RELU:
+        return z <= A(0) ? A(0) : z;  // NaN stays NaN
+    case FASTLINEAR_ACT_TANH:
+        return math_tanh(z);
+    case FASTLINEAR_ACT_SIGMOID: {
+        const A e = math_exp(-(z < A(0) ? -z : z));  // exp of a non-positive number: no overflow
+        return (z >= A(0) ? A(1) : e) / (A(1) + e);
+    }
+    case FASTLINEAR_ACT_GELU:
+        return z * (A(0.5) * (A(1) + math_erf(z * A(FASTLINEAR_SQRT1_2))));
+    case FASTLINEAR_ACT_GELU_TANH: {
+        const A zc = gelu_clamp(z);
+        const A cube = A(FASTLINEAR_GELU_TANH_KAPPA) * zc * zc * zc;
+        const A inner = A(FASTLINEAR_GELU_TANH_BETA) * (zc + cube);
+        return (A(0.5) * z) * (A(1) + math_tanh(inner));
+    }
+    default:
+        return z;
+    }
+}
+
+// dy * act'(z) from `saved`: the output y for relu, tanh and sigmoid, the pre-activation z for
+// the GELUs. ReLU selects as PyTorch's threshold_backward: 0 where y <= 0, even for a NaN or
+// inf dy, and dy where y is NaN.
+template <typename A> __device__ __forceinline__ A activation_grad(int activation, A dy, A saved)
+{
+    switch (activation) {
+    case FASTLINEAR_ACT_RELU:
+        return saved <= A(0) ? A(0) : dy;
+    case FASTLINEAR_ACT_TANH:
+        return dy * (A(1) - saved * saved);
+    case FASTLINEAR_ACT_SIGMOID:
+        return dy * (saved * (A(1) - saved));
+    case FASTLINEAR_ACT_GELU: {
+        const A zc = gelu_clamp(saved);
+        const A cdf = A(0.5) * (A(1) + math_erf(saved * A(FASTLINEAR_SQRT1_2)));
+        const A pdf = A(FASTLINEAR_INV_SQRT_2PI) * math_exp(A(-0.5) * zc * zc);
+        return dy * (cdf + zc * pdf);
+    }
+    case FASTLINEAR_ACT_GELU_TANH: {
+        const A zc = gelu_clamp(saved);
+        const A zz = zc * zc;
+        const A beta = A(FASTLINEAR_GELU_TANH_BETA);
+        const A t = math_tanh(beta * (zc + A(FASTLINEAR_GELU_TANH_KAPPA) * zz * zc));
+        const A left = A(0.5) * (A(1) + t);
+        const A right = (A(0.5) * zc) * (A(1) - t * t) *
+                        (beta * (A(1) + A(3.0 * FASTLINEAR_GELU_TANH_KAPPA) * zz));
+        return dy * (left + right);
+    }
+    default:
+        return dy;
+    }
+}
+
+// The forward epilogue of every path: z = sum (+ bias) goes to Z when asked (the pre-activation
+// the GELUs' backward needs), act(z) to Y; each rounded once to T.
+template <typename T, typename A>
+__device__ __forceinline__ void store_output(T* Y, T* Z, int write_z, int activation,
+                                             index_t index, A z)
+{
+    if (write_z) {
+        store_rounded(Z + index, z);
+    }
+    store_rounded(Y + index, activate(activation, z));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bias broadcast: Y[row, col] = b[col]. The output is then finished by cuBLAS with beta = 1
 // (Y = X @ W + 1 * Y), so the bias costs one write pass and no separate read-modify-write pass.
 // Block: BIAS_THREADS threads along columns; grid.x covers the columns, grid.y strides the rows,
 // so each thread loads its bias element once and writes it down a column.
-#define BIAS_THREADS 256
-
 template <typename T>
 __device__ void fill_rows_with_bias(T* Y, const T* bias, index_t bias_stride, index_t rows,
                                     index_t cols)
@@ -66,39 +177,45 @@ __device__ void fill_rows_with_bias(T* Y, const T* bias, index_t bias_stride, in
     }
 }
 
-// Bias epilogue as a separate pass: Y[row, col] += b[col] (after a beta = 0 GEMM). Kept to
-// compare with the broadcast + beta = 1 path (benchmarks/gpu_bench.py); same grid as above.
+// The cuBLAS path's epilogue with an activation, after a beta = 0 GEMM wrote X @ W into Y:
+// z = Y + b (b optional), Z = z when write_z, Y = act(z), in one read and one write of Y.
+// Same grid as fill_rows_with_bias.
 template <typename T>
-__device__ void add_bias_to_rows(T* Y, const T* bias, index_t bias_stride, index_t rows,
-                                 index_t cols)
+__device__ void bias_activation_epilogue(T* Y, const T* bias, index_t bias_stride, int has_bias,
+                                         int activation, T* Z, int write_z, index_t rows,
+                                         index_t cols)
 {
+    typedef typename Accumulator<T>::type acc_t;
     const index_t col = blockIdx.x * (index_t)BIAS_THREADS + threadIdx.x;
     if (col >= cols) {
         return;
     }
-    const typename Accumulator<T>::type value = widen(bias[col * bias_stride]);
+    const acc_t value = has_bias ? widen(bias[col * bias_stride]) : acc_t(0);
     for (index_t row = blockIdx.y; row < rows; row += gridDim.y) {
-        T* target = Y + row * cols + col;
-        store_rounded(target, widen(*target) + value);
+        const index_t index = row * cols + col;
+        store_output(Y, Z, write_z, activation, index, plus(widen(Y[index]), value));
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// db = dY.sum(axis=0), one launch. Block: COLSUM_LANES x COLSUM_ROW_LANES threads; threadIdx.x
-// walks 32 adjacent columns of dY (coalesced for C-ordered dY), threadIdx.y walks the rows of
-// the block's row split with stride COLSUM_ROW_LANES. Grid: (ceil(cols / 32), splits); split s
-// sums rows [s * rows_per_split, (s + 1) * rows_per_split).
+// The backward pass's one read of dY: G = dY * act'(saved) into the C-contiguous G (only with an
+// activation; G then feeds the two GEMMs) and, when has_db, db (+)= G.sum(axis=0).
+// Block: COLSUM_LANES x COLSUM_ROW_LANES threads; threadIdx.x walks 32 adjacent columns of dY
+// (coalesced for C-ordered dY), threadIdx.y walks the rows of the block's row split with stride
+// COLSUM_ROW_LANES. Grid: (ceil(cols / 32), splits); split s sums rows
+// [s * rows_per_split, (s + 1) * rows_per_split).
 // With one split the block writes db directly. With several, each block stores its column sums
 // in partials[s, col]; the last block of a column tile to finish (counted with an atomic ticket
-// in tile_counters, which must start at zero) adds the partials in split order, so the result
-// does not depend on block scheduling, and resets its counter to zero.
-#define COLSUM_LANES 32
-#define COLSUM_ROW_LANES 8
-
+// in tile_counters, fresh zeros for every launch) adds the partials in split order, so the
+// result does not depend on block scheduling.
 template <typename T>
-__device__ void column_sums(const T* dY, index_t row_stride, index_t col_stride, index_t rows,
-                            index_t cols, index_t rows_per_split, T* db, int accumulate,
-                            typename Accumulator<T>::type* partials, unsigned int* tile_counters)
+__device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t col_stride,
+                                     const T* saved, index_t saved_row_stride,
+                                     index_t saved_col_stride, int activation, T* G,
+                                     index_t rows, index_t cols, index_t rows_per_split, T* db,
+                                     int has_db, int accumulate,
+                                     typename Accumulator<T>::type* partials,
+                                     unsigned int* tile_counters)
 {
     typedef typename Accumulator<T>::type acc_t;
     __shared__ acc_t lane_sums[COLSUM_ROW_LANES][COLSUM_LANES];
@@ -114,30 +231,43 @@ __device__ void column_sums(const T* dY, index_t row_stride, index_t col_stride,
     if (col < cols) {
         const T* column = dY + col * col_stride;
         for (index_t row = row_begin + row_lane; row < row_end; row += COLSUM_ROW_LANES) {
-            sum += widen(column[row * row_stride]);
+            acc_t gradient = widen(column[row * row_stride]);
+            if (activation != FASTLINEAR_ACT_NONE) {
+                gradient = activation_grad(
+                    activation, gradient,
+                    widen(saved[row * saved_row_stride + col * saved_col_stride]));
+                store_rounded(G + row * cols + col, gradient);
+            }
+            sum = plus(sum, gradient);
         }
+    }
+    if (!has_db) {
+        return;  // the same for every thread: no barrier below is left waiting
     }
     lane_sums[row_lane][lane] = sum;
     __syncthreads();
     if (row_lane == 0) {
         for (int other = 1; other < COLSUM_ROW_LANES; ++other) {
-            sum += lane_sums[other][lane];
+            sum = plus(sum, lane_sums[other][lane]);
         }
     }
 
     if (gridDim.y == 1) {
         if (row_lane == 0 && col < cols) {
-            store_rounded(db + col, accumulate ? widen(db[col]) + sum : sum);
+            store_rounded(db + col, accumulate ? plus(widen(db[col]), sum) : sum);
         }
         return;
     }
 
     if (row_lane == 0 && col < cols) {
         partials[blockIdx.y * cols + col] = sum;
+        __threadfence();  // release: this thread's partial before the block's ticket
     }
-    __threadfence();  // make this block's partials visible to the block that adds them up
     __syncthreads();
     if (lane == 0 && row_lane == 0) {
+        // The ticket's thread fences too (the strict threadFenceReduction form): the partials it
+        // saw through the barrier are visible device-wide before its atomicAdd.
+        __threadfence();
         const unsigned int ticket = atomicAdd(tile_counters + blockIdx.x, 1u);
         is_last_block = (ticket == gridDim.y - 1);
     }
@@ -151,35 +281,29 @@ __device__ void column_sums(const T* dY, index_t row_stride, index_t col_stride,
         const volatile acc_t* split_sums = partials;
         acc_t total = 0;
         for (unsigned int split = 0; split < gridDim.y; ++split) {
-            total += split_sums[split * cols + col];
+            total = plus(total, split_sums[split * cols + col]);
         }
-        store_rounded(db + col, accumulate ? widen(db[col]) + total : total);
-    }
-    if (lane == 0 && row_lane == 0) {
-        tile_counters[blockIdx.x] = 0;
+        store_rounded(db + col, accumulate ? plus(widen(db[col]), total) : total);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Y = X @ W + b for a small batch (few rows of X), where a GEMM tiles poorly and the work is
+// Y = act(X @ W + b) for a small batch (few rows of X), where a GEMM tiles poorly and the work is
 // reading W once. Block: SMALL_BATCH_COLS x SMALL_BATCH_SLICES threads for a tile of
 // SMALL_BATCH_ROWS rows x 32 columns of Y. threadIdx.x picks the column of W (a warp reads 32
 // adjacent elements of a row of W); threadIdx.y picks a slice of the inner axis (k = slice,
 // slice + 8, ...), so the 8 warps of a block split the inner axis between them. X is staged in
 // shared memory SMALL_BATCH_CHUNK columns at a time; at the end the 8 slice sums are added in
-// shared memory, and thread (x, y) finishes row y of the tile with the bias.
+// shared memory, and thread (x, y) finishes row y of the tile (bias, activation, store_output).
 // Grid: (ceil(cols / 32), ceil(rows / 8)).
-#define SMALL_BATCH_ROWS 8
-#define SMALL_BATCH_COLS 32
-#define SMALL_BATCH_SLICES 8
-#define SMALL_BATCH_CHUNK 256
 
 template <typename T>
 __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
                                            index_t x_col_stride, const T* W,
                                            index_t w_row_stride, index_t w_col_stride,
                                            const T* bias, index_t bias_stride, int has_bias,
-                                           T* Y, index_t rows, index_t inner, index_t cols)
+                                           T* Y, index_t rows, index_t inner, index_t cols,
+                                           int activation, T* Z, int write_z)
 {
     static_assert(SMALL_BATCH_SLICES == SMALL_BATCH_ROWS, "the epilogue maps slice y to row y");
     typedef typename Accumulator<T>::type acc_t;
@@ -222,7 +346,7 @@ __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
                 const acc_t w = widen(w_column[k * w_row_stride]);
 #pragma unroll
                 for (int r = 0; r < SMALL_BATCH_ROWS; ++r) {
-                    acc[r] += x_chunk[r][k] * w;
+                    acc[r] = multiply_add(x_chunk[r][k], w, acc[r]);
                 }
             }
         }
@@ -239,32 +363,29 @@ __device__ void linear_forward_small_batch(const T* X, index_t x_row_stride,
         acc_t total = 0;
 #pragma unroll
         for (int s = 0; s < SMALL_BATCH_SLICES; ++s) {
-            total += slice_sums[s][slice][lane];
+            total = plus(total, slice_sums[s][slice][lane]);
         }
         if (has_bias) {
-            total += widen(bias[col * bias_stride]);
+            total = plus(total, widen(bias[col * bias_stride]));
         }
-        store_rounded(Y + row * cols + col, total);
+        store_output(Y, Z, write_z, activation, row * cols + col, total);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Y = X @ W + b as a shared-memory tiled GEMM with the bias added in the epilogue (one launch,
-// one write of Y). Block tile: TILE_ROWS x TILE_COLS of Y, the inner axis walked TILE_DEPTH at
-// a time. Threads: TILE_THREADS x TILE_THREADS; thread (x, y) owns the 4 x 4 outputs at rows
+// Y = act(X @ W + b) as a shared-memory tiled GEMM with bias and activation in the epilogue
+// (one launch, one write of Y, and of Z when asked). Block tile: TILE_ROWS x TILE_COLS of Y,
+// the inner axis walked TILE_DEPTH at a time. Threads: TILE_THREADS x TILE_THREADS; thread (x, y) owns the 4 x 4 outputs at rows
 // y + 16 i and columns x + 16 j of the tile (strided, so that 16 adjacent threads store 16
 // adjacent elements of a row of Y). Grid: (ceil(cols / 64), ceil(rows / 64)).
-#define TILE_ROWS 64
-#define TILE_COLS 64
-#define TILE_DEPTH 16
-#define TILE_THREADS 16
-#define TILE_MICRO 4
+#define TILE_MICRO (TILE_ROWS / TILE_THREADS)
 
 template <typename T>
 __device__ void linear_forward_tiled(const T* X, index_t x_row_stride, index_t x_col_stride,
                                      const T* W, index_t w_row_stride, index_t w_col_stride,
                                      const T* bias, index_t bias_stride, int has_bias, T* Y,
-                                     index_t rows, index_t inner, index_t cols)
+                                     index_t rows, index_t inner, index_t cols, int activation,
+                                     T* Z, int write_z)
 {
     static_assert(TILE_ROWS == TILE_THREADS * TILE_MICRO && TILE_COLS == TILE_THREADS * TILE_MICRO,
                   "each thread owns TILE_MICRO x TILE_MICRO outputs");
@@ -325,7 +446,7 @@ __device__ void linear_forward_tiled(const T* X, index_t x_row_stride, index_t x
             for (int i = 0; i < TILE_MICRO; ++i) {
 #pragma unroll
                 for (int j = 0; j < TILE_MICRO; ++j) {
-                    acc[i][j] += x_values[i] * w_values[j];
+                    acc[i][j] = multiply_add(x_values[i], w_values[j], acc[i][j]);
                 }
             }
         }
@@ -343,7 +464,8 @@ __device__ void linear_forward_tiled(const T* X, index_t x_row_stride, index_t x
         for (int i = 0; i < TILE_MICRO; ++i) {
             const index_t row = row0 + ty + TILE_THREADS * i;
             if (row < rows) {
-                store_rounded(Y + row * cols + col, acc[i][j] + bias_value);
+                store_output(Y, Z, write_z, activation, row * cols + col,
+                             plus(acc[i][j], bias_value));
             }
         }
     }
@@ -352,38 +474,43 @@ __device__ void linear_forward_tiled(const T* X, index_t x_row_stride, index_t x
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points, one per kernel and dtype.
 
-#define FASTLINEAR_BIAS_KERNELS(SUFFIX, T)                                                       \
+#define FASTLINEAR_ROW_KERNELS(SUFFIX, T)                                                        \
     extern "C" __global__ void fill_rows_with_bias_##SUFFIX(                                     \
         T* Y, const T* bias, index_t bias_stride, index_t rows, index_t cols)                    \
     {                                                                                            \
         fill_rows_with_bias<T>(Y, bias, bias_stride, rows, cols);                                \
     }                                                                                            \
-    extern "C" __global__ void add_bias_to_rows_##SUFFIX(                                        \
-        T* Y, const T* bias, index_t bias_stride, index_t rows, index_t cols)                    \
+    extern "C" __global__ void bias_activation_epilogue_##SUFFIX(                                \
+        T* Y, const T* bias, index_t bias_stride, int has_bias, int activation, T* Z,            \
+        int write_z, index_t rows, index_t cols)                                                 \
     {                                                                                            \
-        add_bias_to_rows<T>(Y, bias, bias_stride, rows, cols);                                   \
+        bias_activation_epilogue<T>(Y, bias, bias_stride, has_bias, activation, Z, write_z,      \
+                                    rows, cols);                                                 \
     }                                                                                            \
-    extern "C" __global__ void column_sums_##SUFFIX(                                             \
-        const T* dY, index_t row_stride, index_t col_stride, index_t rows, index_t cols,         \
-        index_t rows_per_split, T* db, int accumulate, Accumulator<T>::type* partials,           \
-        unsigned int* tile_counters)                                                             \
+    extern "C" __global__ void gradient_column_sums_##SUFFIX(                                    \
+        const T* dY, index_t row_stride, index_t col_stride, const T* saved,                     \
+        index_t saved_row_stride, index_t saved_col_stride, int activation, T* G, index_t rows,  \
+        index_t cols, index_t rows_per_split, T* db, int has_db, int accumulate,                 \
+        Accumulator<T>::type* partials, unsigned int* tile_counters)                             \
     {                                                                                            \
-        column_sums<T>(dY, row_stride, col_stride, rows, cols, rows_per_split, db, accumulate,   \
-                       partials, tile_counters);                                                 \
+        gradient_column_sums<T>(dY, row_stride, col_stride, saved, saved_row_stride,             \
+                                saved_col_stride, activation, G, rows, cols, rows_per_split, db, \
+                                has_db, accumulate, partials, tile_counters);                    \
     }
 
 #define FASTLINEAR_FORWARD_KERNEL(NAME, SUFFIX, T)                                               \
     extern "C" __global__ void NAME##_##SUFFIX(                                                  \
         const T* X, index_t x_row_stride, index_t x_col_stride, const T* W,                      \
         index_t w_row_stride, index_t w_col_stride, const T* bias, index_t bias_stride,          \
-        int has_bias, T* Y, index_t rows, index_t inner, index_t cols)                           \
+        int has_bias, T* Y, index_t rows, index_t inner, index_t cols, int activation, T* Z,     \
+        int write_z)                                                                             \
     {                                                                                            \
         NAME<T>(X, x_row_stride, x_col_stride, W, w_row_stride, w_col_stride, bias, bias_stride, \
-                has_bias, Y, rows, inner, cols);                                                 \
+                has_bias, Y, rows, inner, cols, activation, Z, write_z);                         \
     }
 
 #define FASTLINEAR_KERNELS(SUFFIX, T)                                                            \
-    FASTLINEAR_BIAS_KERNELS(SUFFIX, T)                                                           \
+    FASTLINEAR_ROW_KERNELS(SUFFIX, T)                                                            \
     FASTLINEAR_FORWARD_KERNEL(linear_forward_small_batch, SUFFIX, T)                             \
     FASTLINEAR_FORWARD_KERNEL(linear_forward_tiled, SUFFIX, T)
 

@@ -1,20 +1,13 @@
-"""Shared fixtures: one ``backend`` fixture over every registered backend, and stated tolerances."""
+"""Fixtures: one ``backend`` fixture over every registered backend, a clean environment, an rng.
+
+Shared helpers (tolerances, inputs, references) live in ``tests.helpers``.
+"""
 
 import numpy as np
 import pytest
 
 import fastlinear
-from fastlinear import _dispatch
-
-BACKEND_NAMES = tuple(fastlinear.BACKENDS)
-CPU_DTYPES = (np.float32, np.float64)
-
-
-def backend_param(name):
-    """A pytest param for backend ``name`` that skips, with the reason, where it cannot run."""
-    reason = _dispatch.unavailable_reason(name)
-    marks = [pytest.mark.skip(reason=reason)] if reason else []
-    return pytest.param(name, marks=marks, id=name)
+from tests.helpers import BACKEND_NAMES, backend_param
 
 
 @pytest.fixture(params=[backend_param(name) for name in BACKEND_NAMES])
@@ -27,71 +20,6 @@ def backend(request):
 def _clean_backend_env(monkeypatch):
     """Tests start with no FASTLINEAR_BACKEND from the caller's shell."""
     monkeypatch.delenv(fastlinear.ENV_VAR, raising=False)
-
-
-def to_numpy(a):
-    """A NumPy copy/view of a NumPy or CuPy array (``None`` stays ``None``)."""
-    if a is None:
-        return None
-    return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
-
-
-def error_bound(dtype, terms, magnitude):
-    """Worst-case rounding error of a sum of ``terms`` products, elementwise.
-
-    A dot product of length k computed in floating point with unit roundoff u satisfies
-    |fl(x.w) - x.w| <= k u (|x|.|w|) (Higham, Accuracy and Stability, eq. 3.5), whatever order
-    the terms are summed in (BLAS blocking, threads, SIMD lanes). ``magnitude`` is |x|.|w| per
-    element (plus |b| for the bias term); ``terms`` is k. A factor 2 covers the reference's own
-    rounding, as both sides are compared with each other. Tiny absolute slack covers k = 0.
-    """
-    u = np.finfo(dtype).eps / 2
-    return 2 * (terms + 1) * u * magnitude + np.finfo(dtype).tiny
-
-
-def assert_close(actual, expected, dtype, terms, magnitude, what=""):
-    """Assert ``|actual - expected| <= error_bound`` elementwise, with a readable message."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    bound = error_bound(dtype, terms, np.asarray(magnitude, dtype=np.float64))
-    err = np.abs(actual - expected)
-    bad = ~(err <= bound)
-    if bad.any():
-        i = np.unravel_index(np.argmax(np.where(bad, err - bound, -np.inf)), err.shape)
-        raise AssertionError(
-            f"{what}: {bad.sum()} of {err.size} elements off by more than {terms + 1} terms x "
-            f"eps; worst at {i}: got {actual[i]!r}, expected {expected[i]!r}, bound {bound[i]!r}"
-        )
-
-
-def assert_matches_reference(results, ref, dtype):
-    """``assert_close`` for each ``name -> value`` of ``results`` against ``ref[name]``, as
-    ``reference64`` gives them (expected value, magnitude, number of terms)."""
-    for name, value in results.items():
-        expected, magnitude, terms = ref[name]
-        assert_close(value, expected, dtype, terms, magnitude, name)
-
-
-def make_inputs(rng, N, D, M, dtype, bias=True):
-    """Random X (N, D), W (D, M), b (M,) and dY (N, M) with values of both signs."""
-    X = rng.standard_normal((N, D)).astype(dtype)
-    W = rng.standard_normal((D, M)).astype(dtype)
-    b = rng.standard_normal(M).astype(dtype) if bias else None
-    dY = rng.standard_normal((N, M)).astype(dtype)
-    return X, W, b, dY
-
-
-def reference64(X, W, b, dY):
-    """Float64 forward and backward with the magnitudes that bound their rounding errors."""
-    X64, W64, dY64 = (np.asarray(a, dtype=np.float64) for a in (X, W, dY))
-    b64 = np.zeros(W.shape[1]) if b is None else np.asarray(b, dtype=np.float64)
-    return {
-        "Y": (X64 @ W64 + b64, np.abs(X64) @ np.abs(W64) + np.abs(b64), X.shape[1] + 1),
-        "dX": (dY64 @ W64.T, np.abs(dY64) @ np.abs(W64).T, W.shape[1]),
-        "dW": (X64.T @ dY64, np.abs(X64).T @ np.abs(dY64), X.shape[0]),
-        "db": (dY64.sum(0), np.abs(dY64).sum(0), X.shape[0]),
-    }
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 
 from fastlinear.backends import cupy as cupy_backend
+from fastlinear.backends import cupy_launch
 
 LAYOUTS = ("C", "F", "rows_padded", "cols_padded", "every_other_col", "reversed")
 HARNESS = pathlib.Path(__file__).with_name("kernel_host_emulation.cpp")
@@ -67,7 +68,7 @@ def column_major(flat, rows, cols, leading):
 
 def emulated_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc, beta=0.0):
     """cuBLAS column-major ``C = op(A) @ op(B) + beta C`` on flat NumPy buffers, in float64."""
-    N, T = cupy_backend.CUBLAS_OP_N, cupy_backend.CUBLAS_OP_T
+    N, T = cupy_launch.CUBLAS_OP_N, cupy_launch.CUBLAS_OP_T
     assert transa in (N, T) and transb in (N, T)
     op_a = column_major(A, m, k, lda) if transa == N else column_major(A, k, m, lda).T
     op_b = column_major(B, k, n, ldb) if transb == N else column_major(B, n, k, ldb).T
@@ -78,14 +79,15 @@ def emulated_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc, beta=0.0):
     target[...] = result
 
 
-def backend_gemm(P, Q, C, beta):
-    """The backend's ``_gemm`` with cuBLAS replaced by ``emulated_gemm`` (NumPy arrays)."""
+def backend_gemm_call(P, Q, C, beta):
+    """The backend's ``_gemm_call`` with cuBLAS replaced by ``emulated_gemm`` (NumPy arrays)."""
     P, p_layout = cupy_backend._blas_operand(P)
     Q, q_layout = cupy_backend._blas_operand(Q)
     n, k = P.shape
     m = Q.shape[1]
-    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_backend.gemm_arguments(p_layout, q_layout,
-                                                                            n, m, k)
+    assert max(n, m, k) <= cupy_launch.GEMM_MAX_DIM, "a GEMM dimension beyond a C int"
+    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_launch.gemm_arguments(p_layout, q_layout,
+                                                                           n, m, k)
     assert C.flags.c_contiguous
     emulated_gemm(transa, transb, m_, n_, k_, flat_from_first_element(Q), lda,
                   flat_from_first_element(P), ldb, C.reshape(-1), ldc, beta)
@@ -96,7 +98,7 @@ def build_host_kernels(directory):
     compiler = shutil.which("g++")
     if compiler is None:
         return None
-    source = cupy_backend.kernel_source()
+    source = cupy_launch.kernel_source()
     for pattern, replacement in _HOST_CONVERSIONS.items():
         source, count = re.subn(pattern, replacement, source)
         assert count == 1, f"expected one match of {pattern} in kernels/*.cu"
@@ -105,7 +107,8 @@ def build_host_kernels(directory):
     library = pathlib.Path(directory) / "kernels_host.so"
     result = subprocess.run(
         [compiler, "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", "-x", "c++",
-         f'-DFASTLINEAR_KERNELS_FILE="{kernels}"', str(HARNESS), "-o", str(library)],
+         f'-DFASTLINEAR_KERNELS_FILE="{kernels}"', *cupy_launch.compile_options(), str(HARNESS),
+         "-o", str(library)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     host = ctypes.CDLL(str(library))
@@ -163,10 +166,10 @@ def assert_backward_matches(results, reference, dtype, need_dX, has_bias, dW0, d
 def assert_matches(actual, key, reference, dtype, what, previous=None):
     """Check a result against the float64 reference (plus ``previous`` when accumulating).
 
-    float16 is computed with float32 sums and rounded to float16 at most twice (the
-    cublas_epilogue path rounds the product, then the sum with b), hence the eps16 term.
+    float16 is computed with float32 sums and rounded to float16 at most twice (the cuBLAS
+    path with an activation rounds the product, then act(product + b)), hence the eps16 term.
     """
-    from tests.conftest import assert_close, error_bound
+    from tests.helpers import assert_close, error_bound
 
     expected, magnitude, terms = reference[key]
     actual, previous = as_numpy(actual), as_numpy(previous)
@@ -184,3 +187,100 @@ def assert_matches(actual, key, reference, dtype, what, previous=None):
     bad = ~(err <= bound)
     assert not bad.any(), (f"{what}: {bad.sum()} of {err.size} elements off; worst "
                            f"{np.max(err - bound)} over the bound")
+
+
+# Largest |act'(z)| over every activation (GELU's derivative peaks at 1.13): how far an error in
+# the pre-activation moves the output.
+ACTIVATION_LIPSCHITZ = 1.2
+
+
+def _compute_dtype(dtype):
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+
+
+def activation_reference(X, W, b, dY, activation, dtype):
+    """Float64 expected values and elementwise error bounds of a fused layer.
+
+    Returns ``(reference, saved)``: ``reference[key] = (expected, bound)`` for ``"Z"``,
+    ``"Y"``, ``"G"``, ``"dX"``, ``"dW"``, ``"db"``; ``saved`` is the array the backward pass
+    takes (the output or the pre-activation, as ``activations.saved_for_backward`` says), in
+    ``dtype``, made from the float64 forward. Bounds: the GEMM's error bound (``error_bound``
+    in the compute dtype, float32 for float16), carried through the activation by
+    ``ACTIVATION_LIPSCHITZ``; a few units of roundoff of the activation's own formula, relative
+    to |z| + |y| (the GELUs' 1 + erf cancels for negative z); one rounding to ``dtype`` per
+    stored array (float16 stores Z, Y and G).
+    """
+    from fastlinear import activations
+    from tests.helpers import error_bound
+
+    compute = _compute_dtype(dtype)
+    eps_c, eps_s = np.finfo(compute).eps, np.finfo(dtype).eps
+    tiny = np.finfo(dtype).tiny
+    base = _reference64(X, W, b, dY)
+    Z64, magnitude, terms = base["Y"]
+    z_bound = error_bound(compute, terms, magnitude) + eps_s * magnitude + tiny
+    with np.errstate(all="ignore"):
+        Y64 = activations.apply(activation, Z64)
+    y_bound = (ACTIVATION_LIPSCHITZ * z_bound + 8 * eps_c * (np.abs(Z64) + np.abs(Y64))
+               + eps_s * np.abs(Y64) + tiny)
+    kind = activations.saved_for_backward(activation)
+    saved = (Z64 if kind == "preactivation" else Y64).astype(dtype)
+    dY64 = np.asarray(dY, dtype=np.float64)
+    S64 = saved.astype(np.float64)
+    G64 = activations.grad(activation, dY64, S64)
+    g_bound = 16 * eps_c * np.abs(dY64) * (1 + np.abs(S64)) + eps_s * np.abs(G64) + tiny
+    X64, W64 = np.asarray(X, dtype=np.float64), np.asarray(W, dtype=np.float64)
+    absG, absX, absW = np.abs(G64), np.abs(X64), np.abs(W64)
+    N, D = X.shape
+    M = W.shape[1]
+
+    def product_bound(magnitude, propagated, terms):
+        return error_bound(compute, terms, magnitude) + propagated + eps_s * magnitude + tiny
+
+    reference = {
+        "Z": (Z64, z_bound),
+        "Y": (Y64, y_bound),
+        "G": (G64, g_bound),
+        "dX": (G64 @ W64.T, product_bound(absG @ absW.T, g_bound @ absW.T, M)),
+        "dW": (X64.T @ G64, product_bound(absX.T @ absG, absX.T @ g_bound, N)),
+        "db": (G64.sum(0), product_bound(absG.sum(0), g_bound.sum(0), N)),
+    }
+    return reference, saved
+
+
+def _reference64(X, W, b, dY):
+    from tests.helpers import reference64
+
+    return reference64(X, W, b, dY)
+
+
+def assert_within(actual, expected, bound, what, previous=None):
+    """``|actual - expected| <= bound`` elementwise, NaN where expected is NaN, infinities equal.
+
+    ``previous``: the buffer's values before an accumulating call (added to the expected value,
+    with a rounding of the sum in the bound).
+    """
+    actual = as_numpy(actual)
+    eps = np.finfo(actual.dtype).eps
+    actual = actual.astype(np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if previous is not None:
+        previous = as_numpy(previous).astype(np.float64)
+        expected = expected + previous
+        bound = bound + 2 * eps * (np.abs(previous) + np.abs(expected))
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    nan_expected = np.isnan(expected)
+    assert np.array_equal(np.isnan(actual), nan_expected), (
+        f"{what}: NaN at {np.argwhere(np.isnan(actual) != nan_expected)[:5].tolist()} "
+        f"differs from the reference")
+    infinite = np.isinf(expected)
+    assert np.array_equal(actual[infinite], expected[infinite]), f"{what}: infinities differ"
+    finite = ~nan_expected & ~infinite
+    err = np.abs(actual[finite] - expected[finite])
+    bad = ~(err <= np.broadcast_to(bound, expected.shape)[finite])
+    if bad.any():
+        worst = np.argmax(np.where(bad, err, -np.inf))
+        raise AssertionError(
+            f"{what}: {bad.sum()} of {err.size} elements off; worst got "
+            f"{actual[finite][worst]!r}, expected {expected[finite][worst]!r}, bound "
+            f"{np.broadcast_to(bound, expected.shape)[finite][worst]!r}")

@@ -2,7 +2,7 @@
 //
 // tests/test_kernels_emulated.py compiles this file with g++ into a shared library, with
 // FASTLINEAR_KERNELS_FILE naming a copy of kernels/linear.cu whose two PTX conversions
-// (float16 <-> float32) were replaced by the host functions below. A launch runs
+// (float16 <-> float32) were replaced by the host functions below, and the kernels' -D defines. A launch runs
 // blockDim.x * blockDim.y std::threads that meet at a real barrier in __syncthreads(); they
 // run the blocks one after another. __shared__ variables become function statics, shared by the
 // threads of the running block. This checks indexing, bounds, barriers and the last-block
@@ -81,6 +81,9 @@ static unsigned short fastlinear_host_float_to_half(float value)
     if (std::isnan(value)) {
         return 0x7e00;
     }
+    if (std::isinf(value)) {
+        return sign | 0x7c00;
+    }
     if (magnitude < std::ldexp(1.0, -14)) {  // subnormal (or rounds up to the smallest normal)
         return sign | static_cast<unsigned short>(std::nearbyint(std::ldexp(magnitude, 24)));
     }
@@ -98,6 +101,9 @@ static unsigned short fastlinear_host_float_to_half(float value)
     return sign | static_cast<unsigned short>(((exponent + 15) << 10) |
                                               static_cast<int>(mantissa));
 }
+
+// CUDA's IEEE fused multiply-add (it ignores -ftz): the C++ one rounds once as well.
+static float __fmaf_ieee_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 #define __global__
 #define __device__
@@ -155,8 +161,8 @@ extern "C" int emulate_launch(const char* name, unsigned int grid_x, unsigned in
                               unsigned int block_x, unsigned int block_y, void** args)
 {
     EMULATED_DTYPES(fill_rows_with_bias)
-    EMULATED_DTYPES(add_bias_to_rows)
-    EMULATED_DTYPES(column_sums)
+    EMULATED_DTYPES(bias_activation_epilogue)
+    EMULATED_DTYPES(gradient_column_sums)
     EMULATED_DTYPES(linear_forward_small_batch)
     EMULATED_DTYPES(linear_forward_tiled)
     return -1;

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 import fastlinear
-from tests.conftest import CPU_DTYPES, assert_matches_reference, make_inputs, reference64
+from tests.helpers import (
+    CPU_DTYPES,
+    assert_matches_reference,
+    make_inputs,
+    reference64,
+    to_numpy,
+)
 
 SHAPES = [
     (1, 1, 1), (1, 7, 5), (2, 3, 4), (0, 5, 3), (4, 0, 3), (3, 5, 0), (13, 17, 19),
@@ -147,3 +153,40 @@ def test_nan_and_inf_propagate_like_numpy(backend, rng):
     np.testing.assert_array_equal(np.isnan(Y), np.isnan(expected))
     np.testing.assert_array_equal(np.isinf(Y), np.isinf(expected))
     np.testing.assert_allclose(Y[np.isfinite(expected)], expected[np.isfinite(expected)])
+
+
+def test_nan_and_inf_propagate_in_backward(backend):
+    X, W, _, dY = make_inputs(np.random.default_rng(6), 4, 3, 2, np.float64)
+    dY_bad = dY.copy()
+    dY_bad[1, 0] = np.nan
+    dY_bad[2, 1] = np.inf
+    with np.errstate(invalid="ignore"):
+        grads = fastlinear.linear_backward(dY_bad, X, W, backend=backend)
+        dX, dW, db = (to_numpy(a) for a in grads)
+    # dX = dY @ W.T: row 1 NaN, row 2 +-inf (W has no zeros); dW = X.T @ dY; db = sum(dY)
+    assert np.isnan(dX[1]).all() and np.isinf(dX[2]).all()
+    assert np.isnan(dW[:, 0]).all() and np.isinf(dW[:, 1]).all()
+    assert np.isnan(db[0]) and db[1] == np.inf
+    np.testing.assert_array_equal(np.sign(dW[:, 1]), np.sign(X[2]))
+    finite = np.isfinite(dX)
+    np.testing.assert_allclose(dX[finite], (dY_bad @ W.T)[finite], rtol=1e-12)
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_special_values_complete(backend, fill, dtype):
+    """Arrays full of NaN or inf neither crash nor hang; NaN stays NaN, inf stays non-finite."""
+    X_bad = np.full((33, 17), fill, dtype=dtype)
+    W_bad = np.full((17, 9), fill, dtype=dtype)
+    with np.errstate(all="ignore"):
+        Y = to_numpy(fastlinear.linear_forward(X_bad, W_bad, backend=backend))
+        grads = fastlinear.linear_backward(np.ones((33, 9), dtype), X_bad, W_bad,
+                                           backend=backend)
+    assert Y.shape == (33, 9) and not np.isfinite(Y).any()
+    if np.isnan(fill):
+        assert np.isnan(Y).all()
+    else:
+        np.testing.assert_array_equal(Y, np.inf)  # (+-inf)(+-inf) = +inf, summed
+    dX, dW, db = (to_numpy(g) for g in grads)
+    for grad in (dX, dW):  # sums of fill * 1: all NaN, or all inf of the fill's sign
+        np.testing.assert_array_equal(grad, np.full_like(grad, fill))
+    np.testing.assert_array_equal(db, 33.0)  # db = sum of the ones

@@ -45,3 +45,35 @@ def test_module_entry_point_runs():
 def test_unknown_command_is_an_error():
     with pytest.raises(SystemExit):
         cli.main(["nonsense"])
+
+
+def test_check_passes_every_available_backend_and_lists_the_others(capsys):
+    from fastlinear import _dispatch
+
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "all available backends agree with the NumPy reference" in out
+    for name, reason in _dispatch.available_backends().items():
+        if reason is None:
+            assert f"\n{name:8} cpu" in out or f"\n{name:8} " in out
+            assert "FAIL" not in out
+        else:
+            assert f"{name:8} unavailable: {reason}" in out
+
+
+def test_check_fails_on_a_backend_that_is_off(monkeypatch, capsys):
+    """An activation computed slightly wrong makes the check exit non-zero and say where."""
+    from fastlinear.backends import numpy as numpy_backend
+
+    real_forward = numpy_backend.forward
+
+    def off_by_a_little(X, W, b, out, *, activation=None, preactivation=None):
+        Y = real_forward(X, W, b, out, activation=activation, preactivation=preactivation)
+        if activation == "sigmoid":
+            Y *= Y.dtype.type(1.001)
+        return Y
+
+    monkeypatch.setattr(numpy_backend, "forward", off_by_a_little)
+    assert cli.main(["check", "--backend", "numpy"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "'sigmoid'" in out and "MISMATCH" in out

@@ -7,6 +7,7 @@ checked by an emulation of cuBLAS's column-major GEMM on NumPy buffers).
 """
 
 import math
+import pathlib
 import sys
 import types
 
@@ -16,17 +17,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastlinear
-from fastlinear import _dispatch
+from fastlinear import _dispatch, activations
 from fastlinear.backends import cupy as cupy_backend
-from tests.conftest import assert_close, make_inputs, reference64
+from fastlinear.backends import cupy_launch
 from tests.gpu_emulation import (
     LAYOUTS,
+    activation_reference,
     assert_backward_matches,
     assert_matches,
+    assert_within,
     emulated_gemm,
     flat_from_first_element,
     make_layout,
 )
+from tests.helpers import assert_close, make_inputs, reference64
 
 GPU_REASON = _dispatch.unavailable_reason("cupy")
 requires_gpu = pytest.mark.skipif(GPU_REASON is not None,
@@ -40,7 +44,7 @@ def test_module_imports_and_declares_its_interface_without_cupy():
     assert cupy_backend.NAME == "cupy"
     assert cupy_backend.ARRAY_LIBRARIES[0] == "cupy"
     assert set(cupy_backend.DTYPES) == {np.dtype(d) for d in GPU_DTYPES}
-    assert set(cupy_backend.DTYPE_SUFFIXES) == set(cupy_backend.DTYPES)
+    assert set(cupy_launch.DTYPE_SUFFIXES) == set(cupy_backend.DTYPES)
 
 
 def test_reason_names_the_extra_when_cupy_is_missing(monkeypatch):
@@ -49,11 +53,73 @@ def test_reason_names_the_extra_when_cupy_is_missing(monkeypatch):
     assert 'pip install "fastlinear[cuda]"' in reason
 
 
-def _fake_cupy(get_device_count):
+def _fake_cupy(get_device_count, raw_module=None, get_cublas_handle=None):
+    """A stand-in for the parts of CuPy the probe calls; by default everything works."""
+    class RawModule:
+        def __init__(self, code, options=()):
+            self.code = code
+
+        def get_function(self, name):
+            return name
+
     fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
-        getDeviceCount=get_device_count))
+    fake.RawModule = raw_module or RawModule
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=get_device_count),
+        device=types.SimpleNamespace(get_cublas_handle=get_cublas_handle or (lambda: 1)))
     return fake
+
+
+def test_probe_passes_when_cupy_compiles_and_opens_cublas(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 1))
+    assert cupy_backend._probe() is None
+
+
+def test_probe_names_the_ctk_extra_when_cupy_cannot_compile(monkeypatch):
+    """CuPy 14 without CUDA's headers raises at the first RawModule compile; the probe turns
+    that into the backend's reason instead of an error at the first call."""
+    class CompileException(Exception):
+        pass
+
+    class HeaderlessRawModule:
+        def __init__(self, code, options=()):
+            pass
+
+        def get_function(self, name):
+            raise CompileException("Failed to find CUDA headers")
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 1, HeaderlessRawModule))
+    reason = cupy_backend._probe()
+    assert "cannot compile" in reason and "Failed to find CUDA headers" in reason
+    assert "ctk" in reason and 'pip install "fastlinear[cuda]"' in reason
+
+
+def test_probe_names_cublas_when_it_cannot_be_opened(monkeypatch):
+    def no_cublas():
+        raise OSError("libcublas.so.13: cannot open shared object file")
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 1, None, no_cublas))
+    reason = cupy_backend._probe()
+    assert reason.startswith("cuBLAS cannot be opened") and "libcublas.so.13" in reason
+
+
+class _DeviceArray:
+    """Just enough of a cupy.ndarray for the device check: its ``device.id``."""
+
+    def __init__(self, device_id):
+        self.device = types.SimpleNamespace(id=device_id)
+
+
+def test_call_runs_on_the_device_of_its_arrays():
+    arrays = (("X", _DeviceArray(1)), ("W", _DeviceArray(1)), ("b", None),
+              ("out", np.empty(2)))
+    assert cupy_backend._call_device(arrays) == 1
+    assert cupy_backend._call_device((("X", np.empty(2)), ("W", None))) is None
+
+
+def test_arrays_on_two_devices_are_refused_naming_each():
+    with pytest.raises(ValueError, match="X on device 0, W on device 1"):
+        cupy_backend._call_device((("X", _DeviceArray(0)), ("W", _DeviceArray(1))))
 
 
 def test_reason_says_no_cuda_device(monkeypatch):
@@ -113,7 +179,7 @@ def test_auto_without_device_has_no_backend_for_cupy_arrays(cupy_unavailable):
 
 def _blas_ready(a):
     """What the backend hands cuBLAS: ``a`` itself when it can, else a C-ordered copy."""
-    layout = cupy_backend.blas_layout(a.shape, a.strides, a.itemsize)
+    layout = cupy_launch.blas_layout(a.shape, a.strides, a.itemsize)
     if layout is None:
         a = np.ascontiguousarray(a)
         layout = (True, max(a.shape[1], 1))
@@ -131,7 +197,7 @@ def test_gemm_arguments_compute_the_row_major_product(n, k, m, p_layout, q_layou
     in_place = ("C", "F", "rows_padded", "cols_padded")
     assert (P_ready is P) >= (p_layout in in_place), "copied an operand cuBLAS can read"
     assert (Q_ready is Q) >= (q_layout in in_place), "copied an operand cuBLAS can read"
-    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_backend.gemm_arguments(p_blas, q_blas,
+    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_launch.gemm_arguments(p_blas, q_blas,
                                                                             n, m, k)
     C = np.full((n, m), np.nan)
     emulated_gemm(transa, transb, m_, n_, k_, flat_from_first_element(Q_ready), lda,
@@ -144,20 +210,50 @@ def test_gemm_arguments_compute_the_row_major_product(n, k, m, p_layout, q_layou
     ("every_other_col", None), ("reversed", None)])
 def test_blas_layout(layout, expected):
     a = make_layout(np, np.arange(20.0).reshape(4, 5), layout)
-    assert cupy_backend.blas_layout(a.shape, a.strides, a.itemsize) == expected
+    assert cupy_launch.blas_layout(a.shape, a.strides, a.itemsize) == expected
 
 
 def test_forward_path_rule():
-    small = cupy_backend.SMALL_BATCH_MAX_ROWS
-    assert cupy_backend.forward_path(1, 8192, 8192, True) == "small_batch"
-    assert cupy_backend.forward_path(small, 4096, 4096, True) == "small_batch"
-    assert cupy_backend.forward_path(1, 8192, 8192, False) == "cublas_beta"
-    assert cupy_backend.forward_path(small + 1, 64, 64, True) == "tiled"
-    assert cupy_backend.forward_path(4096, 4096, 4096, True) == "cublas_beta"
-    assert cupy_backend.forward_path(16384, 1024, 1024, True) == "cublas_beta"
+    small = cupy_launch.SMALL_BATCH_MAX_ROWS
+    rule = cupy_launch.forward_path
+    assert rule(1, 8192, 8192, True, 132) == "small_batch"
+    assert rule(small, 4096, 4096, True, 132) == "small_batch"
+    assert rule(1, 8192, 8192, False, 132) == "cublas"
+    assert rule(small + 1, 64, 64, True, 132) == "tiled"
+    assert rule(32, 64, 128, True, 132) == "tiled"  # the demo's layer: few blocks, short D
+    assert rule(4096, 4096, 4096, True, 132) == "cublas"
+    assert rule(16384, 1024, 1024, True, 132) == "cublas"
     with pytest.raises(ValueError, match="unknown forward path"):
         with cupy_backend.forced_forward_path("fastest"):
             pass
+
+
+@pytest.mark.parametrize("n, d, m", [(1, 2**18, 1), (8, 2**16, 32), (9, 2**18, 1),
+                                     (64, 2**12 + 1, 8)])
+def test_forward_path_sends_long_thin_shapes_to_cublas(n, d, m):
+    """Neither kernel splits D: a few blocks walking a long D would leave the GPU idle (issue
+    12's speed cliff), so such shapes go to cuBLAS, which splits it."""
+    assert cupy_launch.forward_path(n, d, m, True, 132) == "cublas"
+
+
+def test_gemm_chunks_cover_each_dimension_within_a_c_int():
+    assert cupy_launch.gemm_chunks(0) == []
+    assert cupy_launch.gemm_chunks(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    limit = cupy_launch.GEMM_MAX_DIM
+    assert cupy_launch.gemm_chunks(limit) == [(0, limit)]
+    assert cupy_launch.gemm_chunks(2**32) == [(0, limit), (limit, 2 * limit),
+                                              (2 * limit, 2**32)]
+
+
+def test_compile_options_carry_every_shape_and_activation_once():
+    options = cupy_launch.compile_options()
+    names = [option[2:].partition("=")[0] for option in options]
+    assert len(names) == len(set(names))
+    assert set(cupy_launch.BLOCK_SHAPES) <= set(names)
+    assert {f"FASTLINEAR_ACT_{a.upper()}" for a in activations.ACTIVATIONS} <= set(names)
+    assert f"-DFASTLINEAR_GELU_CLAMP={activations.GELU_CLAMP!r}" in options
+    codes = cupy_launch.ACTIVATION_CODES
+    assert codes[None] == 0 and sorted(codes.values()) == list(range(len(codes)))
 
 
 @settings(max_examples=200, deadline=None)
@@ -165,16 +261,16 @@ def test_forward_path_rule():
 def test_forward_launch_covers_the_output(n, m):
     for path in ("small_batch", "tiled"):
         try:
-            grid, block = cupy_backend.forward_launch(path, n, m)
+            grid, block = cupy_launch.forward_launch(path, n, m)
         except ValueError:
-            rows_per_block = {"small_batch": cupy_backend.SMALL_BATCH_ROWS,
-                              "tiled": cupy_backend.TILE_ROWS}[path]
-            assert math.ceil(n / rows_per_block) > cupy_backend.MAX_GRID_Y
+            rows_per_block = {"small_batch": cupy_launch.SMALL_BATCH_ROWS,
+                              "tiled": cupy_launch.TILE_ROWS}[path]
+            assert math.ceil(n / rows_per_block) > cupy_launch.MAX_GRID_Y
             continue
         assert block[0] * block[1] == 256
-        cols_per_block = block[0] if path == "small_batch" else cupy_backend.TILE_COLS
-        rows_per_block = (cupy_backend.SMALL_BATCH_ROWS if path == "small_batch"
-                          else cupy_backend.TILE_ROWS)
+        cols_per_block = block[0] if path == "small_batch" else cupy_launch.TILE_COLS
+        rows_per_block = (cupy_launch.SMALL_BATCH_ROWS if path == "small_batch"
+                          else cupy_launch.TILE_ROWS)
         assert (grid[0] - 1) * cols_per_block < m <= grid[0] * cols_per_block
         assert (grid[1] - 1) * rows_per_block < n <= grid[1] * rows_per_block
 
@@ -182,33 +278,33 @@ def test_forward_launch_covers_the_output(n, m):
 @settings(max_examples=300, deadline=None)
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
 def test_column_sum_launch_splits_rows_without_gaps(rows, cols, sm_count):
-    grid, block, rows_per_split = cupy_backend.column_sum_launch(rows, cols, sm_count)
+    grid, block, rows_per_split = cupy_launch.column_sum_launch(rows, cols, sm_count)
     assert block == (32, 8, 1)
     assert (grid[0] - 1) * 32 < cols <= grid[0] * 32
     splits = grid[1]
-    assert 1 <= splits <= cupy_backend.MAX_GRID_Y
+    assert 1 <= splits <= cupy_launch.MAX_GRID_Y
     assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split  # none empty, all rows
     if splits > 1:
-        assert rows_per_split >= cupy_backend.COLSUM_MIN_ROWS_PER_SPLIT
+        assert rows_per_split >= cupy_launch.COLSUM_MIN_ROWS_PER_SPLIT
 
 
 @settings(max_examples=200, deadline=None)
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
-def test_bias_launch_covers_the_columns(rows, cols, sm_count):
-    grid, block = cupy_backend.bias_launch(rows, cols, sm_count)
+def test_rows_launch_covers_the_columns(rows, cols, sm_count):
+    grid, block = cupy_launch.rows_launch(rows, cols, sm_count)
     assert (grid[0] - 1) * block[0] < cols <= grid[0] * block[0]
-    assert 1 <= grid[1] <= min(rows, cupy_backend.MAX_GRID_Y)
+    assert 1 <= grid[1] <= min(rows, cupy_launch.MAX_GRID_Y)
 
 
 def test_kernel_source_prefixes_each_file_with_its_line_directive(tmp_path):
     first, second = tmp_path / "a.cu", tmp_path / 'odd "name".cu'
     first.write_text("int a;\n")
     second.write_text("int b;")
-    source = cupy_backend.kernel_source([first, second])
+    source = cupy_launch.kernel_source([first, second])
     assert source.splitlines() == [f'#line 1 "{first}"', "int a;",
                                    f'#line 1 "{tmp_path}/odd \\"name\\".cu"', "int b;"]
-    assert cupy_backend.kernel_source().startswith('#line 1 "')
-    assert cupy_backend.kernel_source().rstrip().endswith("FASTLINEAR_KERNELS(f64, double)")
+    assert cupy_launch.kernel_source().startswith('#line 1 "')
+    assert cupy_launch.kernel_source().rstrip().endswith("FASTLINEAR_KERNELS(f64, double)")
 
 
 # --- on the GPU --------------------------------------------------------------------------------
@@ -230,7 +326,7 @@ FORWARD_LAYOUTS = [("C", "C"), ("F", "F"), ("every_other_col", "reversed"),
 @pytest.mark.gpu
 @pytest.mark.parametrize("N, D, M", FORWARD_SHAPES)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("path", (None, *cupy_backend.FORWARD_PATHS))
+@pytest.mark.parametrize("path", (None, *cupy_launch.FORWARD_PATHS))
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("x_layout, w_layout", FORWARD_LAYOUTS)
 def test_forward_matches_reference(cp, rng, N, D, M, dtype, path, has_bias, x_layout, w_layout):
@@ -277,15 +373,15 @@ def test_backward_matches_reference(cp, rng, N, D, M, dtype, has_bias, need_dX, 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_column_sums_split_over_many_blocks(cp, rng, monkeypatch, dtype, accumulate):
-    monkeypatch.setattr(cupy_backend, "COLSUM_MIN_ROWS_PER_SPLIT", 1)
+    monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 1)
     dY = rng.standard_normal((1000, 33)).astype(dtype)
-    grid, _, _ = cupy_backend.column_sum_launch(1000, 33, cupy_backend._sm_count(0))
+    grid, _, _ = cupy_launch.column_sum_launch(1000, 33, cupy_backend._sm_count(0))
     assert grid[1] > 1
     reference = reference64(np.zeros((1000, 1), dtype), np.zeros((1, 33), dtype), None, dY)
-    for _ in range(2):  # a second launch sees the tile counters reset
+    for _ in range(2):  # a second launch gets fresh tile counters
         db0 = cp.asarray(rng.standard_normal(33).astype(dtype))
         db = db0.copy()
-        cupy_backend._column_sums(cp.asarray(dY), db, accumulate)
+        cupy_backend._gradient_column_sums(cp.asarray(dY), None, None, None, db, accumulate)
         assert_matches(db, "db", reference, dtype, "db",
                        previous=db0 if accumulate else None)
 
@@ -331,16 +427,16 @@ def test_numpy_arrays_go_to_the_device_and_back(rng):
 @requires_gpu
 @pytest.mark.gpu
 def test_out_buffers_are_written_in_place(cp, rng):
-    X, W, b, dY = (cp.asarray(a) for a in make_inputs(rng, 17, 19, 23, np.float64))
+    inputs = make_inputs(rng, 17, 19, 23, np.float64)
+    reference = reference64(*inputs)
+    X, W, b, dY = (cp.asarray(a) for a in inputs)
     out = cp.empty((17, 23))
     assert fastlinear.linear_forward(X, W, b, backend="cupy", out=out) is out
     dX, dW, db = cp.empty((17, 19)), cp.empty((19, 23)), cp.empty(23)
     result = fastlinear.linear_backward(dY, X, W, backend="cupy", dX=dX, dW=dW, db=db)
     assert result[0] is dX and result[1] is dW and result[2] is db
-    cp.testing.assert_allclose(out, X @ W + b, rtol=1e-12)
-    cp.testing.assert_allclose(dX, dY @ W.T, rtol=1e-12)
-    cp.testing.assert_allclose(dW, X.T @ dY, rtol=1e-12)
-    cp.testing.assert_allclose(db, dY.sum(0), rtol=1e-12)
+    assert_matches(out, "Y", reference, np.float64, "Y")
+    assert_backward_matches(result, reference, np.float64, True, True, None, None)
 
 
 @requires_gpu
@@ -388,14 +484,233 @@ def test_device_layer_takes_host_data(cp, rng):
     dW and db stay on the device with the parameters."""
     layer = fastlinear.Linear(6, 4, backend="cupy", rng=2)
     X = rng.standard_normal((5, 6))
+    dY = rng.standard_normal((5, 4))
+    reference = reference64(X, cp.asnumpy(layer.W), cp.asnumpy(layer.b), dY)
     Y = layer.forward(X)
     assert type(Y) is np.ndarray
-    np.testing.assert_allclose(Y, X @ cp.asnumpy(layer.W) + cp.asnumpy(layer.b), rtol=1e-12)
-    dY = rng.standard_normal((5, 4))
+    assert_matches(Y, "Y", reference, np.float64, "Y")
     dX = layer.backward(dY)
     assert type(dX) is np.ndarray
     assert isinstance(layer.dW, cp.ndarray) and isinstance(layer.db, cp.ndarray)
-    np.testing.assert_allclose(dX, dY @ cp.asnumpy(layer.W).T, rtol=1e-12)
-    np.testing.assert_allclose(cp.asnumpy(layer.dW), X.T @ dY, rtol=1e-12)
+    assert_backward_matches((dX, layer.dW, layer.db), reference, np.float64, True, True, None,
+                            None)
+    db_once = cp.asnumpy(layer.db)
     layer.backward(dY, accumulate=True)
-    np.testing.assert_allclose(cp.asnumpy(layer.db), 2 * dY.sum(0), rtol=1e-12)
+    assert_matches(layer.db, "db", reference, np.float64, "db", previous=db_once)
+
+
+# --- the dispatcher's overlap check on CuPy arrays (no GPU needed) ------------------------------
+
+class _FakeCupyArray:
+    """A cupy.ndarray as the overlap check sees it (pointer, shape, strides), made from a NumPy
+    view; any use of CuPy itself (e.g. cupy.shares_memory, which syncs the device) would fail."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, view):
+        self.data = types.SimpleNamespace(ptr=view.__array_interface__["data"][0])
+        self.shape, self.strides = view.shape, view.strides
+        self.itemsize, self.size = view.itemsize, view.size
+
+
+def _views(base):
+    return {"rows 0-3": base[:4], "rows 4-9": base[4:], "rows 3-5": base[3:6],
+            "reversed": base[::-1], "column 0": base[:, 0], "column 5 reversed": base[::-1, 5],
+            "every other row": base[::2], "empty": base[:0], "F view": base.T,
+            "last element": base[-1, -1:], "other array": np.zeros((3, 4))}
+
+
+def test_overlap_check_on_cupy_arrays_is_numpys_bounds_check(monkeypatch):
+    from fastlinear import functional
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # the check must not import CuPy
+    views = _views(np.zeros((10, 6)))
+    for name_a, a in views.items():
+        for name_b, b in views.items():
+            expected = np.may_share_memory(a, b)
+            got = functional._shares_memory(_FakeCupyArray(a), _FakeCupyArray(b))
+            assert got == expected, (name_a, name_b)
+
+
+# --- on the GPU: fused activations, issue 12's checks -------------------------------------------
+
+ACTIVATION_SHAPES = [(1, 1, 1), (3, 300, 31), (9, 17, 65), (65, 129, 70), (130, 70, 200)]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, D, M", ACTIVATION_SHAPES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("path", cupy_launch.FORWARD_PATHS)
+@pytest.mark.parametrize("activation", activations.ACTIVATIONS)
+def test_forward_activation_matches_reference(cp, rng, N, D, M, dtype, path, activation):
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    reference, _ = activation_reference(X, W, b, dY, activation, dtype)
+    with cupy_backend.forced_forward_path(path):
+        Y, saved = fastlinear.linear_forward(cp.asarray(X), cp.asarray(W), cp.asarray(b),
+                                             activation=activation, backend="cupy",
+                                             return_saved=True)
+    assert_within(Y, *reference["Y"], f"{activation} Y via {path}")
+    if activations.saved_for_backward(activation) == "preactivation":
+        assert_within(saved, *reference["Z"], f"{activation} Z via {path}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, D, M", [(5, 3, 2), (1000, 33, 40), (129, 70, 200)])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("activation", activations.ACTIVATIONS)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_backward_activation_matches_reference(cp, rng, N, D, M, dtype, activation, has_bias):
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    reference, saved = activation_reference(X, W, b, dY, activation, dtype)
+    dX, dW, db = fastlinear.linear_backward(
+        cp.asarray(dY), cp.asarray(X), cp.asarray(W), activation=activation,
+        saved=cp.asarray(saved), has_bias=has_bias, backend="cupy")
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        if name == "db" and not has_bias:
+            assert db is None
+            continue
+        assert_within(value, *reference[name], f"{activation} {name}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_column_sums_are_bitwise_reproducible(cp, rng):
+    """Many row splits finished by the last block in split order: the same bits every run."""
+    dY = cp.asarray(rng.standard_normal((2**20, 33)).astype(np.float32))
+    first = None
+    for _ in range(100):
+        db = cp.empty(33, np.float32)
+        cupy_backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
+        if first is None:
+            first = db.get()
+        else:
+            assert np.array_equal(db.get().view(np.uint32), first.view(np.uint32))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", cupy_launch.FORWARD_PATHS)
+def test_forward_and_backward_in_a_non_blocking_stream(cp, rng, path):
+    X, W, b, dY = make_inputs(rng, 300, 200, 100, np.float32)
+    reference, saved = activation_reference(X, W, b, dY, "gelu", np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        args = [cp.asarray(a) for a in (X, W, b, dY, saved)]
+        with cupy_backend.forced_forward_path(path):
+            Y = fastlinear.linear_forward(*args[:3], activation="gelu", backend="cupy")
+        grads = fastlinear.linear_backward(args[3], args[0], args[1], activation="gelu",
+                                           saved=args[4], backend="cupy")
+        results = [a.get(stream=stream) for a in (Y, *grads)]
+    stream.synchronize()
+    for name, value in zip(("Y", "dX", "dW", "db"), results, strict=True):
+        assert_within(value, *reference[name], name)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_cublas_pointer_mode_is_restored(cp, rng):
+    from cupy_backends.cuda.libs import cublas
+
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_DEVICE)
+    try:
+        X, W, b, dY = (cp.asarray(a) for a in make_inputs(rng, 70, 60, 50, np.float32))
+        with cupy_backend.forced_forward_path("cublas"):
+            fastlinear.linear_forward(X, W, b, backend="cupy")
+        fastlinear.linear_backward(dY, X, W, backend="cupy")
+        assert cublas.getPointerMode(handle) == cublas.CUBLAS_POINTER_MODE_DEVICE
+    finally:
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", cupy_launch.FORWARD_PATHS)
+def test_float16_beyond_2_31_elements_uses_64_bit_indexing(cp, rng, path):
+    """Y, Z and G of 70000 x 32769 float16 elements (N * M > 2**31): the last rows are right."""
+    free, _ = cp.cuda.runtime.memGetInfo()
+    N, D, M = 70000, 4, 32769
+    if free < 6 * N * M * 2:
+        pytest.skip(f"needs {6 * N * M * 2 / 2**30:.0f} GiB of free device memory")
+    X = rng.standard_normal((N, D)).astype(np.float16)  # no (N, M) array on the host
+    W = rng.standard_normal((D, M)).astype(np.float16)
+    b = rng.standard_normal(M).astype(np.float16)
+    X_gpu, W_gpu, b_gpu = cp.asarray(X), cp.asarray(W), cp.asarray(b)
+    with cupy_backend.forced_forward_path(path):
+        Y, Z = fastlinear.linear_forward(X_gpu, W_gpu, b_gpu, activation="gelu",
+                                         backend="cupy", return_saved=True)
+    tail = slice(N - 3, N)
+    dY_tail = rng.standard_normal((3, M)).astype(np.float16)
+    reference, _ = activation_reference(X[tail], W, b, dY_tail, "gelu", np.float16)
+    assert_within(Y[tail], *reference["Y"], f"last rows of Y via {path}")
+    assert_within(Z[tail], *reference["Z"], f"last rows of Z via {path}")
+    del Y
+    dY = cp.zeros((N, M), np.float16)  # zero except the last rows: G and db come from those
+    dY[tail] = cp.asarray(dY_tail)
+    G, db = cp.empty((N, M), np.float16), cp.empty(M, np.float16)
+    cupy_backend._gradient_column_sums(dY, Z, "gelu", G, db, accumulate=False)
+    dY64, Z64 = dY_tail.astype(np.float64), Z[tail].get().astype(np.float64)
+    expected = activations.grad("gelu", dY64, Z64)
+    bound = (16 * np.finfo(np.float32).eps * np.abs(dY64) * (1 + np.abs(Z64))
+             + np.finfo(np.float16).eps * np.abs(expected) + np.finfo(np.float16).tiny)
+    assert_within(G[tail], expected, bound, "last rows of G")
+    assert not cp.any(G[:N - 3])
+    assert_within(db, expected.sum(0), bound.sum(0) + np.finfo(np.float16).eps
+                  * np.abs(expected).sum(0), "db")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_call_runs_on_the_device_of_its_arrays_on_the_gpu(cp, rng):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    X, W, b, dY = make_inputs(rng, 20, 30, 10, np.float32)
+    reference = reference64(X, W, b, dY)
+    with cp.cuda.Device(1):
+        X1, W1, b1 = cp.asarray(X), cp.asarray(W), cp.asarray(b)
+    with cp.cuda.Device(0):
+        Y = fastlinear.linear_forward(X1, W1, b1, backend="cupy")
+        assert Y.device.id == 1
+        with pytest.raises(ValueError, match="X on device 0, W on device 1"):
+            fastlinear.linear_forward(cp.asarray(X), W1, backend="cupy")
+    assert_matches(Y, "Y", reference, np.float32, "Y")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_every_path_keeps_float32_subnormals_as_cublas(cp):
+    """Products below float32's smallest normal: our kernels (compiled by CuPy with -ftz=true)
+    keep them through IEEE fused multiply-adds, as cuBLAS does, so every path gives the same
+    bits (the sum of equal subnormals is exact)."""
+    X = np.full((4, 8), 1e-20, np.float32)
+    W = np.full((8, 3), 1e-20, np.float32)
+    b = np.full(3, 1e-39, np.float32)  # a subnormal bias, added in each path's epilogue
+    reference = reference64(X, W, b, np.zeros((4, 3), np.float32))
+    results = {}
+    for path in cupy_launch.FORWARD_PATHS:
+        with cupy_backend.forced_forward_path(path):
+            results[path] = fastlinear.linear_forward(cp.asarray(X), cp.asarray(W),
+                                                      cp.asarray(b), backend="cupy").get()
+        assert_matches(results[path], "Y", reference, np.float32, f"Y via {path}")
+        assert np.all(results[path] > 0), path
+    for path in ("small_batch", "tiled"):
+        assert np.array_equal(results[path], results["cublas"]), path
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_kernels_are_clean_under_compute_sanitizer(tool):
+    import shutil
+    import subprocess
+
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    script = pathlib.Path(__file__).with_name("gpu_sanitizer_smoke.py")
+    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable,
+                             str(script)], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0 and "smoke ok" in result.stdout, (
+        result.stdout[-4000:] + result.stderr[-4000:])

@@ -185,3 +185,46 @@ def test_context_nests():
         with fastlinear.use_backend("auto"):
             assert _dispatch.requested_backend() == "auto"
         assert _dispatch.requested_backend() == "numpy"
+
+
+# --- backends by name: unavailable ones from every source ---------------------------------------
+
+def unavailable_backends():
+    return [name for name, reason in fastlinear.available_backends().items() if reason]
+
+SPELLINGS = {"plain": str, "spaces": lambda n: f" {n} ", "tab": lambda n: f"{n}\t",
+             "upper": str.upper, "title": str.title}
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_unavailable_backend_from_every_source(monkeypatch, spelling):
+    names = unavailable_backends()
+    if not names:
+        pytest.skip("every registered backend is available here")
+    for name in names:
+        raw = SPELLINGS[spelling](name)
+        match = rf"backend '{name}' (is not available|failed to import)"
+        with pytest.raises(fastlinear.BackendUnavailableError, match=match):
+            fastlinear.linear_forward(X, W, backend=raw)
+        with pytest.raises(fastlinear.BackendUnavailableError, match=match):
+            with fastlinear.use_backend(raw):
+                pass
+        with pytest.raises(fastlinear.BackendUnavailableError, match=match):
+            fastlinear.Linear(3, 2, backend=raw)
+        monkeypatch.setenv(fastlinear.ENV_VAR, raw)
+        with pytest.raises(fastlinear.BackendUnavailableError, match=match):
+            fastlinear.linear_forward(X, W)
+        with pytest.raises(fastlinear.BackendUnavailableError, match=match):
+            fastlinear.Linear(3, 2).forward(X)
+        monkeypatch.delenv(fastlinear.ENV_VAR)
+
+@pytest.mark.parametrize("bad", ["", " ", "numpy2", "cuda", "NUM PY"])
+def test_layer_with_unknown_backend_name(bad):
+    with pytest.raises(ValueError, match=r"unknown backend .*expected one of 'numpy', 'numba'"):
+        fastlinear.Linear(3, 2, backend=bad)
+
+def test_bad_environment_value_fails_the_layer_call_not_silently(monkeypatch):
+    layer = fastlinear.Linear(3, 2, rng=0)
+    monkeypatch.setenv(fastlinear.ENV_VAR, "Tensorflow ")
+    with pytest.raises(ValueError, match=r"unknown FASTLINEAR_BACKEND value 'Tensorflow '"):
+        layer.forward(X)
+    assert layer.X is None

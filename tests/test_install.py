@@ -264,3 +264,11 @@ def test_numba_with_a_cache_dir_that_cannot_be_created(tmp_path):
     assert result.stdout.strip().endswith("OK")
     assert "Traceback" not in result.stderr, result.stderr
     assert not cache_dir.exists()
+
+
+def test_cuda_extra_brings_the_cuda_toolkit_pieces_cupy_compiles_with():
+    """CuPy compiles RawModules only with CUDA's headers and NVRTC at hand, which its ctk extra
+    installs (issue 12): the plain cupy-cuda13x wheel is not enough."""
+    requirements = pyproject()["optional-dependencies"]["cuda"]
+    assert any(req.replace(" ", "").startswith("cupy-cuda13x[ctk]") for req in requirements), \
+        requirements

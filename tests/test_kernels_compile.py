@@ -1,9 +1,11 @@
-"""kernels/*.cu compile with nvcc, warning-free, and export what the cupy backend launches.
+"""kernels/*.cu compile with nvcc and NVRTC, warning-free, and export what the backend launches.
 
 No GPU is needed: nvcc compiles for sm_80 (A100) and sm_90 (H100) on any machine. Warnings are
 errors here: nvcc's own (``-Werror all-warnings``), the host compiler's, and ptxas's, including
 register spills (``-warn-spills``), which would silently cost the kernels their speed. None is
 accepted at present; accept one by adding its suppression flag to ``NVCC_FLAGS`` with a reason.
+Every compile gets the block shapes and activation constants as ``-D`` defines from
+``cupy_launch.compile_options()``, as the backend hands them to NVRTC.
 """
 
 import ctypes
@@ -18,7 +20,7 @@ import sys
 import pytest
 
 from fastlinear import _kernels
-from fastlinear.backends import cupy as cupy_backend
+from fastlinear.backends import cupy_launch
 
 NVCC = shutil.which("nvcc")
 ARCHS = ("sm_80", "sm_90")
@@ -32,9 +34,10 @@ needs_nvcc = pytest.mark.skipif(
 SOURCES = _kernels.kernel_sources()
 
 
-def _nvcc(*args):
-    return subprocess.run([NVCC, *NVCC_FLAGS, *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+def _nvcc(*args, defines=True):
+    options = cupy_launch.compile_options() if defines else ()
+    return subprocess.run([NVCC, *NVCC_FLAGS, *options, *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
 
 
 @needs_nvcc
@@ -52,7 +55,7 @@ def module_ptx(tmp_path_factory):
     """PTX of exactly the source the backend hands to NVRTC (``#line`` prefixes included)."""
     directory = tmp_path_factory.mktemp("ptx")
     source = directory / "module.cu"
-    source.write_text(cupy_backend.kernel_source())
+    source.write_text(cupy_launch.kernel_source())
     result = _nvcc("-arch=sm_90", "--ptx", "-o", directory / "module.ptx", source)
     assert result.returncode == 0, result.stderr
     return (directory / "module.ptx").read_text()
@@ -70,21 +73,25 @@ def _ptx_entries(ptx):
 def test_module_exports_every_launched_kernel_with_its_argument_types(module_ptx):
     entries = _ptx_entries(module_ptx)
     expected = {}
-    for kernel, signature in cupy_backend.KERNEL_SIGNATURES.items():
-        for suffix in cupy_backend.DTYPE_SUFFIXES.values():
+    for kernel, signature in cupy_launch.KERNEL_SIGNATURES.items():
+        for suffix in cupy_launch.DTYPE_SUFFIXES.values():
             expected[f"{kernel}_{suffix}"] = tuple(PTX_PARAM_TYPES[kind] for kind in signature)
     assert entries == expected
 
 
-def test_block_shapes_agree_with_the_backend():
-    defines = {}
+def test_block_shapes_are_defined_only_in_python():
+    """The shapes and activation codes live in cupy_launch; the .cu files only use them."""
     for source in SOURCES:
-        for name, value in re.findall(r"^#define\s+(\w+)\s+(\d+)\s*$", source.read_text(), re.M):
-            defines[name] = int(value)
-    for name in ("BIAS_THREADS", "COLSUM_LANES", "COLSUM_ROW_LANES", "SMALL_BATCH_ROWS",
-                 "SMALL_BATCH_COLS", "SMALL_BATCH_SLICES", "TILE_ROWS", "TILE_COLS",
-                 "TILE_THREADS"):
-        assert defines[name] == getattr(cupy_backend, name), name
+        text = source.read_text()
+        for name in cupy_launch.kernel_defines():
+            assert not re.search(rf"^\s*#\s*define\s+{name}\b", text, re.M), (source, name)
+
+
+@needs_nvcc
+def test_source_without_the_defines_stops_with_a_clear_error(tmp_path):
+    result = _nvcc("-arch=sm_90", "--ptx", "-o", tmp_path / "k.ptx", SOURCES[0], defines=False)
+    assert result.returncode != 0
+    assert "compile with the -D defines of fastlinear.backends.cupy_launch" in result.stderr
 
 
 @needs_nvcc
@@ -92,7 +99,7 @@ def test_line_prefix_points_compiler_errors_at_the_real_file(tmp_path):
     broken = tmp_path / "broken_kernel.cu"
     broken.write_text('// line 1\n// line 2\nextern "C" __global__ void k() { undeclared = 1; }\n')
     combined = tmp_path / "combined.cu"
-    combined.write_text("// unrelated first line\n" + cupy_backend.kernel_source([broken]))
+    combined.write_text("// unrelated first line\n" + cupy_launch.kernel_source([broken]))
     result = _nvcc("-arch=sm_90", "--ptx", "-o", tmp_path / "combined.ptx", combined)
     assert result.returncode != 0
     assert re.search(r"broken_kernel\.cu\(3\)", result.stderr), result.stderr
@@ -144,15 +151,45 @@ def _nvrtc_compile(source, name, options):
         NVRTC.nvrtcDestroyProgram(ctypes.byref(program))
 
 
-@pytest.mark.skipif(NVRTC is None, reason="no libnvrtc found (CuPy's runtime compiler); set "
-                    "FASTLINEAR_NVRTC=/path/to/libnvrtc.so or pip install nvidia-cuda-nvrtc")
+needs_nvrtc = pytest.mark.skipif(
+    NVRTC is None, reason="no libnvrtc found (CuPy's runtime compiler); set "
+    "FASTLINEAR_NVRTC=/path/to/libnvrtc.so or pip install nvidia-cuda-nvrtc")
+# What CuPy's RawModule hands NVRTC: our options, then its own -ftz=true (CuPy's
+# _compile_with_cache_cuda appends it to every compile).
+CUPY_NVRTC_OPTIONS = (*cupy_launch.compile_options(), "-ftz=true")
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
 def test_module_compiles_with_nvrtc_as_cupy_compiles_it(arch):
     """NVRTC includes no CUDA headers implicitly, unlike nvcc: the source must not need them."""
-    status, log, ptx = _nvrtc_compile(cupy_backend.kernel_source(), "fastlinear_kernels.cu",
-                                      [f"-arch={arch}", *cupy_backend.COMPILE_OPTIONS])
+    status, log, ptx = _nvrtc_compile(cupy_launch.kernel_source(), "fastlinear_kernels.cu",
+                                      [f"-arch={arch}", *CUPY_NVRTC_OPTIONS])
     assert status == 0, f"NVRTC failed ({arch}):\n{log}"
     assert not log, f"NVRTC printed diagnostics ({arch}):\n{log}"
     assert set(_ptx_entries(ptx)) == {f"{kernel}_{suffix}"
-                                      for kernel in cupy_backend.KERNEL_SIGNATURES
-                                      for suffix in cupy_backend.DTYPE_SUFFIXES.values()}
+                                      for kernel in cupy_launch.KERNEL_SIGNATURES
+                                      for suffix in cupy_launch.DTYPE_SUFFIXES.values()}
+
+
+@needs_nvrtc
+def test_products_and_sums_keep_float32_subnormals_under_cupys_ftz():
+    """CuPy appends -ftz=true after our options (NVRTC's last -ftz wins), which flushes float32
+    subnormals in plain arithmetic; cuBLAS keeps them. The layer's multiply-adds and sums use
+    __fmaf_ieee_rn, which ignores the flag, so every float32 kernel has IEEE fma.rn.f32 (not
+    .ftz), the forward kernels at least as many as one unrolled step of their product loop."""
+    status, log, ptx = _nvrtc_compile(cupy_launch.kernel_source(), "fastlinear_kernels.cu",
+                                      ["-arch=sm_90", *CUPY_NVRTC_OPTIONS])
+    assert status == 0, log
+    assert ".ftz.f32" in ptx  # the flag is on: the activation functions' arithmetic flushes
+    bodies = dict(re.findall(r"\.visible\s+\.entry\s+(\w+)(.*?)\n}", ptx, re.DOTALL))
+    micro = cupy_launch.TILE_ROWS // cupy_launch.TILE_THREADS
+    # at least: one unrolled step of the product loop; the epilogue; one addition
+    expected = {"linear_forward_tiled": cupy_launch.TILE_DEPTH * micro * micro,
+                "linear_forward_small_batch": cupy_launch.SMALL_BATCH_ROWS
+                * cupy_launch.SMALL_BATCH_SLICES,
+                "gradient_column_sums": 1, "bias_activation_epilogue": 1}
+    for kernel, minimum in expected.items():
+        for suffix in ("f16", "f32"):
+            count = len(re.findall(r"\bfma\.rn\.f32\b", bodies[f"{kernel}_{suffix}"]))
+            assert count >= minimum, f"{kernel}_{suffix}: {count} IEEE fma.rn.f32"

@@ -6,7 +6,7 @@ copy and those it cannot, all flag combinations of the backward pass, a long flo
 concurrent callers (also under Numba's ``workqueue`` threading layer, in a subprocess), the
 SciPy BLAS fallback, thread counts, allocations, and the on-disk cache.
 
-Tolerance: ``conftest.error_bound``, i.e. ``2 (k + 1) u (|x| . |w|)`` elementwise for a length-k
+Tolerance: ``helpers.error_bound``, i.e. ``2 (k + 1) u (|x| . |w|)`` elementwise for a length-k
 dot product with unit roundoff ``u``: the worst case of any summation order (Higham, eq. 3.5), so
 BLAS blocking, threads and SIMD reassociation all stay inside it; float32 sums are accumulated in
 float32, by the reference and by this backend alike.
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import fastlinear
-from tests.conftest import (
+from tests.helpers import (
     CPU_DTYPES,
     assert_close,
     assert_matches_reference,

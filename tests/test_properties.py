@@ -1,7 +1,7 @@
 """Property tests (hypothesis): random shapes, dtypes, layouts, bias, batch dims, on every backend.
 
 Every backend's forward and backward must agree with the NumPy reference backend and with plain
-float64 math. The tolerance is stated once, per dtype, by ``tests.conftest.error_bound``:
+float64 math. The tolerance is stated once, per dtype, by ``tests.helpers.error_bound``:
 
     |got - exact| <= 2 (k + 1) u (|x| . |w|)   elementwise,
 
@@ -26,7 +26,7 @@ from hypothesis import given as given_examples
 from hypothesis import strategies as st
 
 import fastlinear
-from tests.conftest import assert_close, reference64, to_numpy
+from tests.helpers import assert_close, reference64, to_numpy
 
 PROFILE_VAR = "FASTLINEAR_HYPOTHESIS_PROFILE"
 PROFILES = {

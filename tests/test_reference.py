@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fastlinear.backends import numpy as ref
-from tests.conftest import assert_close, make_inputs
+from tests.helpers import assert_close, make_inputs
 
 SHAPES = [(1, 1, 1), (2, 3, 4), (5, 7, 3), (17, 13, 11), (0, 4, 3), (3, 0, 2), (33, 65, 31)]
 

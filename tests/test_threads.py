@@ -14,7 +14,7 @@ import pytest
 
 import fastlinear
 from fastlinear import _dispatch
-from tests.conftest import assert_close, make_inputs, reference64
+from tests.helpers import assert_close, make_inputs, reference64
 
 THREADS = 8
 ITERATIONS = 5

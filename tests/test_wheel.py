@@ -56,7 +56,7 @@ def test_wheel_contains_every_kernel_source(wheel):
 def test_installed_copy_finds_its_kernels(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import fastlinear._kernels as k, fastlinear.backends.cupy as c; "
+    code = ("import fastlinear._kernels as k, fastlinear.backends.cupy_launch as c; "
             "print(k.kernel_dir()); print(c.kernel_source().splitlines()[0])")
     env = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,

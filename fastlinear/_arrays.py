@@ -1,0 +1,151 @@
+"""Arrays at the boundary: the caller's array library, NumPy's promotion, conversion in and out.
+
+Backends see NumPy or CuPy arrays of one floating dtype. Everything else a caller may hold is
+turned into those here, zero-copy where the memory allows: NumPy array subclasses, Python lists
+and scalars, and any object with ``__dlpack__`` (PyTorch tensors, JAX arrays, array-api-strict
+arrays), host memory through NumPy and CUDA memory through CuPy. Results go back in the caller's
+library through that library's own ``from_dlpack``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["library", "to_native", "result_dtype", "cast", "namespace"]
+
+# DLPack device types (dlpack.h): host memory, CUDA memory, pinned and managed CUDA memory.
+_DLPACK_CPU = 1
+_DLPACK_CUDA = (2, 3, 13)
+CASTING_RULES = ("no", "equiv", "safe", "same_kind", "unsafe")
+
+# A converter that gives a NumPy/CuPy result back in the caller's library (None: as it is).
+Converter = Callable[[Any], Any] | None
+
+
+def library(x: object) -> str:
+    """The root module of an object's type: ``"numpy"``, ``"cupy"``, ``"torch"``, ``"builtins"``."""
+    return type(x).__module__.partition(".")[0]
+
+
+def type_name(x: object) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def namespace(x: object):
+    """The module of NumPy-like functions for a native array: ``numpy`` or ``cupy``."""
+    return importlib.import_module("cupy") if library(x) == "cupy" else np
+
+
+def is_scalar(x: object) -> bool:
+    """A Python number (not a NumPy scalar, which NumPy types strongly)."""
+    return isinstance(x, numbers.Number) and not isinstance(x, np.generic)
+
+
+def to_native(x: Any, name: str, *, scalar_ok: bool = False) -> tuple[Any, Converter]:
+    """``(array, converter)``: ``x`` as a NumPy or CuPy array, and how to give results back.
+
+    Python lists and tuples become NumPy arrays of their own dtype, as ``numpy.asarray`` makes
+    them; a Python number stays as it is where ``scalar_ok`` (NumPy promotes it weakly).
+    """
+    if type(x) is np.ndarray or library(x) == "cupy":
+        return x, None
+    if isinstance(x, np.ndarray):
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a numpy masked array; fastlinear would ignore its mask. "
+                            f"Pass {name}.filled(...) or an unmasked ndarray")
+        return np.asarray(x), None
+    if scalar_ok and (is_scalar(x) or isinstance(x, np.generic)):
+        return x, None
+    if isinstance(x, (list, tuple, np.generic)):
+        try:
+            array = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} could not be converted to an array: {exc}") from exc
+        return array, None
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return _from_dlpack(x, name), _converter_back(x, name)
+    raise TypeError(f"{name} must be an array (NumPy, CuPy, or any object with __dlpack__ such as "
+                    f"a PyTorch tensor or JAX array) or a list of numbers, got {type_name(x)}")
+
+
+def _from_dlpack(x: Any, name: str) -> Any:
+    """``x``'s memory as a NumPy array (host) or CuPy array (CUDA), without a copy."""
+    device_type = int(x.__dlpack_device__()[0])
+    if device_type == _DLPACK_CPU:
+        module_name = "numpy"
+    elif device_type in _DLPACK_CUDA:
+        module_name = "cupy"
+    else:
+        raise TypeError(f"{name} ({type_name(x)}) lives on DLPack device type {device_type}; "
+                        f"fastlinear takes host memory (NumPy) and CUDA memory (CuPy)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TypeError(f"{name} ({type_name(x)}) is in CUDA memory, which needs CuPy: "
+                        f'pip install "fastlinear[cuda]" ({exc})') from exc
+    try:
+        return module.from_dlpack(x)
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        hint = ""
+        if getattr(x, "requires_grad", False):
+            hint = (f"; fastlinear computes outside autograd: pass {name}.detach() "
+                    f"(the layer's backward gives the gradients)")
+        raise TypeError(f"{name} ({type_name(x)}, dtype {getattr(x, 'dtype', '?')}) could not "
+                        f"be read through DLPack: {exc}{hint}") from exc
+
+
+def _converter_back(x: Any, name: str) -> Callable[[Any], Any]:
+    """The ``from_dlpack`` of ``x``'s own library, to give results back as its type."""
+    get_namespace = getattr(x, "__array_namespace__", None)
+    if get_namespace is not None:
+        return get_namespace().from_dlpack
+    try:
+        module = importlib.import_module(library(x))
+    except ImportError:
+        module = None
+    from_dlpack = getattr(module, "from_dlpack", None)
+    if from_dlpack is None:
+        raise TypeError(f"{name} is a {type_name(x)}, whose library has no from_dlpack to take "
+                        f"the results back; pass a NumPy array (numpy.from_dlpack({name}))")
+    return from_dlpack
+
+
+def result_dtype(operands: list[tuple[str, Any]]) -> np.dtype:
+    """NumPy's result dtype of the operands (arrays and Python numbers), in native byte order.
+
+    The linear layer computes in floating point: a non-floating result (all operands integer or
+    bool) and complex, object or string data raise a ``TypeError`` that names the operands.
+    """
+    for name, x in operands:
+        kind = x.dtype.kind if hasattr(x, "dtype") else ("c" if isinstance(x, complex) else "f")
+        if kind not in "biuf":
+            raise TypeError(f"{name} has dtype {getattr(x, 'dtype', type(x).__name__)}; "
+                            f"fastlinear computes in floating point (float32, float64)")
+    dtype = np.result_type(*(x.dtype if hasattr(x, "dtype") else x for _, x in operands))
+    if dtype.kind != "f":
+        what = ", ".join(f"{name} {x.dtype}" for name, x in operands if hasattr(x, "dtype"))
+        raise TypeError(f"{what} promote to {dtype}, but fastlinear computes in floating point: "
+                        f"convert one operand, e.g. W.astype('float32')")
+    return dtype.newbyteorder("=")
+
+
+def cast(x: Any, name: str, dtype: np.dtype, casting: str) -> Any:
+    """``x`` in ``dtype`` (a copy when it differs), if NumPy's ``casting`` rule allows it."""
+    if x.dtype == dtype and x.dtype.isnative:
+        return x
+    if not np.can_cast(x.dtype, dtype, casting=casting):  # type: ignore[arg-type]
+        raise TypeError(f"{name} has dtype {x.dtype} but the call computes in {dtype}, and "
+                        f"casting={casting!r} forbids converting it; convert with "
+                        f"{name}.astype({dtype.name!r}) or pass casting='safe'")
+    return x.astype(dtype)
+
+
+def check_casting(casting: str) -> str:
+    if casting not in CASTING_RULES:
+        raise ValueError(f"casting must be one of {CASTING_RULES}, got {casting!r}")
+    return casting
