@@ -325,6 +325,18 @@ def test_concurrent_calls_under_workqueue_layer():
     assert out.split() == ["0", "workqueue"]
 
 
+def test_small_calls_do_not_import_threadpoolctl():
+    """threadpoolctl is imported only for the thread count of large calls. (SciPy's BLAS, the
+    fallback, is not tested so: Numba imports scipy.linalg itself when its CPU target loads.)"""
+    out = run_python(
+        "import sys, numpy as np; from fastlinear.backends import numba as nb;"
+        "X = np.ones((3, 4)); W = np.ones((4, 5));"
+        "nb.forward(X, W, None, None); nb.backward(np.ones((3, 5)), X, W, has_bias=True,"
+        " need_dX=True, accumulate=False, dX=None, dW=None, db=None);"
+        "print('threadpoolctl' in sys.modules)")
+    assert out.split() == ["False"]
+
+
 def test_scipy_blas_fallback():
     """Without NumPy's BLAS symbols the kernels call SciPy's LP64 BLAS: same results."""
     out = run_python(
@@ -384,11 +396,12 @@ def test_forked_child_after_parallel_code(setup):
     assert usable_in_parent == str(not setup.startswith("users"))
 
 
-def test_missing_numba_names_the_extra():
+@pytest.mark.parametrize("missing", ["numba", "scipy", "threadpoolctl"])
+def test_missing_dependency_names_the_extra(missing):
     out = run_python(
-        "import sys; sys.modules['numba'] = None;"
+        f"import sys; sys.modules[{missing!r}] = None;"
         "from fastlinear.backends import numba as nb; print(nb.unavailable_reason())")
-    assert 'pip install "fastlinear[numba]"' in out
+    assert missing in out and 'pip install "fastlinear[numba]"' in out
 
 
 def test_cached_kernels_load_in_a_new_process(rng):
@@ -458,7 +471,7 @@ def assert_activation_close(Y, activation, Z_ref, dtype):
     the pre-activation's bound times the Lipschitz constant, plus the activation's own rounding
     (relative to |y|, and to |z| for the GELUs, whose 0.5 (1 + erf) is absolute-accurate)."""
     from fastlinear import activations
-    from tests.conftest import error_bound
+    from tests.helpers import error_bound
 
     expected_z, magnitude, terms = Z_ref
     expected = activations.apply(activation, expected_z)

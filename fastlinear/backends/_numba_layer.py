@@ -254,7 +254,8 @@ def _signature(name, dtype, present):
     return types.void(*arrays)
 
 
-_compiled = {}  # (name, dtype, *which optional arrays are present) -> Numba dispatcher
+# (name, dtype, *which optional arrays are present) -> Numba dispatcher
+_compiled: dict[tuple, object] = {}
 _compile_lock = threading.Lock()
 
 

@@ -21,6 +21,7 @@ same time within a call, so they do not oversubscribe the cores.
 float32 products and sums are accumulated in float32, as by the BLAS and the NumPy reference.
 """
 
+import importlib.util
 import math
 import os
 import threading
@@ -50,6 +51,20 @@ ROWS_DOT_ROWS_MIN_M = 96
 # backward runs on the calling thread alone this soon after a skinny forward (a training step).
 BLAS_SPIN_SECONDS = 0.1
 
+
+def _missing_dependency():
+    """An ImportError naming SciPy or threadpoolctl where one is not installed, else ``None``.
+
+    They are imported only when needed (SciPy's BLAS is the fallback; threadpoolctl sets the
+    BLAS's threads for large calls): here they are only looked up.
+    """
+    for name in ("scipy", "threadpoolctl"):
+        if importlib.util.find_spec(name) is None:
+            return ImportError(f"No module named {name!r}")
+    return None
+
+
+_IMPORT_ERROR: ImportError | None
 try:
     import numba
 
@@ -58,15 +73,16 @@ try:
 except ImportError as exc:  # the dispatcher imports this module to ask whether it can run
     _IMPORT_ERROR = exc
 else:
-    _IMPORT_ERROR = None
+    _IMPORT_ERROR = _missing_dependency()
 
 
 def unavailable_reason():
-    """``None`` when Numba imports, else why not and what to install."""
+    """``None`` when Numba imports and SciPy and threadpoolctl are installed, else why not and
+    what to install."""
     if _IMPORT_ERROR is None:
         return None
-    return (f"{_IMPORT_ERROR} (the numba backend needs numba and threadpoolctl: "
-            f'pip install "fastlinear[numba]"')
+    return (f"{_IMPORT_ERROR} (the numba backend needs numba, scipy and threadpoolctl: "
+            f'pip install "fastlinear[numba]")')
 
 
 # When this backend's last skinny-sized forward ended (time.perf_counter()).
