@@ -1,15 +1,19 @@
 """Cases that break the numba backend's kernels, beyond the backend-parametrised tests.
 
 Sizes of 1 and primes, the edges of its paths (one row: gemv; up to ``SKINNY_ROWS`` rows: the
-fused ``prange`` backward; more: gemm), empty dimensions, every layout BLAS can read without a
-copy and those it cannot, all flag combinations of the backward pass, a long float32 reduction,
-concurrent callers (also under Numba's ``workqueue`` threading layer, in a subprocess), the
-SciPy BLAS fallback, thread counts, allocations, and the on-disk cache.
+fused ``prange`` backward; more: gemm, or for small calls the register-blocked dX), empty
+dimensions, every layout BLAS can read without a copy and those it cannot, all flag combinations
+of the backward pass, a long float32 reduction, the fused activations on every path (kinks,
+large |z|, inf and NaN too), concurrent callers (also under Numba's ``workqueue`` threading
+layer), forked children after GNU OpenMP started, missing dependencies, the SciPy BLAS fallback,
+thread counts, allocations, and the on-disk cache (subprocesses where the process state matters).
 
 Tolerance: ``helpers.error_bound``, i.e. ``2 (k + 1) u (|x| . |w|)`` elementwise for a length-k
 dot product with unit roundoff ``u``: the worst case of any summation order (Higham, eq. 3.5), so
 BLAS blocking, threads and SIMD reassociation all stay inside it; float32 sums are accumulated in
-float32, by the reference and by this backend alike.
+float32, by the reference and by this backend alike. Through an activation, the pre-activation's
+bound times the activation's Lipschitz constant, plus the activation's own rounding (see
+``assert_activation_close`` and ``reference_through``).
 """
 
 import os

@@ -10,7 +10,8 @@ Method, by shape:
 * Forward, N = 1: gemv (``beta=1`` on the bias), which streams ``W`` at memory speed.
 * Backward: ``G = dY * act'(saved)`` and ``db`` in one pass, in the compiled call that then
   runs the products on ``G`` (``dY`` is read, never written).
-* Backward, N > ``SKINNY_ROWS``: gemm for ``dX`` and ``dW`` (``beta=1`` when accumulating).
+* Backward, N > ``SKINNY_ROWS``: gemm for ``dX`` and ``dW`` (``beta=1`` when accumulating);
+  for small calls (``ROWS_DOT_ROWS_*``) ``dX`` as register-blocked dot products of rows.
 * Backward, N <= ``SKINNY_ROWS`` and ``W`` not tiny: memory-bound, so one ``prange`` function
   walks the rows of ``W`` and ``dW`` together, once.
 
@@ -19,6 +20,9 @@ set through threadpoolctl when it differs. BLAS calls and ``prange`` functions n
 same time within a call, so they do not oversubscribe the cores.
 
 float32 products and sums are accumulated in float32, as by the BLAS and the NumPy reference.
+
+In a process forked after GNU OpenMP started (by anyone's parallel code) the ``prange`` path is
+not taken: a parallel region there would abort the child.
 """
 
 import importlib.util
