@@ -1,15 +1,19 @@
 """Cases that break the numba backend's kernels, beyond the backend-parametrised tests.
 
 Sizes of 1 and primes, the edges of its paths (one row: gemv; up to ``SKINNY_ROWS`` rows: the
-fused ``prange`` backward; more: gemm), empty dimensions, every layout BLAS can read without a
-copy and those it cannot, all flag combinations of the backward pass, a long float32 reduction,
-concurrent callers (also under Numba's ``workqueue`` threading layer, in a subprocess), the
-SciPy BLAS fallback, thread counts, allocations, and the on-disk cache.
+fused ``prange`` backward; more: gemm, or for small calls the register-blocked dX), empty
+dimensions, every layout BLAS can read without a copy and those it cannot, all flag combinations
+of the backward pass, a long float32 reduction, the fused activations on every path (kinks,
+large |z|, inf and NaN too), concurrent callers (also under Numba's ``workqueue`` threading
+layer), forked children after GNU OpenMP started, missing dependencies, the SciPy BLAS fallback,
+thread counts, allocations, and the on-disk cache (subprocesses where the process state matters).
 
 Tolerance: ``helpers.error_bound``, i.e. ``2 (k + 1) u (|x| . |w|)`` elementwise for a length-k
 dot product with unit roundoff ``u``: the worst case of any summation order (Higham, eq. 3.5), so
 BLAS blocking, threads and SIMD reassociation all stay inside it; float32 sums are accumulated in
-float32, by the reference and by this backend alike.
+float32, by the reference and by this backend alike. Through an activation, the pre-activation's
+bound times the activation's Lipschitz constant, plus the activation's own rounding (see
+``assert_activation_close`` and ``reference_through``).
 """
 
 import os
@@ -173,6 +177,30 @@ def test_layouts(rng, N, x_layout, w_layout):
     check(X, W, b, dY, dtype)
 
 
+@pytest.fixture
+def dX_by_rows(monkeypatch):
+    """Every backward through the BLAS path computes dX by the register-blocked row kernel."""
+    monkeypatch.setattr(backend_module, "ROWS_DOT_ROWS_MIN_M", 0)
+    monkeypatch.setattr(backend_module, "ROWS_DOT_ROWS_MAX_WORK", 1 << 62)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("N,D,M", SHAPES + [(8, 8, 8), (9, 10, 11), (33, 7, 129)])
+def test_shapes_dX_by_rows(rng, N, D, M, dtype, dX_by_rows):
+    """The 4 x 4 blocks and every edge of the register-blocked dX = G @ W.T."""
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    check(X, W, b, dY, dtype)
+
+
+@pytest.mark.parametrize("x_layout", LAYOUTS)
+@pytest.mark.parametrize("w_layout", ["C", "F", "C-padded", "strided"])
+def test_layouts_dX_by_rows(rng, x_layout, w_layout, dX_by_rows):
+    """Rows of dY or W not contiguous: dX through gemm; contiguous, with a padded stride: rows."""
+    X, W, b, dY = make_inputs(rng, 29, 21, 18, np.float32)
+    X, dY, W = views(X, x_layout), views(dY, x_layout), views(W, w_layout)
+    check(X, W, b, dY, np.float32)
+
+
 def test_batch_dims(rng):
     X, W, b, dY = make_inputs(rng, 24, 7, 5, np.float64)
     X3, dY3 = X.reshape(2, 3, 4, 7), dY.reshape(2, 3, 4, 5)
@@ -301,39 +329,83 @@ def test_concurrent_calls_under_workqueue_layer():
     assert out.split() == ["0", "workqueue"]
 
 
+def test_small_calls_do_not_import_threadpoolctl():
+    """threadpoolctl is imported only for the thread count of large calls. (SciPy's BLAS, the
+    fallback, is not tested so: Numba imports scipy.linalg itself when its CPU target loads.)"""
+    out = run_python(
+        "import sys, numpy as np; from fastlinear.backends import numba as nb;"
+        "X = np.ones((3, 4)); W = np.ones((4, 5));"
+        "nb.forward(X, W, None, None); nb.backward(np.ones((3, 5)), X, W, has_bias=True,"
+        " need_dX=True, accumulate=False, dX=None, dW=None, db=None);"
+        "print('threadpoolctl' in sys.modules)")
+    assert out.split() == ["False"]
+
+
 def test_scipy_blas_fallback():
     """Without NumPy's BLAS symbols the kernels call SciPy's LP64 BLAS: same results."""
     out = run_python(
-        "import numpy as np; from fastlinear.backends import numba as nb;"
-        "nb._NUMPY_BLAS_SYMBOLS = (); nb.SKINNY_MIN_WEIGHTS = 1;"
+        "import numpy as np; from fastlinear.backends import numba as nb, _numba_blas;"
+        "_numba_blas.NUMPY_BLAS_SYMBOLS = (); nb.SKINNY_MIN_WEIGHTS = 1;"
         "from tests.test_numba_backend import worker_results;"
         "print(len(worker_results(n_threads=4, rounds=2)));"
-        "print(nb._routines(np.dtype(np.float32))[2])")
+        "print(_numba_blas.blas_routines(np.dtype(np.float32)).int_bits)")
     assert out.split() == ["0", "32"]
 
 
+FORK_AFTER_PARALLEL = """
+import os, numpy as np, numba
+from numba import njit, prange
+
+@njit(parallel=True)
+def users_parallel_sum(a):
+    total = 0.0
+    for i in prange(a.size):
+        total += a[i]
+    return total
+
+def skinny_backward():
+    nb.SKINNY_MIN_WEIGHTS = 1
+    X, W, dY = np.ones((1, 64)), np.ones((64, 32)), np.ones((1, 32))
+    args = dict(has_bias=True, need_dX=True, accumulate=False, dX=None, dW=None, db=None)
+    return nb.backward(dY, X, W, **args)
+
+{setup}
+print(numba.threading_layer(), nb._parallel_usable())
+pid = os.fork()
+if pid == 0:
+    usable = nb._parallel_usable()
+    dX, dW, db = skinny_backward()
+    os._exit(0 if (dW == 1).all() and (dX == 32).all() and not usable else 3)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_after_parallel_kernel():
-    """GNU OpenMP aborts a forked child's parallel region: the child must take the BLAS path."""
-    out = run_python(
-        "import os, numpy as np; from fastlinear.backends import numba as nb;"
-        "nb.SKINNY_MIN_WEIGHTS = 1;"
-        "X, W, dY = np.ones((1, 64)), np.ones((64, 32)), np.ones((1, 32));"
-        "args = dict(has_bias=True, need_dX=True, accumulate=False, dX=None, dW=None, db=None);"
-        "nb.backward(dY, X, W, **args);"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    dX, dW, db = nb.backward(dY, X, W, **args)\n"
-        "    os._exit(0 if (dW == 1).all() and (dX == 32).all() else 3)\n"
-        "print(os.waitpid(pid, 0)[1])")
-    assert out.split() == ["0"]
+@pytest.mark.parametrize("setup", [
+    # fastlinear's own skinny kernel started the threading layer
+    "from fastlinear.backends import numba as nb; skinny_backward()",
+    # the user's parallel code started it, after fastlinear was imported
+    "from fastlinear.backends import numba as nb; users_parallel_sum(np.ones(1000))",
+    # the user's parallel code started it before fastlinear was imported
+    "users_parallel_sum(np.ones(1000)); from fastlinear.backends import numba as nb",
+])
+def test_forked_child_after_parallel_code(setup):
+    """Under GNU OpenMP a forked child's parallel region aborts the process ('fork() called
+    from a process already using GNU OpenMP'): the child must take the BLAS path."""
+    out = run_python(FORK_AFTER_PARALLEL.replace("{setup}", setup),
+                     NUMBA_THREADING_LAYER="omp")
+    layer, usable_in_parent, child_status = out.split()
+    assert layer == "omp" and child_status == "0"
+    # in the parent the fused kernel stays usable where the start was seen in this process
+    assert usable_in_parent == str(not setup.startswith("users"))
 
 
-def test_missing_numba_names_the_extra():
+@pytest.mark.parametrize("missing", ["numba", "scipy", "threadpoolctl"])
+def test_missing_dependency_names_the_extra(missing):
     out = run_python(
-        "import sys; sys.modules['numba'] = None;"
+        f"import sys; sys.modules[{missing!r}] = None;"
         "from fastlinear.backends import numba as nb; print(nb.unavailable_reason())")
-    assert 'pip install "fastlinear[numba]"' in out
+    assert missing in out and 'pip install "fastlinear[numba]"' in out
 
 
 def test_cached_kernels_load_in_a_new_process(rng):
@@ -341,29 +413,28 @@ def test_cached_kernels_load_in_a_new_process(rng):
     X, W, b, dY = make_inputs(rng, 3, 4, 5, np.float64)
     run_both(X, W, b, dY)  # compiled (or loaded) in this process: the cache files exist now
     out = run_python(
-        "import numpy as np, fastlinear; from fastlinear.backends import numba as nb;"
+        "import numpy as np, fastlinear; from fastlinear.backends import _numba_layer;"
         "X = np.ones((3, 4)); W = np.ones((4, 5)); b = np.ones(5);"
         "fastlinear.linear_forward(X, W, b, backend='numba');"
-        "kernel = nb._kernels['forward', np.dtype(np.float64), True];"
+        "kernel = _numba_layer.compiled(('forward', np.dtype(np.float64), True, False));"
         "print(sum(kernel.stats.cache_misses.values()), sum(kernel.stats.cache_hits.values()))")
     misses, hits = map(int, out.split())
     assert misses == 0 and hits >= 1
 
 
 def test_blas_threads_follow_numba_threads(rng):
-    import numba
+    from fastlinear.backends._numba_blas import blas_thread_controllers as controllers
 
     X, W, b, dY = make_inputs(rng, 256, 256, 128, np.float64)
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         run_both(X, W, b, dY)
-        assert [c.get_num_threads() for c in backend_module._blas["controllers"]] == [1] * len(
-            backend_module._blas["controllers"])
+        assert [c.get_num_threads() for c in controllers()] == [1] * len(controllers())
     finally:
         numba.set_num_threads(before)
     run_both(X, W, b, dY)
-    assert all(c.get_num_threads() == before for c in backend_module._blas["controllers"])
+    assert all(c.get_num_threads() == before for c in controllers())
 
 
 @pytest.mark.parametrize("N", [1, 64])
@@ -387,3 +458,166 @@ def test_allocates_only_the_results(rng, N):
     slack = 4096
     assert forward_peak <= N * 192 * 8 + slack
     assert backward_peak <= sum(g.nbytes for g in grads) + slack
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused activations: the forward's epilogue and the backward's G = dY * act'(saved) pass.
+
+# Bounds of |act'(z)|: an error e in z moves act(z) by at most this times e.
+LIPSCHITZ = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": 1.13, "gelu_tanh": 1.13}
+# Rounding of the activation and its derivative themselves (libm's erf, tanh, exp are within a
+# few ulps): counted as this many more terms of the dot products that follow.
+ACTIVATION_TERMS = 8
+
+
+def assert_activation_close(Y, activation, Z_ref, dtype):
+    """``Y`` against ``act`` of the float64 pre-activation ``Z_ref = (expected, magnitude, terms)``:
+    the pre-activation's bound times the Lipschitz constant, plus the activation's own rounding
+    (relative to |y|, and to |z| for the GELUs, whose 0.5 (1 + erf) is absolute-accurate)."""
+    from fastlinear import activations
+    from tests.helpers import error_bound
+
+    expected_z, magnitude, terms = Z_ref
+    expected = activations.apply(activation, expected_z)
+    own = np.abs(expected) + (np.abs(expected_z) if activation.startswith("gelu") else 0)
+    bound = (LIPSCHITZ[activation] * error_bound(dtype, terms, magnitude)
+             + 2 * ACTIVATION_TERMS * np.finfo(dtype).eps * own)
+    err = np.abs(Y.astype(np.float64) - expected)
+    assert (err <= bound).all(), f"{activation}: worst {err.max()!r} over bound {bound.max()!r}"
+
+
+def derivative_scale(activation, saved):
+    """Size of the terms the derivative ``act'`` sums, elementwise: its rounding is relative to
+    them, not to a small ``act'`` (they cancel). Order 1, except for the tanh GELU's second
+    term, ``0.5 z (1 - t**2) beta (1 + 3 kappa z**2)``, where ``1 - t**2`` is rounded absolutely."""
+    from fastlinear import activations as act
+
+    if activation != "gelu_tanh":
+        return 1.0
+    zc = np.clip(saved, -act.GELU_CLAMP, act.GELU_CLAMP)
+    return 1.0 + np.abs(zc) * act.GELU_TANH_BETA * (1 + 3 * act.GELU_TANH_KAPPA * zc * zc)
+
+
+def reference_through(activation, X, W, dY, saved):
+    """Float64 gradients of ``G = dY * act'(saved)`` with their magnitudes: the dot products'
+    terms, and the rounding of ``G`` itself, relative to ``|dY|`` times the derivative's terms
+    (see ``derivative_scale``)."""
+    from fastlinear import activations
+
+    dY64, saved64 = dY.astype(np.float64), saved.astype(np.float64)
+    G = activations.grad(activation, dY64, saved64)
+    ref = reference64(X, W, None, G)
+    loose = reference64(X, W, None,
+                        np.abs(G) + np.abs(dY64) * derivative_scale(activation, saved64))
+    return {name: (ref[name][0], loose[name][1], ref[name][2] + ACTIVATION_TERMS)
+            for name in ("dX", "dW", "db")}
+
+
+def fused_step(X, W, b, dY, activation, **backward_args):
+    """Forward with ``return_saved`` and backward through the activation, numba backend."""
+    Y, saved = fastlinear.linear_forward(X, W, b, activation=activation, backend="numba",
+                                         return_saved=True)
+    grads = fastlinear.linear_backward(dY, X, W, activation=activation, saved=saved,
+                                       has_bias=b is not None, backend="numba", **backward_args)
+    return Y, saved, grads
+
+
+ACTIVATION_NAMES = ["relu", "gelu", "gelu_tanh", "tanh", "sigmoid"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("N", [1, SKINNY, SKINNY + 1, 40])  # gemv, skinny, gemm paths
+def test_fused_activation(rng, activation, dtype, N):
+    X, W, b, dY = make_inputs(rng, N, 37, 29, dtype)
+    X *= 0.5  # pre-activations of order 1..10: every part of the curves
+    Y, saved, (dX, dW, db) = fused_step(X, W, b, dY, activation)
+    ref = reference64(X, W, b, dY)
+    assert_activation_close(Y, activation, ref["Y"], dtype)
+    if activation.startswith("gelu"):  # the saved pre-activation, written in the same pass
+        assert_matches_reference({"Y": saved}, ref, dtype)
+    else:
+        assert saved is Y
+    assert_matches_reference({"dX": dX, "dW": dW, "db": db},
+                             reference_through(activation, X, W, dY, saved), dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_fused_activation_dX_by_rows(rng, activation, dtype, dX_by_rows):
+    X, W, b, dY = make_inputs(rng, 13, 37, 29, dtype)
+    _, saved, (dX, dW, db) = fused_step(X, W, b, views(dY, "F"), activation)
+    assert_matches_reference({"dX": dX, "dW": dW, "db": db},
+                             reference_through(activation, X, W, dY, saved), dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("N", [SKINNY, 9])
+def test_fused_activation_flags_layouts_and_accumulate(rng, activation, N):
+    """Strided dY and saved, no dX, no bias, accumulation into given buffers; dY untouched."""
+    dtype = np.float64
+    X, W, b, dY = make_inputs(rng, N, 23, 19, dtype)
+    _, saved = fastlinear.linear_forward(X, W, b, activation=activation, backend="numba",
+                                         return_saved=True)
+    dY, saved = views(dY, "strided"), views(saved, "F")
+    dY_before = dY.copy()
+    ref = reference_through(activation, X, W, dY, saved)
+    dW0, db0 = rng.standard_normal(W.shape), rng.standard_normal(W.shape[1])
+    for has_bias in (True, False):
+        dW_buf, db_buf = dW0.copy(), db0.copy()
+        dX, dW, db = fastlinear.linear_backward(
+            dY, X, W, activation=activation, saved=saved, has_bias=has_bias, need_dX=False,
+            accumulate=True, dW=dW_buf, db=db_buf if has_bias else None, backend="numba")
+        assert dX is None and dW is dW_buf
+        expected, magnitude, terms = ref["dW"]
+        assert_close(dW, dW0 + expected, dtype, terms + 1, magnitude + np.abs(dW0), "dW")
+        if has_bias:
+            expected, magnitude, terms = ref["db"]
+            assert_close(db, db0 + expected, dtype, terms + 1, magnitude + np.abs(db0), "db")
+        else:
+            assert db is None
+            np.testing.assert_array_equal(db_buf, db0)
+    np.testing.assert_array_equal(dY, dY_before)
+
+
+SPECIAL_Z = [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 20.0, -20.0, 90.0, -90.0, 1e3,
+             -1e3, 1e4, -1e4, 3e38, -3e38, np.inf, -np.inf, np.nan]
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("N", [1, SKINNY, SKINNY + 1])
+def test_fused_activation_special_values(activation, dtype, N):
+    """Kinks, large |z|, inf and NaN as the reference gives them, and no warnings: ``Z`` is set
+    exactly (X = ones (N, 1), W = the values as one row), so ``db / N`` is ``act'(z)``."""
+    import warnings
+
+    from fastlinear import activations
+
+    z = np.array(SPECIAL_Z, dtype=dtype)
+    X, W, dY = np.ones((N, 1), dtype), z[None, :].copy(), np.ones((N, z.size), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Y, saved, (_, _, db) = fused_step(X, W, np.zeros(z.size, dtype), dY, activation)
+    with np.errstate(all="ignore"):
+        expected_y = activations.apply(activation, np.tile(z, (N, 1)))
+        expected_g = activations.grad(activation, dY, saved)[0]
+    eps = np.finfo(dtype).eps
+    zz = np.tile(z, (N, 1)).astype(np.float64)
+    with np.errstate(all="ignore"):
+        own = np.abs(zz) if activation.startswith("gelu") else 0
+        check_values(Y, expected_y, 2 * ACTIVATION_TERMS * eps * (np.abs(expected_y) + own))
+        scale = derivative_scale(activation, saved[0].astype(np.float64))
+        check_values(db / N, expected_g, 2 * ACTIVATION_TERMS * eps * (np.abs(expected_g) + scale))
+
+
+def check_values(actual, expected, bound):
+    """NaN where ``expected`` is NaN, infinities equal, finite values within ``bound``."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(actual[~finite & ~np.isnan(expected)],
+                                  expected[~finite & ~np.isnan(expected)])
+    bound = np.broadcast_to(bound, expected.shape)
+    err = np.abs(actual[finite] - expected[finite])
+    assert (err <= bound[finite]).all(), (actual, expected)

@@ -1,0 +1,271 @@
+"""BLAS from inside ``@njit``: NumPy's own gemm and gemv, called through their addresses.
+
+The kernels call the BLAS that ``X @ W`` uses, so the process has one BLAS thread pool: two
+OpenBLAS pools that both spin-wait after a call fight over the cores when NumPy and fastlinear
+calls alternate. SciPy's ``cython_blas`` (LP64) is the fallback where NumPy's symbols are not
+found. A routine's address and int width are passed at run time, so the machine code holds no
+process-specific address and Numba can cache it.
+
+Row-major arrays map to BLAS's column-major view without copies: a C-order operand is the
+transpose of a column-major one (``'N'`` with its row stride as leading dimension), an F-order
+operand is column-major itself (``'T'``). Only operands with no unit stride are copied.
+"""
+
+import ctypes
+import functools
+import os
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import get_cython_function_address, intrinsic
+
+__all__ = ["BlasRoutines", "blas_routines", "match_blas_threads", "matmul_into",
+           "row_times_matrix", "assume_contiguous", "is_contiguous"]
+
+# Symbol templates of NumPy's BLAS (OpenBLAS, ILP64 in NumPy's wheels) and their int width.
+NUMPY_BLAS_SYMBOLS = (("scipy_{}_64_", 64), ("{}_64_", 64), ("{}64_", 64))
+_TRANS_N = ord("N")
+_TRANS_T = ord("T")
+
+
+class BlasRoutines(NamedTuple):
+    """Addresses of one dtype's gemm and gemv, and the width of the BLAS's ints (32 or 64)."""
+
+    gemm: int
+    gemv: int
+    int_bits: int
+
+
+def _prefix(dtype):
+    return "s" if dtype == np.float32 else "d"
+
+
+def _numpy_blas(dtype):
+    """NumPy's gemm and gemv for ``dtype``, or ``None`` where its symbols are not found.
+
+    ``dlsym`` on the handle of NumPy's core extension searches that extension's own
+    dependencies: the exact BLAS NumPy linked, without scanning the process's libraries.
+    """
+    from numpy._core import _multiarray_umath
+
+    core = ctypes.CDLL(_multiarray_umath.__file__)  # already loaded: only a new handle
+    for template, bits in NUMPY_BLAS_SYMBOLS:
+        try:
+            gemm, gemv = (ctypes.cast(getattr(core, template.format(_prefix(dtype) + name)),
+                                      ctypes.c_void_p).value for name in ("gemm", "gemv"))
+        except AttributeError:
+            continue
+        return BlasRoutines(gemm, gemv, bits)
+    return None
+
+
+def _scipy_blas(dtype):
+    """SciPy's LP64 gemm and gemv for ``dtype`` (a second OpenBLAS: the fallback only)."""
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    gemm, gemv = (get_cython_function_address("scipy.linalg.cython_blas", _prefix(dtype) + name)
+                  for name in ("gemm", "gemv"))
+    return BlasRoutines(gemm, gemv, 32)
+
+
+@functools.cache
+def blas_routines(dtype):
+    """The ``BlasRoutines`` the kernels call for ``dtype``: NumPy's BLAS, else SciPy's."""
+    return _numpy_blas(dtype) or _scipy_blas(dtype)
+
+
+def _library_dir(module):
+    return os.path.dirname(os.path.abspath(module.__file__))
+
+
+@functools.cache
+def blas_thread_controllers():
+    """threadpoolctl's controllers of the BLAS the kernels call (imported on first need)."""
+    from threadpoolctl import ThreadpoolController
+
+    if blas_routines(np.dtype(np.float64)).int_bits == 64:
+        owner = _library_dir(np)
+    else:
+        import scipy
+
+        owner = _library_dir(scipy)
+    return [controller for controller
+            in ThreadpoolController().select(user_api="blas").lib_controllers
+            if os.path.abspath(controller.filepath).startswith((owner + os.sep, owner + ".libs"))]
+
+
+def match_blas_threads():
+    """Give the BLAS as many threads as Numba may use (no more: no oversubscription)."""
+    wanted = numba.get_num_threads()
+    for controller in blas_thread_controllers():
+        if controller.get_num_threads() != wanted:
+            controller.set_num_threads(wanted)
+
+
+def _blas_codegen(kinds, dtype):
+    """Code that calls a Fortran BLAS routine: every argument by reference.
+
+    The intrinsic's arguments are ``(routine, int_bits, *blas_args)``: the routine's address,
+    the width of its ints (32: LP64, 64: ILP64), then the BLAS arguments, whose ``kinds`` are
+    ``c`` (a char, given as its ASCII code), ``i`` (a BLAS int), ``r`` (a real of ``dtype``) or
+    ``a`` (an array: its data pointer is passed).
+    """
+
+    def codegen(context, builder, signature, args):
+        voidptr = ir.IntType(8).as_pointer()
+        real = context.get_value_type(dtype)
+        routine, int_bits = args[:2]
+        blas_args = list(zip(kinds, args[2:], signature.args[2:], strict=True))
+
+        def by_reference(value, llvm_type, value_type=None):
+            slot = cgutils.alloca_once(builder, llvm_type)
+            if value_type is not None:
+                value = context.cast(builder, value, value_type, dtype)
+            elif value.type.width < llvm_type.width:
+                value = builder.sext(value, llvm_type)
+            else:
+                value = builder.trunc(value, llvm_type)
+            builder.store(value, slot)
+            return builder.bitcast(slot, voidptr)
+
+        fixed = {}  # position -> pointer, for arguments that do not depend on the int width
+        for position, (kind, value, value_type) in enumerate(blas_args):
+            if kind == "c":
+                fixed[position] = by_reference(value, ir.IntType(8))
+            elif kind == "r":
+                fixed[position] = by_reference(value, real, value_type)
+            elif kind == "a":
+                array = context.make_array(value_type)(context, builder, value)
+                fixed[position] = builder.bitcast(array.data, voidptr)
+        fnty = ir.FunctionType(ir.VoidType(), [voidptr] * len(kinds))
+        function = builder.inttoptr(routine, fnty.as_pointer())
+
+        def call(int_type):
+            pointers = [fixed[position] if kind != "i" else by_reference(value, int_type)
+                        for position, (kind, value, _) in enumerate(blas_args)]
+            builder.call(function, pointers)
+
+        is_lp64 = builder.icmp_signed("==", int_bits, int_bits.type(32))
+        with builder.if_else(is_lp64) as (lp64, ilp64):
+            with lp64:
+                call(ir.IntType(32))
+            with ilp64:
+                call(ir.IntType(64))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _gemm(typingctx, routine, int_bits, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+          beta, c, ldc):
+    """Column-major ``C = alpha op(A) op(B) + beta C``: Fortran BLAS ``?gemm``."""
+    sig = types.void(routine, int_bits, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+                     beta, c, ldc)
+    return sig, _blas_codegen("cciiiraiairai", c.dtype)
+
+
+@intrinsic
+def _gemv(typingctx, routine, int_bits, trans, m, n, alpha, a, lda, x, incx, beta, y, incy):
+    """Column-major ``y = alpha op(A) x + beta y``: Fortran BLAS ``?gemv``."""
+    sig = types.void(routine, int_bits, trans, m, n, alpha, a, lda, x, incx, beta, y, incy)
+    return sig, _blas_codegen("ciiraiairai", y.dtype)
+
+
+@njit(cache=True)
+def _blas_operand(A):
+    """How BLAS can read row-major ``A`` (r x c) as the column-major matrix ``A.T``.
+
+    Returns ``(trans, ld)``: ``'N'`` when rows are contiguous (``A.T`` column-major with leading
+    dimension = row stride), ``'T'`` when columns are (``A`` itself column-major), or ``(0, 0)``
+    when neither holds (no unit stride, negative or odd strides): copy then.
+    """
+    rows, cols = A.shape
+    size = A.itemsize
+    row_stride, col_stride = A.strides
+    if row_stride % size or col_stride % size:
+        return 0, 0
+    row_stride //= size
+    col_stride //= size
+    if cols == 1 or col_stride == 1:
+        ld = row_stride if rows > 1 else max(cols, 1)
+        if ld >= max(cols, 1):
+            return _TRANS_N, ld
+    if rows == 1 or row_stride == 1:
+        ld = col_stride if cols > 1 else max(rows, 1)
+        if ld >= max(rows, 1):
+            return _TRANS_T, ld
+    return 0, 0
+
+
+@njit(cache=True)
+def matmul_into(routine, int_bits, A, B, C, beta):
+    """Row-major ``C = A @ B + beta * C`` (``C`` C-contiguous; ``A``, ``B`` any layout).
+
+    Row-major ``C`` is column-major ``C.T = B.T @ A.T``: gemm with B first.
+    """
+    rows, inner = A.shape
+    cols = B.shape[1]
+    if rows == 0 or cols == 0:
+        return
+    if inner == 0:
+        if beta == 0.0:
+            C[:, :] = 0.0
+        return
+    trans_a, ld_a = _blas_operand(A)
+    if trans_a == 0:
+        A = np.ascontiguousarray(A)
+        trans_a, ld_a = _blas_operand(A)
+    trans_b, ld_b = _blas_operand(B)
+    if trans_b == 0:
+        B = np.ascontiguousarray(B)
+        trans_b, ld_b = _blas_operand(B)
+    _gemm(routine, int_bits, trans_b, trans_a, cols, rows, inner, 1.0, B, ld_b, A, ld_a, beta,
+          C, cols)
+
+
+@njit(cache=True)
+def row_times_matrix(gemv, int_bits, x, W, y, beta):
+    """``y = x @ W + beta * y``, one row ``x`` (D,), ``W`` (D, M), ``y`` (M,) contiguous.
+
+    Row-major ``W`` is column-major ``W.T`` (M x D): ``y = W.T x`` is gemv ``'N'`` on it.
+    """
+    trans, ld = _blas_operand(W)
+    if trans == 0:
+        W = np.ascontiguousarray(W)
+        trans, ld = _blas_operand(W)
+    step = x.strides[0] // x.itemsize
+    if step <= 0 or x.strides[0] % x.itemsize:
+        x = np.ascontiguousarray(x)
+        step = 1
+    depth, cols = W.shape
+    if trans == _TRANS_N:
+        _gemv(gemv, int_bits, _TRANS_N, cols, depth, 1.0, W, ld, x, step, beta, y, 1)
+    else:  # W is column-major (D x M): y = W.T x is gemv 'T' on it
+        _gemv(gemv, int_bits, _TRANS_T, depth, cols, 1.0, W, ld, x, step, beta, y, 1)
+
+
+@intrinsic
+def assume_contiguous(typingctx, vector):
+    """The 1-D array ``vector`` typed as C-contiguous, so loops over it vectorise.
+
+    Only for vectors whose stride the caller checked is one element (or of length <= 1): a
+    C-typed array is indexed as if it were contiguous. Same data, no copy.
+    """
+    result = vector.copy(layout="C")
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+
+    return result(vector), codegen
+
+
+@njit(cache=True)
+def is_contiguous(vector):
+    """Whether the 1-D ``vector`` has a unit stride (or at most one element)."""
+    return vector.shape[0] <= 1 or vector.strides[0] == vector.itemsize
