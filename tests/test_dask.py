@@ -111,7 +111,9 @@ def test_activation_saved_and_backward(client, backend, activation, rng):
     ref = reference64(X, W, b, dY)
     if activation == "gelu":  # saved is the pre-activation X @ W + b
         assert_matches_reference(dict(Y=saved), ref, np.float64)
-        np.testing.assert_allclose(Y, activations.apply("gelu", saved), rtol=1e-15, atol=0)
+        # the activation's own rounding: 1 + erf(z / sqrt 2) cancels to an error of u |z|
+        slack = 16 * np.finfo(np.float64).eps * (1 + np.abs(saved))
+        assert np.all(np.abs(Y - activations.apply("gelu", saved)) <= slack)
     else:  # relu is 1-Lipschitz and exact: Y within the pre-activation's bound
         expected, magnitude, terms = ref["Y"]
         ref["Y"] = (np.maximum(expected, 0), magnitude, terms)
