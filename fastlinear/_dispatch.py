@@ -59,15 +59,24 @@ _modules: dict[str, ModuleType] = {}  # name -> backend module that can run
 _unavailable: dict[str, str] = {}  # name -> reason it cannot
 _load_locks: dict[str, threading.Lock] = {}  # name -> one loader at a time (see _load_lock)
 _auto_choice: dict[str, ModuleType] = {}  # array library -> module that auto picks, for good
-# array library -> module serving auto while a better one is passed over; and how many calls
+# array library -> module serving auto while a better one is passed over
 _interim_choice: dict[str, ModuleType] = {}
-_interim_calls = [0]
-# ``auto`` calls served by numpy before numba is loaded, in a background thread (0 loads it at
-# the first call). Loading numba takes about 0.5 s of the interpreter's time (GIL-bound: a
-# background thread slows the caller by as much), and its kernels save about 2 us per call over
-# numpy at small layers, nothing at large ones: so a program that makes fewer calls than
-# load time / saving per call is faster without it. Rent until the rent paid would buy: about
-# 100000 calls (230000 at 2 us per call, 30000 if fused activations save 15 us).
+
+
+class _CallCount:
+    """How many calls ``auto`` has served with an interim choice (a count lost to a race between
+    threads does not matter: it only decides when the background load starts)."""
+
+    calls = 0
+
+
+_interim = _CallCount()
+# ``auto`` calls served by numpy before numba is loaded in a background thread (0: load at the
+# first call). Loading numba holds the interpreter (the GIL) for as long in a background thread
+# as in the caller, and its kernels save a few microseconds per call at small layers, nothing at
+# large ones: a program making fewer calls than load time / saving per call is faster without
+# it, so auto rents numpy until the rent paid would have bought numba. The figures behind the
+# number are in benchmarks/results/cold_start_2026-11-25.txt.
 AUTO_LOAD_AFTER_CALLS = 100_000
 
 
@@ -228,7 +237,7 @@ def _passed_over(name):
         return True
     if name in _modules or name in _unavailable or _warmup.mode() == _warmup.SYNC:
         return False
-    if _interim_calls[0] < AUTO_LOAD_AFTER_CALLS:
+    if _interim.calls < AUTO_LOAD_AFTER_CALLS:
         return True
     return _warmup.start(name, _load, _background_load_failed)
 
@@ -238,8 +247,8 @@ def _choose_auto(array_library):
     while a later one serves (the interim choice); cached for good once none is passed over."""
     module = _interim_choice.get(array_library)
     if module is not None:
-        _interim_calls[0] += 1  # a count lost to a race between threads does not matter
-        if _interim_calls[0] < AUTO_LOAD_AFTER_CALLS:
+        _interim.calls += 1
+        if _interim.calls < AUTO_LOAD_AFTER_CALLS:
             return module
     order = AUTO_ORDER.get(array_library, ())
     passed_over = False
@@ -282,7 +291,7 @@ def warm_up(array_library: str = "numpy", wait: bool = True) -> str:
     >>> fastlinear.warm_up() in ("numba", "numpy")
     True
     """
-    _interim_calls[0] = max(_interim_calls[0], AUTO_LOAD_AFTER_CALLS)  # no more waiting
+    _interim.calls = max(_interim.calls, AUTO_LOAD_AFTER_CALLS)  # no more waiting
     for name in AUTO_ORDER.get(array_library, ())[:-1]:
         if name not in _modules and name not in _unavailable:
             _warmup.start(name, _load, _background_load_failed)

@@ -70,7 +70,8 @@ def fakes(monkeypatch):
     """Fresh dispatcher and loader state, over fake backends: nothing is loaded yet."""
     fake = FakeBackends()
     for name, value in (("_modules", {}), ("_unavailable", {}), ("_auto_choice", {}),
-                        ("_interim_choice", {}), ("_interim_calls", [0]), ("_load_locks", {})):
+                        ("_interim_choice", {}), ("_interim", _dispatch._CallCount()),
+                        ("_load_locks", {})):
         monkeypatch.setattr(_dispatch, name, value)
     monkeypatch.setattr(_warmup, "_threads", {})
     monkeypatch.setattr(_warmup, "_finished", set())
