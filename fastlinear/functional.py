@@ -167,14 +167,6 @@ def _is_plain_call(X, W, b):
                                and b.dtype is W.dtype)))
 
 
-def _plain_backend(backend, dtype):
-    """The backend of a plain NumPy call, or None where the general path must decide."""
-    module = _dispatch.resolve(backend, "numpy")
-    if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-        return module
-    return None
-
-
 def _fits_fast_path(elements, dtype):
     """Whether outputs of ``elements`` in all may be allocated without the general checks."""
     nbytes = elements * dtype.itemsize
@@ -280,8 +272,8 @@ def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = No
         _arrays.check_casting(casting)
     if out is None and _is_plain_call(X, W, b) and \
             _fits_fast_path(X.shape[0] * W.shape[1] * (1 + return_saved), W.dtype):
-        module = _plain_backend(backend, W.dtype)
-        if module is not None:
+        module = _dispatch.resolve(backend, "numpy")
+        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
             if not return_saved:
                 return module.forward(X, W, b, None, activation=activation)
             return _forward_saving(module, X, W, b, activation)
@@ -423,8 +415,8 @@ def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, s
             and dY.dtype is W.dtype and _fits_fast_path(X.size + W.size + W.shape[1], W.dtype)
             and (activation is None or (type(saved) is np.ndarray and saved.shape == dY.shape
                                         and saved.dtype is W.dtype))):
-        module = _plain_backend(backend, W.dtype)
-        if module is not None:
+        module = _dispatch.resolve(backend, "numpy")
+        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
             return module.backward(dY, X, W, has_bias=bool(has_bias), need_dX=bool(need_dX),
                                    accumulate=False, dX=None, dW=None, db=None,
                                    activation=activation, saved=saved)

@@ -89,6 +89,17 @@ def unavailable_reason():
             f'pip install "fastlinear[numba]")')
 
 
+# compiled-function key -> (compiled function, the BLAS routines it calls for that dtype)
+_plans: dict = {}
+
+
+def _plan(key):
+    """What a call of ``key`` = ``(name, dtype, *present)`` runs, found once per process."""
+    plan = (_numba_layer.compiled(key), _numba_blas.blas_routines(key[1]))
+    _plans[key] = plan
+    return plan
+
+
 # When this backend's last skinny-sized forward ended (time.perf_counter()).
 _recent = types.SimpleNamespace(skinny_forward_end=-math.inf)
 
@@ -159,10 +170,10 @@ if _IMPORT_ERROR is None:
 
 def forward(X, W, b, out, *, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
-    # Written for the per-call overhead at tiny shapes.
+    # Written for the per-call overhead at tiny shapes: one dict lookup finds what to call.
     dtype = W.dtype
-    blas = _numba_blas.blas_routines(dtype)
-    function = _numba_layer.compiled(("forward", dtype, b is not None, preactivation is not None))
+    key = ("forward", dtype, b is not None, preactivation is not None)
+    function, blas = _plans.get(key) or _plan(key)
     N, D = X.shape
     M = W.shape[1]
     if out is None:
@@ -206,8 +217,8 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
         else:
             _run_parallel(function, *args)
     else:
-        blas = _numba_blas.blas_routines(dtype)
-        function = _numba_layer.compiled(("backward", dtype, need_dX, has_bias, has_saved))
+        key = ("backward", dtype, need_dX, has_bias, has_saved)
+        function, blas = _plans.get(key) or _plan(key)
         if N * D * M >= _BLAS_THREADS_MIN_WORK:
             _numba_blas.match_blas_threads()
         dX_by_rows = (need_dX and N * D * M <= ROWS_DOT_ROWS_MAX_WORK and M >= ROWS_DOT_ROWS_MIN_M
