@@ -236,15 +236,10 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
     return Y, Z
 
 
-def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, need_dX=True,
-                    backend=None, accumulate=False, dX=None, dW=None, db=None, casting="safe"):
-    """``fastlinear.linear_backward`` for dask arrays ``dY`` and ``X`` (and ``saved``): ``dX`` a
-    dask array with X's chunks (or ``None``), ``dW`` and ``db`` one-chunk dask arrays summed by a
-    tree reduction over the row chunks (``db`` ``None`` without a bias)."""
-    dask, da = _import_dask()
+def _backward_operands(da, dY, X, W, activation, saved, backend, casting):
+    """Check and promote the backward's operands in the client: ``(dY, X, saved, W, backend
+    name, dtype)``, with dY and saved rechunked to follow X's row chunks."""
     functional = _functional()
-    _refuse_buffers(accumulate=accumulate, dX=dX, dW=dW, db=db)
-    activation = activations.check_activation(activation)
     if activation is not None and saved is None:
         raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
                          f"return_saved=True) returned beside Y")
@@ -276,6 +271,19 @@ def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, nee
     arrays = [a if a.chunks[:-1] == rows else a.rechunk(rows + (a.chunks[-1],)) for a in arrays]
     dY, X = arrays[:2]
     saved = arrays[2] if activation is not None else None
+    return dY, X, saved, W, name, dtype
+
+
+def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, need_dX=True,
+                    backend=None, accumulate=False, dX=None, dW=None, db=None, casting="safe"):
+    """``fastlinear.linear_backward`` for dask arrays ``dY`` and ``X`` (and ``saved``): ``dX`` a
+    dask array with X's chunks (or ``None``), ``dW`` and ``db`` one-chunk dask arrays summed by a
+    tree reduction over the row chunks (``db`` ``None`` without a bias)."""
+    dask, da = _import_dask()
+    _refuse_buffers(accumulate=accumulate, dX=dX, dW=dW, db=db)
+    activation = activations.check_activation(activation)
+    dY, X, saved, W, name, dtype = _backward_operands(da, dY, X, W, activation, saved, backend,
+                                                      casting)
     W_key = _graph_constant(dask, W, "W")
     lead = "abcdefghijklmnopqrstuvw"[:X.ndim - 1]
     if len(lead) < X.ndim - 1:
