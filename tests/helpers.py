@@ -81,3 +81,24 @@ def reference64(X, W, b, dY):
         "dW": (X64.T @ dY64, np.abs(X64).T @ np.abs(dY64), X.shape[0]),
         "db": (dY64.sum(0), np.abs(dY64).sum(0), X.shape[0]),
     }
+
+
+# A small problem, (N, D, M) = (4, 3, 2), that the tests of errors, inputs and state share.
+SMALL = make_inputs(np.random.default_rng(6), 4, 3, 2, np.float64)
+
+
+def forward_small(backend, **kwargs):
+    """``linear_forward`` on ``SMALL``, with the arguments in ``kwargs`` replaced."""
+    X, W, b, _ = SMALL
+    args = {"X": X, "W": W, "b": b, "out": None, **kwargs}
+    return fastlinear.linear_forward(args["X"], args["W"], args["b"], out=args["out"],
+                                     backend=backend)
+
+
+def backward_small(backend, **kwargs):
+    """``linear_backward`` on ``SMALL``, with the arguments in ``kwargs`` replaced or added."""
+    X, W, _, dY = SMALL
+    args = {"dY": dY, "X": X, "W": W, **kwargs}
+    options = {k: v for k, v in args.items() if k not in ("dY", "X", "W")}
+    return fastlinear.linear_backward(args["dY"], args["X"], args["W"], backend=backend,
+                                      **options)

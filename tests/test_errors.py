@@ -13,23 +13,12 @@ import pytest
 
 import fastlinear
 from fastlinear import functional
-from tests.helpers import make_inputs, to_numpy
+from tests.helpers import SMALL, backward_small, forward_small, to_numpy
 
 rng = np.random.default_rng(6)
-X, W, b, dY = make_inputs(rng, 4, 3, 2, np.float64)
+X, W, b, dY = SMALL
+forward, backward = forward_small, backward_small
 
-
-def forward(backend, **kwargs):
-    args = {"X": X, "W": W, "b": b, "out": None, **kwargs}
-    return fastlinear.linear_forward(args["X"], args["W"], args["b"], out=args["out"],
-                                     backend=backend)
-
-
-def backward(backend, **kwargs):
-    args = {"dY": dY, "X": X, "W": W, **kwargs}
-    options = {k: v for k, v in args.items() if k not in ("dY", "X", "W")}
-    return fastlinear.linear_backward(args["dY"], args["X"], args["W"], backend=backend,
-                                      **options)
 
 
 # --- shapes ------------------------------------------------------------------------------------

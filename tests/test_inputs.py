@@ -11,25 +11,14 @@ import pytest
 
 import fastlinear
 from fastlinear import _dispatch
-from tests.helpers import assert_close, make_inputs, to_numpy
+from tests.helpers import SMALL, assert_close, backward_small, forward_small, to_numpy
 from tests.test_layer import NotebookLinear
 
 D, M, N = 5, 3, 4
 
-X, W, b, dY = make_inputs(np.random.default_rng(6), 4, 3, 2, np.float64)
+X, W, b, dY = SMALL
+forward, backward = forward_small, backward_small
 
-
-def forward(backend, **kwargs):
-    args = {"X": X, "W": W, "b": b, "out": None, **kwargs}
-    return fastlinear.linear_forward(args["X"], args["W"], args["b"], out=args["out"],
-                                     backend=backend)
-
-
-def backward(backend, **kwargs):
-    args = {"dY": dY, "X": X, "W": W, **kwargs}
-    options = {k: v for k, v in args.items() if k not in ("dY", "X", "W")}
-    return fastlinear.linear_backward(args["dY"], args["X"], args["W"], backend=backend,
-                                      **options)
 
 
 def backend_dtypes(backend):

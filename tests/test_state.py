@@ -4,23 +4,12 @@ import numpy as np
 import pytest
 
 import fastlinear
-from tests.helpers import make_inputs, to_numpy
+from tests.helpers import SMALL, backward_small, make_inputs, to_numpy
 
 rng = np.random.default_rng(6)
-X, W, b, dY = make_inputs(rng, 4, 3, 2, np.float64)
+X, W, b, dY = SMALL
+backward = backward_small
 
-
-def forward(backend, **kwargs):
-    args = {"X": X, "W": W, "b": b, "out": None, **kwargs}
-    return fastlinear.linear_forward(args["X"], args["W"], args["b"], out=args["out"],
-                                     backend=backend)
-
-
-def backward(backend, **kwargs):
-    args = {"dY": dY, "X": X, "W": W, **kwargs}
-    options = {k: v for k, v in args.items() if k not in ("dY", "X", "W")}
-    return fastlinear.linear_backward(args["dY"], args["X"], args["W"], backend=backend,
-                                      **options)
 
 
 def trained_layer(backend, batch_shape=(4,)):
