@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["library", "to_native", "result_dtype", "cast", "namespace"]
+__all__ = ["library", "to_native", "result_dtype", "cast", "namespace", "as_bias", "check_weight",
+           "check_backend_dtype"]
 
 # DLPack device types (dlpack.h): host memory, CUDA memory, pinned and managed CUDA memory.
 _DLPACK_CPU = 1
@@ -143,6 +144,34 @@ def cast(x: Any, name: str, dtype: np.dtype, casting: str) -> Any:
                         f"casting={casting!r} forbids converting it; convert with "
                         f"{name}.astype({dtype.name!r}) or pass casting='safe'")
     return x.astype(dtype)
+
+
+def check_weight(W):
+    """``W`` must be a matrix ``(in_features, out_features)``."""
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
+
+
+def check_backend_dtype(dtype, module):
+    """The call's dtype must be one the backend ``module`` computes in."""
+    if dtype not in module.DTYPES:
+        names = ", ".join(d.name for d in module.DTYPES)
+        raise TypeError(f"the call computes in {dtype} (NumPy's result dtype of its operands); "
+                        f"the {module.NAME!r} backend computes in {names}")
+
+
+def as_bias(b, M, dtype):
+    """``b`` as a 1-D ``(M,)`` array: NumPy broadcasting of a scalar, ``(1,)``, ``(1, M)``..."""
+    if is_scalar(b) or isinstance(b, np.generic):
+        return np.full(M, b, dtype=dtype)
+    if b.ndim == 2 and b.shape[0] == 1:
+        b = b.reshape(b.shape[1])
+    if b.shape == (M,):
+        return b
+    if b.ndim <= 1 and b.size == 1:
+        return namespace(b).full(M, b.reshape(()), dtype=dtype)
+    raise ValueError(f"b must broadcast to ({M},) to match W's {M} columns (a scalar, (1,), "
+                     f"({M},) or (1, {M})), got shape {b.shape}")
 
 
 def check_casting(casting: str) -> str:

@@ -117,15 +117,8 @@ def _concrete_backend(backend, chunk_library, dtype):
     if chunk_library not in module.ARRAY_LIBRARIES:
         raise TypeError(f"the {name!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
                         f"arrays, got dask chunks of {chunk_library} arrays")
-    _functional()._check_backend_dtype(dtype, module)
+    _arrays.check_backend_dtype(dtype, module)
     return name
-
-
-def _functional():
-    """``fastlinear.functional``, which imports this module (so not at import time)."""
-    from fastlinear import functional
-
-    return functional
 
 
 def _graph_constant(dask, array, what):
@@ -196,12 +189,11 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
     """``fastlinear.linear_forward`` for a dask array ``X``: a dask array ``Y`` with X's row
     chunks (and ``saved``, a dask array or ``None``, with ``return_saved``)."""
     dask, da = _import_dask()
-    functional = _functional()
     _refuse_buffers(out=out)
     activation = activations.check_activation(activation)
     _arrays.check_casting(casting)
     W = _native(W, "W")
-    functional._check_weight(W)
+    _arrays.check_weight(W)
     D, M = W.shape
     X = _check_batch(X, "X", D, "features", da)
     operands = [("X", X), ("W", W)]
@@ -215,7 +207,7 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
     if b is not None:
         if hasattr(b, "dtype") and not isinstance(b, np.generic):
             b = _arrays.cast(b, "b", dtype, casting)
-        b = functional._as_bias(b, M, dtype)
+        b = _arrays.as_bias(b, M, dtype)
     W_key = _graph_constant(dask, W, "W")
     b_key = None if b is None else _graph_constant(dask, b, "b")
     chunks = X.chunks[:-1] + ((M,),)
@@ -239,13 +231,12 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
 def _backward_operands(da, dY, X, W, activation, saved, backend, casting):
     """Check and promote the backward's operands in the client: ``(dY, X, saved, W, backend
     name, dtype)``, with dY and saved rechunked to follow X's row chunks."""
-    functional = _functional()
     if activation is not None and saved is None:
         raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
                          f"return_saved=True) returned beside Y")
     _arrays.check_casting(casting)
     W = _native(W, "W")
-    functional._check_weight(W)
+    _arrays.check_weight(W)
     D, M = W.shape
     X = _check_batch(X, "X", D, "features", da)
     dY = _check_batch(dY, "dY", M, "columns", da)

@@ -22,32 +22,6 @@ __all__ = ["linear_forward", "linear_backward"]
 _library = _arrays.library
 
 
-def _check_weight(W):
-    if W.ndim != 2:
-        raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
-
-
-def _check_backend_dtype(dtype, module):
-    if dtype not in module.DTYPES:
-        names = ", ".join(d.name for d in module.DTYPES)
-        raise TypeError(f"the call computes in {dtype} (NumPy's result dtype of its operands); "
-                        f"the {module.NAME!r} backend computes in {names}")
-
-
-def _as_bias(b, M, dtype):
-    """``b`` as a 1-D ``(M,)`` array: NumPy broadcasting of a scalar, ``(1,)``, ``(1, M)``..."""
-    if _arrays.is_scalar(b) or isinstance(b, np.generic):
-        return np.full(M, b, dtype=dtype)
-    if b.ndim == 2 and b.shape[0] == 1:
-        b = b.reshape(b.shape[1])
-    if b.shape == (M,):
-        return b
-    if b.ndim <= 1 and b.size == 1:
-        return _arrays.namespace(b).full(M, b.reshape(()), dtype=dtype)
-    raise ValueError(f"b must broadcast to ({M},) to match W's {M} columns (a scalar, (1,), "
-                     f"({M},) or (1, {M})), got shape {b.shape}")
-
-
 def _as_rows(x, name, width, what):
     """Check ``x`` is ``(*, width)`` or ``(width,)``; return it as 2-D ``(rows, width)``."""
     if x.ndim == 0:
@@ -208,8 +182,8 @@ def _prepare(W, arrays, backend, casting):
     dtype = _arrays.result_dtype(operands)
     module = _dispatch.resolve(backend, _library(natives[0]))
     _check_libraries(module, operands)
-    _check_weight(W)
-    _check_backend_dtype(dtype, module)
+    _arrays.check_weight(W)
+    _arrays.check_backend_dtype(dtype, module)
     cast = [x if x is None or not hasattr(x, "dtype") else _arrays.cast(x, name, dtype, casting)
             for (name, _), x in zip(arrays, natives, strict=True)]
     return _Call(module, dtype, _arrays.cast(W, "W", dtype, casting), cast, data_back,
@@ -285,7 +259,7 @@ def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = No
     D, M = call.W.shape
     X2 = _as_rows(X, "X", D, "features")
     if b is not None:
-        b = _as_bias(b, M, call.dtype)
+        b = _arrays.as_bias(b, M, call.dtype)
     shape = (*X.shape[:-1], M)
     saves_z = return_saved and activations.saved_for_backward(activation) == "preactivation"
     out_2d = None
