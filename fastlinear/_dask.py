@@ -45,9 +45,13 @@ __all__ = ["is_dask", "linear_forward", "linear_backward"]
 SPLIT_EVERY = 8
 
 
+# blockwise index letters of X's leading axes: all but "d" (features) and "m" (columns)
+_LEAD_INDICES = "abcefghijklnopqrstuvwxyz"
+
+
 def is_dask(x):
     """Whether ``x`` is a dask object, tested without importing dask."""
-    return type(x).__module__.startswith("dask")
+    return _arrays.library(x) == "dask"
 
 
 def _import_dask():
@@ -231,9 +235,7 @@ def linear_forward(X, W, b=None, *, activation=None, backend=None, out=None, ret
 def _backward_operands(da, dY, X, W, activation, saved, backend, casting):
     """Check and promote the backward's operands in the client: ``(dY, X, saved, W, backend
     name, dtype)``, with dY and saved rechunked to follow X's row chunks."""
-    if activation is not None and saved is None:
-        raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
-                         f"return_saved=True) returned beside Y")
+    activations.check_saved(activation, saved)
     _arrays.check_casting(casting)
     W = _native(W, "W")
     _arrays.check_weight(W)
@@ -276,9 +278,10 @@ def linear_backward(dY, X, W, *, activation=None, saved=None, has_bias=True, nee
     dY, X, saved, W, name, dtype = _backward_operands(da, dY, X, W, activation, saved, backend,
                                                       casting)
     W_key = _graph_constant(dask, W, "W")
-    lead = "abcdefghijklmnopqrstuvw"[:X.ndim - 1]
+    lead = _LEAD_INDICES[:X.ndim - 1]
     if len(lead) < X.ndim - 1:
-        raise ValueError(f"X has {X.ndim} dimensions; fastlinear's dask path takes at most 24")
+        raise ValueError(f"X has {X.ndim} dimensions; fastlinear's dask path takes at most "
+                         f"{len(_LEAD_INDICES) + 1}")
     # index: leading axes, then dY's columns (m) and X's features (d), each one chunk
     task = dict(backend=name, activation=activation, has_bias=bool(has_bias),
                 need_dX=bool(need_dX))

@@ -27,12 +27,18 @@ at ``|z| >= GELU_CLAMP`` are exactly 1 or 0 also where ``z**2`` overflows or ``z
 (PyTorch's CPU kernels give NaN there). ``gelu(-inf)`` is NaN (``-inf * 0``), ``gelu(inf)`` inf.
 """
 
+from __future__ import annotations
+
+import functools
 import math
 
 import numpy as np
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "tanh", "sigmoid")
 SAVES_PREACTIVATION = frozenset({"gelu", "gelu_tanh"})
+# The integer each compiled kernel (numba, CUDA) takes for an activation; 0 is none.
+ACTIVATION_CODES: dict[str | None, int] = {
+    None: 0, **{name: code for code, name in enumerate(ACTIVATIONS, start=1)}}
 
 # GELU constants: sqrt(2 / pi) and the tanh approximation's cubic coefficient; 1 / sqrt(2) and
 # 1 / sqrt(2 pi) for the erf form.
@@ -60,6 +66,14 @@ def check_activation(activation):
                      f"{', '.join(repr(a) for a in ACTIVATIONS)}")
 
 
+def check_saved(activation, saved):
+    """Raise where ``activation``'s backward is given no ``saved`` array."""
+    if activation is not None and saved is None:
+        raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
+                         f"return_saved=True) returned beside Y "
+                         f"(the {saved_for_backward(activation)})")
+
+
 def saved_for_backward(activation):
     """What the backward pass of ``activation`` needs: ``"output"``, ``"preactivation"``, None."""
     if activation is None:
@@ -67,11 +81,20 @@ def saved_for_backward(activation):
     return "preactivation" if activation in SAVES_PREACTIVATION else "output"
 
 
-def _erf(x):
-    """The error function elementwise, in ``x``'s dtype (SciPy's where installed, else libm's)."""
+@functools.cache
+def _scipy_erf():
+    """SciPy's vectorised erf, or None where SciPy is not installed (looked up once)."""
     try:
         from scipy.special import erf
     except ImportError:
+        return None
+    return erf
+
+
+def _erf(x):
+    """The error function elementwise, in ``x``'s dtype (SciPy's where installed, else libm's)."""
+    erf = _scipy_erf()
+    if erf is None:
         return np.vectorize(math.erf, otypes=[x.dtype])(x)
     return erf(x).astype(x.dtype, copy=False)
 

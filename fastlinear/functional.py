@@ -56,10 +56,11 @@ def _shares_memory(a, b):
     return a_low < b_high and b_low < a_high
 
 
-def _check_out(buf, name, shape, dtype, library, inputs):
+def _check_out(buf, name, shape, dtype, library, inputs, rows=True):
     """Check a caller-supplied output buffer of exactly ``shape``.
 
-    Returns the buffer as a NumPy/CuPy array (a view of a foreign buffer), flattened to 2-D.
+    Returns the buffer as a NumPy/CuPy array (a view of a foreign buffer), as the 2-D
+    ``(rows, columns)`` view backends take when ``rows`` (Y and dX, also for one sample).
     """
     if isinstance(buf, (list, tuple)):  # a converted copy would receive the result, not buf
         raise TypeError(f"{name} must be an array that receives the result, got "
@@ -80,7 +81,7 @@ def _check_out(buf, name, shape, dtype, library, inputs):
     for input_name, array in inputs:
         if array is not None and _shares_memory(native, array):
             raise ValueError(f"{name} overlaps the input {input_name}; pass a separate buffer")
-    if native.ndim <= 2:
+    if native.ndim == 2 or not rows:
         return native
     return native.reshape(math.prod(shape[:-1]), shape[-1])
 
@@ -288,16 +289,6 @@ def _forward_saving(module, X, W, b, activation):
     return module.forward(X, W, b, None, activation=activation, preactivation=Z), Z
 
 
-def _check_activation_saved(activation, saved):
-    """The canonical activation name; its ``saved`` array must be given."""
-    activation = activations.check_activation(activation)
-    if activation is not None and saved is None:
-        raise ValueError(f"activation={activation!r} needs saved=, what linear_forward(..., "
-                         f"return_saved=True) returned beside Y "
-                         f"(the {activations.saved_for_backward(activation)})")
-    return activation
-
-
 def _check_upstream(dY, X, M, name):
     """Check ``dY`` (or ``saved``) has the forward output's shape; return it as 2-D."""
     expected = (*X.shape[:-1], M)
@@ -318,7 +309,8 @@ def _gradient_buffers(call, given, shapes, inputs, has_bias, need_dX, accumulate
         raise ValueError("accumulate=True adds into existing gradients: pass the dW buffer "
                          "(and db when has_bias)")
     libraries = (_library(inputs[0][1]), _library(call.W), _library(call.W))
-    checked = [None if buf is None else _check_out(buf, name, shape, call.dtype, library, inputs)
+    checked = [None if buf is None else _check_out(buf, name, shape, call.dtype, library, inputs,
+                                                   rows=name != "db")
                for buf, name, shape, library in zip((dX, dW, db), ("dX", "dW", "db"), shapes,
                                                     libraries, strict=True)]
     if sum(buf is not None for buf in checked) > 1:
@@ -380,7 +372,8 @@ def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, s
     without ``need_dX``, ``db`` is ``None`` without ``has_bias``.
     """
     if activation is not None:
-        activation = _check_activation_saved(activation, saved)
+        activation = activations.check_activation(activation)
+        activations.check_saved(activation, saved)
     if casting != "safe":
         _arrays.check_casting(casting)
     if (dX is None and dW is None and db is None and not accumulate

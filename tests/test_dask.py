@@ -6,6 +6,7 @@ client sent would fail, so every computing test here also checks that the backen
 Errors in the arguments are raised when the graph is built, in the client; they need no cluster.
 """
 
+import math
 import os
 import pathlib
 import pickle
@@ -81,6 +82,19 @@ def test_forward_and_backward_match_reference(client, backend, dtype, rng):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_many_batch_dims(client, backend, rng):
+    """Leading axes past the letters "d" and "m" of the blockwise indices (a 6-D X)."""
+    lead = (2, 1, 3, 1, 2)
+    X, W, b, dY = make_inputs(rng, math.prod(lead), 4, 3, np.float64)
+    Xd = da.from_array(X.reshape(*lead, 4), chunks=(1, 1, 2, 1, 1, 4))
+    dYd = da.from_array(dY.reshape(*lead, 3), chunks=(1, 1, 2, 1, 1, 3))
+    dX, dW, db = fastlinear.linear_backward(dYd, Xd, W, backend=backend)
+    dX, dW, db = compute(client, dX, dW, db)
+    assert dX.shape == (*lead, 4)
+    ref = reference64(X, W, b, dY)
+    assert_matches_reference(dict(dX=dX.reshape(-1, 4), dW=dW, db=db), ref, np.float64)
+
+
 def test_batch_dims_no_bias_and_no_dX(client, backend, rng):
     X, W, _, dY = make_inputs(rng, 4 * 9, 6, 5, np.float64, bias=False)
     Xd = da.from_array(X.reshape(4, 9, 6), chunks=(3, 4, 6))

@@ -391,3 +391,18 @@ def test_memory_on_another_kind_of_device_is_refused():
     with pytest.raises(TypeError, match=r"X \(.*DeviceArray\) lives on DLPack device type 14; "
                                         r"fastlinear takes host memory"):
         fastlinear.linear_forward(DeviceArray(14), np.ones((3, 2)))
+
+
+def test_single_sample_with_buffers(backend):
+    """One sample into given buffers: the backends receive them as one row."""
+    x, W, b = np.arange(3.0), np.ones((3, 4)), np.linspace(0, 1, 4)
+    out = np.empty(4)
+    assert fastlinear.linear_forward(x, W, b, out=out, backend=backend) is out
+    np.testing.assert_allclose(out, x @ W + b, rtol=1e-12)
+    dX, dW, db = np.empty(3), np.empty((3, 4)), np.empty(4)
+    dy = np.array([0.5, 1.0, 2.0, 3.0])
+    result = fastlinear.linear_backward(dy, x, W, dX=dX, dW=dW, db=db, backend=backend)
+    assert result[0] is dX and result[1] is dW and result[2] is db
+    np.testing.assert_allclose(dX, dy @ W.T, rtol=1e-12)
+    np.testing.assert_allclose(dW, np.outer(x, dy), rtol=1e-12)
+    np.testing.assert_allclose(db, dy, rtol=1e-12)

@@ -14,11 +14,10 @@ from fastlinear import activations
 
 __all__ = ["activation_code", "activate", "activation_grad"]
 
-NONE, RELU, GELU, GELU_TANH, TANH, SIGMOID = 0, 1, 2, 3, 4, 5
-_CODES = {None: NONE, "relu": RELU, "gelu": GELU, "gelu_tanh": GELU_TANH, "tanh": TANH,
-          "sigmoid": SIGMOID}
-assert set(_CODES) == {None, *activations.ACTIVATIONS}, "an activation without a code"
-
+_CODES = activations.ACTIVATION_CODES
+# Module-level ints, so the compiled branches compare against constants.
+NONE, RELU, GELU, GELU_TANH, TANH, SIGMOID = (
+    _CODES[name] for name in (None, "relu", "gelu", "gelu_tanh", "tanh", "sigmoid"))
 _CLAMP = activations.GELU_CLAMP
 _BETA = activations.GELU_TANH_BETA
 _KAPPA = activations.GELU_TANH_KAPPA

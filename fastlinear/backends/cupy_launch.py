@@ -40,8 +40,7 @@ TILE_THREADS = BLOCK_SHAPES["TILE_THREADS"]
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 
 # The kernels' activation argument: 0 for none, then the names of fastlinear.activations.
-ACTIVATION_CODES: dict[str | None, int] = {
-    None: 0, **{name: code for code, name in enumerate(activations.ACTIVATIONS, start=1)}}
+ACTIVATION_CODES = activations.ACTIVATION_CODES
 # The formulas' constants, from fastlinear.activations (repr keeps every digit of a double).
 ACTIVATION_CONSTANTS = {
     "FASTLINEAR_GELU_TANH_BETA": activations.GELU_TANH_BETA,
