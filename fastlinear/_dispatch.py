@@ -304,8 +304,13 @@ def current_backend(array_library: str = "numpy") -> str:
     """The name of the backend a call on ``array_library`` arrays would use right now.
 
     Until ``auto``'s first choice is loaded (see ``warm_up``) this is the backend serving the
-    calls meanwhile (``"numpy"`` for NumPy arrays).
+    calls meanwhile (``"numpy"`` for NumPy arrays). Asking does not count as a call.
     """
+    if requested_backend(None) == AUTO and array_library not in _auto_choice \
+            and array_library in _interim_choice:
+        for name in AUTO_ORDER.get(array_library, ()):  # what the next call would switch to
+            if name in _modules and not _warmup.loading(name):
+                return name
     return resolve(None, array_library).NAME
 
 

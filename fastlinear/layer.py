@@ -21,7 +21,7 @@ __all__ = ["Linear"]
 
 
 class Linear:
-    """A linear (dense) layer ``Y = X @ W + b`` with the gradients of its backward pass.
+    """A linear (dense) layer ``Y = act(X @ W + b)`` with the gradients of its backward pass.
 
     Parameters
     ----------
@@ -101,7 +101,8 @@ class Linear:
         return np.dtype(self.W.dtype)
 
     def forward(self, X: Any) -> Any:
-        """Return ``Y = X @ W + b`` for ``X`` of shape ``(N, in_features)`` or ``(*, in_features)``.
+        """Return ``Y = act(X @ W + b)`` for ``X`` ``(N, in_features)``, ``(*, in_features)`` or
+        one sample ``(in_features,)`` (``act`` is the identity without an activation).
 
         The input is cached in ``self.X`` for ``backward`` (and, with an activation, the output
         or the pre-activation that its derivative needs).
@@ -119,9 +120,11 @@ class Linear:
     __call__ = forward
 
     def backward(self, dY: Any, *, accumulate: bool = False, need_dX: bool = True) -> Any:
-        """Store ``dW = X.T @ dY`` and ``db = dY.sum(0)``; return ``dX = dY @ W.T``.
+        """Store ``dW = X.T @ G`` and ``db = G.sum(0)``; return ``dX = G @ W.T``.
 
-        ``dY`` has the shape of the last ``forward`` output. With ``accumulate=True`` the
+        ``dY`` is the gradient with respect to the last ``forward`` output, of its shape;
+        ``G = dY * act'(X @ W + b)`` (``G = dY`` without an activation), computed in the pass
+        that reads ``dY``. With ``accumulate=True`` the
         gradients are added to ``self.dW``/``self.db`` (gradient accumulation) instead of
         replacing them. ``need_dX=False`` skips ``dX`` (returns ``None``), e.g. for a first layer.
         If the call raises, ``dW`` and ``db`` keep their previous values.

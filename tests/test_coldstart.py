@@ -321,3 +321,11 @@ def test_exit_while_loading_in_the_background(delay):
         time.sleep({delay})
     """)
 
+
+
+def test_asking_for_the_current_backend_is_not_a_call(fakes):
+    fastlinear.linear_forward(np.ones((2, 3)), np.ones((3, 4)))  # auto's first, interim choice
+    calls = _dispatch._interim.calls
+    for _ in range(5):
+        assert fastlinear.current_backend() == "numpy"
+    assert _dispatch._interim.calls == calls
