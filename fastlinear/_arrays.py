@@ -42,6 +42,13 @@ def namespace(x: object):
     return importlib.import_module("cupy") if library(x) == "cupy" else np
 
 
+def to_numpy(x: Any) -> Any:
+    """A NumPy view (or, from the GPU, a copy) of a NumPy or CuPy array; ``None`` stays ``None``."""
+    if x is None:
+        return None
+    return x.get() if library(x) == "cupy" else np.asarray(x)
+
+
 def is_scalar(x: object) -> bool:
     """A Python number (not a NumPy scalar, which NumPy types strongly)."""
     return isinstance(x, numbers.Number) and not isinstance(x, np.generic)

@@ -12,8 +12,9 @@ what happens to them around ``fork`` and at interpreter exit.
   dtype. The thread is "loading" until the last step is done; only then does ``auto`` switch.
 * Fork: a child forked during a step would inherit locks held by a thread it does not have (the
   import's module locks, Numba's compiler lock) and hang at its next import or compile. So
-  ``fork`` waits for the current step to end (``os.register_at_fork``); a child whose load was
-  unfinished starts it again at its next ``auto`` call.
+  ``fork`` waits for the current step to end (``os.register_at_fork``). A child forked before
+  the import finished starts the load again at its next ``auto`` call; one forked after it uses
+  the backend at once and loads the remaining kernels at their first calls.
 * Exit: the thread is a daemon, so the interpreter does not wait for it; it starts no new step
   once exit has begun.
 * Failures: nothing raised in the thread is lost: the dispatcher's ``on_failure`` turns it into

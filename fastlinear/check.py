@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from fastlinear import _dispatch, activations
+from fastlinear import _arrays, _dispatch, activations
 from fastlinear.functional import linear_backward, linear_forward
 
 # Small enough for seconds; on the GPU the shape rule sends them to small_batch, tiled and cuBLAS.
@@ -97,10 +97,6 @@ def _worst_ratio(actual, expected, bound, previous=None):
     return float(np.max(err / bound, initial=0.0))
 
 
-def _to_numpy(a):
-    return a.get() if type(a).__module__.startswith("cupy") else a
-
-
 def _check_case(name, xp, rng, dtype, shape, layout, has_bias, activation, mode):
     """Worst error/bound of one forward + backward case on backend ``name``."""
     N, D, M = shape
@@ -116,21 +112,21 @@ def _check_case(name, xp, rng, dtype, shape, layout, has_bias, activation, mode)
     b_dev = None if b is None else xp.asarray(b)
     Y, saved = linear_forward(dev["X"], dev["W"], b_dev, activation=activation, backend=name,
                               return_saved=True)
-    saved_host = None if saved is None else _to_numpy(saved)
+    saved_host = None if saved is None else _arrays.to_numpy(saved)
     dW = xp.asarray(dW0.copy()) if accumulate else None
     db = xp.asarray(db0.copy()) if accumulate and has_bias else None
     dX, dW, db = linear_backward(dev["dY"], dev["X"], dev["W"], activation=activation,
                                  saved=saved, has_bias=has_bias, need_dX=need_dX,
                                  accumulate=accumulate, dW=dW, db=db, backend=name)
     reference = _reference(X, W, b, dY, activation, saved_host, dtype)
-    ratios = [_worst_ratio(_to_numpy(Y), *reference["Y"]),
-              _worst_ratio(_to_numpy(dW), *reference["dW"], dW0 if accumulate else None)]
+    ratios = [_worst_ratio(_arrays.to_numpy(Y), *reference["Y"]),
+              _worst_ratio(_arrays.to_numpy(dW), *reference["dW"], dW0 if accumulate else None)]
     if need_dX:
-        ratios.append(_worst_ratio(_to_numpy(dX), *reference["dX"]))
+        ratios.append(_worst_ratio(_arrays.to_numpy(dX), *reference["dX"]))
     elif dX is not None:
         ratios.append(np.inf)
     if has_bias:
-        ratios.append(_worst_ratio(_to_numpy(db), *reference["db"],
+        ratios.append(_worst_ratio(_arrays.to_numpy(db), *reference["db"],
                                    db0 if accumulate else None))
     return max(ratios)
 

@@ -27,11 +27,6 @@ def backend_label(backend):
     return f"fastlinear[{backend}]"
 
 
-def backend_group(backend):
-    """Thread-pool group of a fastlinear backend: the NumPy one shares NumPy's BLAS threads."""
-    return "numpy" if backend == "numpy" else backend
-
-
 def import_torch(wanted):
     """PyTorch when wanted and importable, else None (it is never a dependency)."""
     if not wanted or importlib.util.find_spec("torch") is None:
@@ -58,7 +53,7 @@ def backend_layer(backend, X, W, b, dY, activation=None):
     layer = fastlinear.Linear(*W.shape, dtype=W.dtype, backend=backend, activation=activation)
     xp = array_module(layer.W)
     layer.W, layer.b = xp.asarray(W), xp.asarray(b)
-    return layer, xp.asarray(X), xp.asarray(dY), backend_group(backend), device_timing(xp)
+    return layer, xp.asarray(X), xp.asarray(dY), backend, device_timing(xp)
 
 
 def layer_case(shape, dtype, backends, torch_module, rng):

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from fastlinear import _arrays
+
 # Calls in one block never exceed this, however fast the call.
 MAX_CALLS_PER_BLOCK = 1 << 20
 
@@ -59,9 +61,8 @@ class Case:
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per contender, once timed
 
 
-def array_module(array):
-    """The array library of ``array``: numpy, or cupy for the GPU backend's arrays."""
-    return importlib.import_module(type(array).__module__.partition(".")[0])
+# The array library of an array: numpy, or cupy for the GPU backend's arrays.
+array_module = _arrays.namespace
 
 
 def device_timing(xp):

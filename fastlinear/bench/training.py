@@ -11,7 +11,8 @@ without loss or optimizer. Three ways, on the same weights and data:
 
 import numpy as np
 
-from fastlinear.bench.contenders import NUMPY_LABEL, TORCH_LABEL, backend_group, backend_label
+from fastlinear import _arrays
+from fastlinear.bench.contenders import NUMPY_LABEL, TORCH_LABEL, backend_label
 from fastlinear.bench.timing import Case, Contender, array_module, device_timing
 from fastlinear.demo import LAYER_SIZES, MLP
 
@@ -21,11 +22,6 @@ def step_flops(batch, sizes=LAYER_SIZES):
     layer, which computes no dX)."""
     products = [batch * d * m for d, m in zip(sizes[:-1], sizes[1:], strict=True)]
     return 6 * sum(products) - 2 * products[0]
-
-
-def to_host(array):
-    """A NumPy copy of a layer's parameter, wherever the backend keeps it."""
-    return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
 def numpy_mlp_step(X, params, dlogits):
@@ -78,7 +74,8 @@ def training_case(batch, dtype, backends, torch_module, seed):
     for backend in backends:
         model = MLP(LAYER_SIZES, dtype, backend, rng=seed)  # the same weights on every backend
         if params is None:
-            params = [(to_host(layer.W), to_host(layer.b)) for layer in model.layers]
+            params = [(_arrays.to_numpy(layer.W), _arrays.to_numpy(layer.b))
+                      for layer in model.layers]
         xp = array_module(model.layers[0].W)
         X_b, dlogits_b = xp.asarray(X), xp.asarray(dlogits)
 
@@ -86,7 +83,7 @@ def training_case(batch, dtype, backends, torch_module, seed):
             model.forward(X_b)
             model.backward(dlogits_b)
 
-        contenders.append(Contender(backend_label(backend), "step", backend_group(backend), step,
+        contenders.append(Contender(backend_label(backend), "step", backend, step,
                                     **device_timing(xp)))
     if params is None:  # no backend chosen: the baselines still need the demo's weights
         model = MLP(LAYER_SIZES, dtype, "numpy", rng=seed)
