@@ -300,6 +300,11 @@ def warm_up(array_library: str = "numpy", wait: bool = True) -> str:
     return resolve(AUTO, array_library).NAME
 
 
+def array_module(name: str) -> ModuleType:
+    """The array library (numpy or cupy) that backend ``name`` computes on; loads the backend."""
+    return importlib.import_module(_load(name).ARRAY_LIBRARIES[0])
+
+
 def current_backend(array_library: str = "numpy") -> str:
     """The name of the backend a call on ``array_library`` arrays would use right now.
 

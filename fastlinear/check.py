@@ -136,18 +136,14 @@ def _device(name):
         return "cpu"
     import cupy
 
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
-    device = props["name"]
-    return device.decode() if isinstance(device, bytes) else device
+    from fastlinear.info import device_name
+
+    return device_name(cupy, cupy.cuda.runtime.getDevice())
 
 
 def _array_module(name):
-    module = _dispatch._load(name)
-    if module.ARRAY_LIBRARIES[0] == "cupy":
-        import cupy
-
-        return module, cupy
-    return module, np
+    """The backend module ``name`` and the array library it computes on."""
+    return _dispatch._load(name), _dispatch.array_module(name)
 
 
 def run(backends=None, out=None):

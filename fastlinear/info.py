@@ -124,10 +124,16 @@ def cuda_devices():
     lines = []
     for index in range(count):
         props = cupy.cuda.runtime.getDeviceProperties(index)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        lines.append(f"GPU {index}: {name}, {props['totalGlobalMem'] / 2**30:.1f} GiB, "
+        memory = props["totalGlobalMem"] / 2**30
+        lines.append(f"GPU {index}: {device_name(cupy, index)}, {memory:.1f} GiB, "
                      f"sm_{props['major']}{props['minor']}")
     return lines
+
+
+def device_name(cupy, index):
+    """The name of CUDA device ``index`` (CuPy gives it as bytes or str, by version)."""
+    name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def _load_blas_libraries():

@@ -8,7 +8,6 @@ The math lives in ``fastlinear.functional``; the layer only holds state.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
@@ -86,7 +85,7 @@ class Linear:
         """CuPy when this layer's backend is cupy (parameters live on the device), else NumPy."""
         if self.backend is None or self.backend == _dispatch.AUTO:
             return np
-        return importlib.import_module(_dispatch._load(self.backend).ARRAY_LIBRARIES[0])
+        return _dispatch.array_module(self.backend)
 
     @property
     def in_features(self) -> int:

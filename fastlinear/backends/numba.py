@@ -210,7 +210,8 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
     if (0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS
             and (M <= 1 or W.strides[1] == W.itemsize)
             and _parallel_usable()):
-        function = _numba_layer.compiled(("skinny_backward", dtype, need_dX, has_bias, has_saved))
+        key = ("skinny_backward", dtype, need_dX, has_bias, has_saved)
+        function, _ = _plans.get(key) or _plan(key)
         args = (dY, X, W, dX, dW, db, accumulate, code, saved)
         if time.perf_counter() - _recent.skinny_forward_end < BLAS_SPIN_SECONDS:
             _run_on_one_thread(function, *args)
