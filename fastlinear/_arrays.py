@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["library", "to_native", "result_dtype", "cast", "namespace", "as_bias", "check_weight",
-           "check_backend_dtype"]
+__all__ = ["library", "to_native", "result_dtype", "cast", "namespace", "as_bias", "check_weight"]
 
 # DLPack device types (dlpack.h): host memory, CUDA memory, pinned and managed CUDA memory.
 _DLPACK_CPU = 1
@@ -157,14 +156,6 @@ def check_weight(W):
     """``W`` must be a matrix ``(in_features, out_features)``."""
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
-
-
-def check_backend_dtype(dtype, module):
-    """The call's dtype must be one the backend ``module`` computes in."""
-    if dtype not in module.DTYPES:
-        names = ", ".join(d.name for d in module.DTYPES)
-        raise TypeError(f"the call computes in {dtype} (NumPy's result dtype of its operands); "
-                        f"the {module.NAME!r} backend computes in {names}")
 
 
 def as_bias(b, M, dtype):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastlinear
-from tests.helpers import BACKEND_NAMES, backend_param
+from tests.helpers import BACKEND_NAMES, backend_param, install_registry
 
 
 @pytest.fixture(params=[backend_param(name) for name in BACKEND_NAMES])
@@ -17,9 +17,11 @@ def backend(request):
 
 
 @pytest.fixture(autouse=True)
-def _clean_backend_env(monkeypatch):
-    """Tests start with no FASTLINEAR_BACKEND from the caller's shell."""
+def _fresh_registry(monkeypatch):
+    """Tests start with no FASTLINEAR_BACKEND from the caller's shell, and a backend registry of
+    their own (what one test loads or chooses does not decide another's)."""
     monkeypatch.delenv(fastlinear.ENV_VAR, raising=False)
+    return install_registry(monkeypatch)
 
 
 @pytest.fixture

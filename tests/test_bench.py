@@ -16,6 +16,7 @@ from fastlinear import _dispatch, bench, demo
 from fastlinear.backends import numpy as numpy_backend
 from fastlinear.bench import report, training
 from fastlinear.bench.timing import Case, Contender
+from tests.helpers import install_registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny and fast: no pauses, short blocks, two rounds.
@@ -102,9 +103,7 @@ def second_backend(monkeypatch):
     module.NAME = "echo"
     module.unavailable_reason = lambda: None
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(_dispatch.BACKENDS, "echo", module.__name__)
-    monkeypatch.setattr(_dispatch, "VALID_NAMES", (*_dispatch.VALID_NAMES, "echo"))
-    monkeypatch.setattr(_dispatch, "_modules", dict(_dispatch._modules))
+    install_registry(monkeypatch, backends={**_dispatch.BACKENDS, "echo": module.__name__})
     return "echo"
 
 
