@@ -15,9 +15,10 @@ Method, by shape:
 * Backward, N <= ``SKINNY_ROWS`` and ``W`` not tiny: memory-bound, so one ``prange`` function
   walks the rows of ``W`` and ``dW`` together, once.
 
-The BLAS is NumPy's own (see ``_numba_blas``). It runs with ``numba.get_num_threads()`` threads,
-set through threadpoolctl when it differs. BLAS calls and ``prange`` functions never run at the
-same time within a call, so they do not oversubscribe the cores.
+The BLAS is NumPy's own (see ``_numba_blas``). Large calls lower its threads to
+``numba.get_num_threads()`` through threadpoolctl, and never raise them above a limit the user
+set. BLAS calls and ``prange`` functions never run at the same time within a call, so they do
+not oversubscribe the cores.
 
 float32 products and sums are accumulated in float32, as by the BLAS and the NumPy reference.
 
@@ -30,7 +31,6 @@ import math
 import os
 import threading
 import time
-import types
 
 import numpy as np
 
@@ -89,19 +89,33 @@ def unavailable_reason():
             f'pip install "fastlinear[numba]")')
 
 
-# compiled-function key -> (compiled function, the BLAS routines it calls for that dtype)
-_plans: dict = {}
+# The one cache of what runs: key = (function name, dtype, *which optional arrays are present)
+# -> (compiled function, the BLAS routines it calls for that dtype).
+_plans: dict[tuple, tuple] = {}
+_plans_lock = threading.Lock()
 
 
 def _plan(key):
-    """What a call of ``key`` = ``(name, dtype, *present)`` runs, found once per process."""
-    plan = (_numba_layer.compiled(key), _numba_blas.blas_routines(key[1]))
-    _plans[key] = plan
+    """What a call of ``key`` runs: compiled (or loaded from Numba's cache) once per process."""
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is None:
+            plan = (_numba_layer.compile_function(key), _numba_blas.blas_routines(key[1]))
+            _plans[key] = plan
     return plan
 
 
-# When this backend's last skinny-sized forward ended (time.perf_counter()).
-_recent = types.SimpleNamespace(skinny_forward_end=-math.inf)
+class _ProcessState:
+    """What this backend remembers between calls in this process."""
+
+    def __init__(self):
+        self.skinny_forward_end = -math.inf  # when the last skinny forward ended (perf_counter)
+        # The process in which GNU OpenMP, if it starts, starts: this one, or None when it had
+        # already started when this module was imported (then it may have started in a parent).
+        self.openmp_owner = None
+
+
+_state = _ProcessState()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,15 +133,10 @@ def _threading_layer():
         return None
 
 
-# The process in which GNU OpenMP, if it starts, starts: this one, or ``None`` when it had
-# already started when this module was imported (then it may have started in a parent).
-_openmp_owner = types.SimpleNamespace(pid=None)
-
-
 def _note_openmp_owner():
     """Record this process as the future owner of GNU OpenMP, unless it has started already."""
     if _threading_layer() != "omp":
-        _openmp_owner.pid = os.getpid()
+        _state.openmp_owner = os.getpid()
 
 
 def _parallel_usable():
@@ -136,7 +145,7 @@ def _parallel_usable():
 
     The callers then take the BLAS path (OpenBLAS is fork-safe).
     """
-    return _threading_layer() != "omp" or _openmp_owner.pid == os.getpid()
+    return _threading_layer() != "omp" or _state.openmp_owner == os.getpid()
 
 
 def _run_on_one_thread(function, *args):
@@ -183,7 +192,7 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
     function(blas.gemm, blas.gemv, blas.int_bits, X, W, b, out, activation_code(activation),
              preactivation)
     if N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS:
-        _recent.skinny_forward_end = time.perf_counter()
+        _state.skinny_forward_end = time.perf_counter()
     return out
 
 
@@ -213,7 +222,7 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
         key = ("skinny_backward", dtype, need_dX, has_bias, has_saved)
         function, _ = _plans.get(key) or _plan(key)
         args = (dY, X, W, dX, dW, db, accumulate, code, saved)
-        if time.perf_counter() - _recent.skinny_forward_end < BLAS_SPIN_SECONDS:
+        if time.perf_counter() - _state.skinny_forward_end < BLAS_SPIN_SECONDS:
             _run_on_one_thread(function, *args)
         else:
             _run_parallel(function, *args)
