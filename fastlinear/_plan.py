@@ -45,8 +45,9 @@ def _host_memory_bytes() -> int:
 HOST_MEMORY_BYTES = _host_memory_bytes()
 
 # Outputs up to this many bytes may take the plain branch (larger calls spend too long in the
-# product for the general checks to matter).
-PLAIN_MAX_BYTES = min(1 << 24, HOST_MEMORY_BYTES)
+# product for the general checks to matter); counted as elements of Y, or of X and W, at the
+# widest dtype, twice over (Y and Z) for the forward.
+PLAIN_MAX_ELEMENTS = min(1 << 24, HOST_MEMORY_BYTES) // 16
 
 
 # -- checks shared with the dask adapter ------------------------------------------------------
@@ -219,22 +220,18 @@ def forward(X: Any, W: Any, b: Any, activation: str | None, backend: str | None,
         activation = activations.check_activation(activation)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if (out is None and type(X) is _ndarray and type(W) is _ndarray and X.ndim == 2
-            and W.ndim == 2 and X.shape[1] == W.shape[0] and X.dtype is W.dtype
-            and (b is None or (type(b) is _ndarray and b.shape == W.shape[1:]
-                               and b.dtype is W.dtype))
-            and X.shape[0] * W.shape[1] * W.dtype.itemsize * (2 if return_saved else 1)
-            <= PLAIN_MAX_BYTES):
-        module = _dispatch.registry.resolve(backend, "numpy")
-        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-            if return_saved:
-                return _forward_saving, (module, X, W, b, activation)
-            return _forward_plain, (module, X, W, b, activation)
+    if out is None and type(X) is _ndarray and type(W) is _ndarray:
+        x_shape, w_shape, dtype = X.shape, W.shape, W.dtype
+        if (len(x_shape) == len(w_shape) == 2 and x_shape[1] == w_shape[0] and X.dtype is dtype
+                and (b is None or (type(b) is _ndarray and b.shape == w_shape[1:]
+                                   and b.dtype is dtype))
+                and x_shape[0] * w_shape[1] <= PLAIN_MAX_ELEMENTS):
+            module = _dispatch.registry.resolve(backend, "numpy")
+            if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
+                if return_saved:
+                    return _forward_saving, (module, X, W, b, activation)
+                return module.forward, (X, W, b, None, activation)
     return _forward_general(X, W, b, activation, backend, out, return_saved, casting)
-
-
-def _forward_plain(module: Any, X: Any, W: Any, b: Any, activation: str | None) -> Any:
-    return module.forward(X, W, b, None, activation=activation)
 
 
 def _forward_saving(module: Any, X: Any, W: Any, b: Any, activation: str | None) -> Any:
@@ -308,24 +305,19 @@ def backward(dY: Any, X: Any, W: Any, activation: str | None, saved: Any, has_bi
     if casting != "safe":
         _arrays.check_casting(casting)
     if (type(dY) is _ndarray and type(X) is _ndarray and type(W) is _ndarray
-            and dX is None and dW is None and db is None and not accumulate
-            and X.ndim == 2 and W.ndim == 2 and X.shape[1] == W.shape[0]
-            and dY.shape == (X.shape[0], W.shape[1]) and X.dtype is W.dtype is dY.dtype
-            and (activation is None or (type(saved) is _ndarray and saved.shape == dY.shape
-                                        and saved.dtype is W.dtype))
-            and (X.size + W.size) * W.dtype.itemsize <= PLAIN_MAX_BYTES):
-        module = _dispatch.registry.resolve(backend, "numpy")
-        if W.dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-            return _backward_plain, (module, dY, X, W, bool(has_bias), bool(need_dX),
-                                     activation, saved)
+            and dX is None and dW is None and db is None and not accumulate):
+        x_shape, w_shape, dtype = X.shape, W.shape, W.dtype
+        if (len(x_shape) == len(w_shape) == 2 and x_shape[1] == w_shape[0]
+                and dY.shape == (x_shape[0], w_shape[1]) and X.dtype is dtype is dY.dtype
+                and (activation is None or (type(saved) is _ndarray and saved.shape == dY.shape
+                                            and saved.dtype is dtype))
+                and (x_shape[0] + w_shape[1]) * x_shape[1] <= PLAIN_MAX_ELEMENTS):
+            module = _dispatch.registry.resolve(backend, "numpy")
+            if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
+                return module.backward, (dY, X, W, bool(has_bias), bool(need_dX), False, None,
+                                         None, None, activation, saved)
     return _backward_general(dY, X, W, activation, saved, bool(has_bias), bool(need_dX),
                              backend, bool(accumulate), (dX, dW, db), casting)
-
-
-def _backward_plain(module: Any, dY: Any, X: Any, W: Any, has_bias: bool, need_dX: bool,
-                    activation: str | None, saved: Any) -> Any:
-    return module.backward(dY, X, W, has_bias=has_bias, need_dX=need_dX, accumulate=False,
-                           dX=None, dW=None, db=None, activation=activation, saved=saved)
 
 
 def _gradient_buffers(call: _Call, given: tuple[Any, Any, Any],

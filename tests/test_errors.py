@@ -240,7 +240,7 @@ def test_backward_outputs_larger_than_memory(backend, N, D, M, need_dX, match):
 def test_only_outputs_fastlinear_allocates_are_counted(backend, monkeypatch):
     """Given buffers, and gradients not asked for, do not count against the memory limit."""
     monkeypatch.setattr(_plan, "HOST_MEMORY_BYTES", 8 * 8)  # room for 8 float64
-    monkeypatch.setattr(_plan, "PLAIN_MAX_BYTES", 8 * 8)  # derived from it at import
+    monkeypatch.setattr(_plan, "PLAIN_MAX_ELEMENTS", 8 * 8 // 16)  # derived from it at import
     with pytest.raises(MemoryError, match=r"Y \(5, 2\) would need 7.451e-08 GiB, more than "
                                           r"the 5.96e-08 GiB"):
         forward(backend, X=np.ones((5, 3)))

@@ -427,7 +427,7 @@ def _result(device_array, on_host, buffer):
 
 # --- the backend interface ---------------------------------------------------------------------
 
-def forward(X, W, b, out, *, activation=None, preactivation=None):
+def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` on the GPU; see ``fastlinear.backends`` and this module's docstring.
 
     NumPy inputs are copied to the device; ``Y`` (and ``preactivation``) come back in the
@@ -448,7 +448,7 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
         return _result(Y, _is_host(X), out)
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
              saved=None):
     """Gradients through ``act`` on the GPU: ``G = dY * act'(saved)``, ``dX = G @ W.T``,
     ``dW = X.T @ G``, ``db = G.sum(0)``; see ``fastlinear.backends`` and the module doc.

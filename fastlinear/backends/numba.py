@@ -177,7 +177,7 @@ if _IMPORT_ERROR is None:
 # Entry points.
 
 
-def forward(X, W, b, out, *, activation=None, preactivation=None):
+def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
     # Written for the per-call overhead at tiny shapes: one dict lookup finds what to call.
     dtype = W.dtype
@@ -196,7 +196,7 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
     return out
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
              saved=None):
     """Gradients from ``dY``, through the activation; see ``fastlinear.backends``."""
     N, D = X.shape
