@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastlinear info | check | demo | bench`` (``--help`` on each)."""
+"""Command line: ``python -m fastlinear info | check | demo | bench | tune`` (``--help``: each)."""
 
 import argparse
 import sys
@@ -13,6 +13,8 @@ def main(argv=None):
                         add_help=False)
     commands.add_parser("demo", help="train a small MLP on scikit-learn's digits", add_help=False)
     commands.add_parser("bench", help="side-by-side benchmark of every backend", add_help=False)
+    commands.add_parser("tune", help="measure this machine's thresholds and store its profile",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from fastlinear.info import main as command
@@ -20,6 +22,8 @@ def main(argv=None):
         from fastlinear.check import main as command
     elif args.command == "demo":
         from fastlinear.demo import main as command
+    elif args.command == "tune":
+        from fastlinear.tune import main as command
     else:
         from fastlinear.bench import main as command
     return command(rest)

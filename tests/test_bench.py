@@ -184,7 +184,7 @@ def test_a_backend_without_activations_is_left_out_of_those_cases(second_backend
                                                                    tmp_path, capsys):
     """A backend that raises NotImplementedError for a case (the GPU backend before its fused
     activations) loses its rows there, with a note; the run goes on."""
-    def forward(X, W, b, out, *, activation=None, preactivation=None):
+    def forward(X, W, b, out, activation=None, preactivation=None):
         if activation is not None:
             raise NotImplementedError("echo: no activations")
         return numpy_backend.forward(X, W, b, out)

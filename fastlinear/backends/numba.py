@@ -46,10 +46,14 @@ SKINNY_MIN_WEIGHTS = 1 << 17
 # The setting persists, so smaller calls follow it too once one large call has run.
 _BLAS_THREADS_MIN_WORK = 1 << 23
 # Backward calls of at most this many multiply-adds, with rows of at least this length, compute
-# dX = G @ W.T as register-blocked dot products of rows (_numba_layer._rows_dot_rows): faster
-# there than OpenBLAS's gemm with a transposed operand (benchmarks/small_layers.py).
-ROWS_DOT_ROWS_MAX_WORK = 1 << 18
+# dX = G @ W.T as register-blocked dot products of rows (_numba_layer._rows_dot_rows). It beat
+# OpenBLAS's gemm with a transposed operand on an AVX-512 machine and lost on an AVX2-only Zen 3
+# (0.82-0.87x NumPy), so it is off unless ``python -m fastlinear tune`` measured it to pay here.
+ROWS_DOT_ROWS_MAX_WORK = 0
 ROWS_DOT_ROWS_MIN_M = 96
+# Shape classes (``shape_class``) where ``tune`` measured NumPy's own expression faster than
+# this backend's kernels on this machine: calls of those classes run the NumPy reference.
+NUMPY_CLASSES: frozenset[str] = frozenset()
 # OpenBLAS's workers spin-wait for about this long after each call; a prange function started
 # in that window shares the cores with them and runs slower than on one thread. So the skinny
 # backward runs on the calling thread alone this soon after a skinny forward (a training step).
@@ -73,11 +77,51 @@ try:
     import numba
 
     from fastlinear.backends import _numba_blas, _numba_layer
+    from fastlinear.backends import numpy as _reference
     from fastlinear.backends._numba_activations import activation_code
 except ImportError as exc:  # the dispatcher imports this module to ask whether it can run
     _IMPORT_ERROR = exc
 else:
     _IMPORT_ERROR = _missing_dependency()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuning profile (fastlinear._profile): this machine's thresholds, read at import.
+
+PROFILE_SCHEMA = {"rows_dot_rows_max_work": int, "rows_dot_rows_min_m": int,
+                  "skinny_min_weights": int, "numpy_classes": list}
+
+
+def profile_key():
+    """What the thresholds depend on: the CPU, the BLAS the kernels call, library versions."""
+    from fastlinear import __version__, _profile
+
+    blas = [{"api": c.internal_api, "version": c.version, "architecture": c.architecture}
+            for c in _numba_blas.blas_thread_controllers()]
+    return {**_profile.cpu_key(), "blas": blas, "numpy": np.__version__,
+            "numba": numba.__version__, "fastlinear": __version__}
+
+
+def apply_profile(values):
+    """Put measured thresholds in force (names of ``PROFILE_SCHEMA``; the rest keep theirs)."""
+    global ROWS_DOT_ROWS_MAX_WORK, ROWS_DOT_ROWS_MIN_M, SKINNY_MIN_WEIGHTS, NUMPY_CLASSES
+    ROWS_DOT_ROWS_MAX_WORK = values.get("rows_dot_rows_max_work", ROWS_DOT_ROWS_MAX_WORK)
+    ROWS_DOT_ROWS_MIN_M = values.get("rows_dot_rows_min_m", ROWS_DOT_ROWS_MIN_M)
+    SKINNY_MIN_WEIGHTS = values.get("skinny_min_weights", SKINNY_MIN_WEIGHTS)
+    classes = values.get("numpy_classes", NUMPY_CLASSES)
+    NUMPY_CLASSES = frozenset(str(name) for name in classes)
+
+
+def shape_class(pass_name, N, D, M, dtype):
+    """``"pass:path:dtype:size"``: the path this backend takes for the call and the bit length
+    of its multiply-adds (calls within a factor of two share a class)."""
+    if pass_name == "forward":
+        path = "gemv" if N == 1 else "gemm"
+    elif 0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS:
+        path = "skinny"
+    else:
+        path = "gemm"
+    return f"{pass_name}:{path}:{np.dtype(dtype).name}:{(N * D * M).bit_length()}"
 
 
 def unavailable_reason():
@@ -168,6 +212,9 @@ def _run_parallel(function, *args):
 
 
 if _IMPORT_ERROR is None:
+    from fastlinear import _profile
+
+    apply_profile(_profile.read_section(NAME, profile_key, PROFILE_SCHEMA))
     _note_openmp_owner()
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_note_openmp_owner)
@@ -181,6 +228,8 @@ def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
     # Written for the per-call overhead at tiny shapes: one dict lookup finds what to call.
     dtype = W.dtype
+    if NUMPY_CLASSES and shape_class("forward", *X.shape, W.shape[1], dtype) in NUMPY_CLASSES:
+        return _reference.forward(X, W, b, out, activation, preactivation)
     key = ("forward", dtype, b is not None, preactivation is not None)
     function, blas = _plans.get(key) or _plan(key)
     N, D = X.shape
@@ -202,6 +251,9 @@ def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=Non
     N, D = X.shape
     M = W.shape[1]
     dtype = W.dtype
+    if NUMPY_CLASSES and shape_class("backward", N, D, M, dtype) in NUMPY_CLASSES:
+        return _reference.backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
+                                   activation, saved)
     if not need_dX:
         dX = None
     elif dX is None:
