@@ -69,6 +69,16 @@ def cpu_key() -> dict[str, Any]:
             "isa": sorted(flag for flag in _ISA_FLAGS if flag in flags)}
 
 
+def library_version(name: str) -> str:
+    """The installed version of distribution ``name`` (``"unknown"`` when it has no metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _checksum(sections: Mapping[str, Any]) -> str:
     text = json.dumps(sections, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -46,16 +47,23 @@ SKINNY_SIDES = (128, 256, 512, 1024, 2048)
 HAND_OVER = 1.02
 
 
+# Seconds one comparison may take: large shapes get fewer rounds (never fewer than 3).
+COMPARISON_BUDGET = 3.0
+
+
 def _median_seconds(calls: list[Callable[[], Any]], rounds: int,
                     block_time: float) -> list[float]:
     """Median seconds per call of each of ``calls``, timed in interleaved blocks."""
     for call in calls:  # warm up (compile, caches), then size the blocks
         call()
-    counts = []
+    counts, round_seconds = [], 0.0
     for call in calls:
         start = time.perf_counter()
         call()
-        counts.append(max(1, int(block_time / max(time.perf_counter() - start, 1e-7))))
+        seconds = max(time.perf_counter() - start, 1e-7)
+        counts.append(max(1, int(block_time / seconds)))
+        round_seconds += counts[-1] * seconds
+    rounds = max(3, min(rounds, int(COMPARISON_BUDGET / round_seconds)))
     samples: list[list[float]] = [[] for _ in calls]
     for round_index in range(rounds):
         order = list(range(len(calls)))
@@ -202,12 +210,11 @@ def cupy_profile_key() -> dict[str, Any]:
     """What the cupy thresholds depend on: the GPU, CUDA and library versions."""
     import cupy
 
-    from fastlinear import __version__
     from fastlinear.info import device_name
 
     device = cupy.cuda.runtime.getDevice()
     return {"gpu": device_name(cupy, device), "cuda": cupy.cuda.runtime.runtimeGetVersion(),
-            "cupy": cupy.__version__, "fastlinear": __version__}
+            "cupy": cupy.__version__, "fastlinear": _profile.library_version("fastlinear")}
 
 
 def ratio_table(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...],
@@ -274,7 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         _profile.write_section("cupy", cupy[0], cupy[1], path)
     table = ratio_table(shapes, grid.DTYPES, rounds, block_time)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = _profile.cpu_key()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     header = [f"fastlinear tune, {stamp}, {time.perf_counter() - started:.0f} s",
+              f"machine: {cpu['cpu']} ({os.cpu_count()} cores; ISA {' '.join(cpu['isa'])}); "
+              f"load average at the end {' '.join(f'{x:.1f}' for x in load)}",
+              "ratios: medians of interleaved wall-clock blocks, numba backend's function "
+              "against the plain NumPy expression, the profile in force",
               f"profile: {path if path is not None else 'not stored (--quick)'}"]
     print("\n".join(header + table))
     if options.table:

@@ -3,8 +3,15 @@
 Shared helpers (tolerances, inputs, references) live in ``tests.helpers``.
 """
 
+import os
+
 import numpy as np
 import pytest
+
+# The tests pin the backends' default thresholds: a tuning profile in this user's cache
+# directory (python -m fastlinear tune) must not change which paths they take. Set before any
+# backend is imported; tests/test_tune.py turns it back on where it tests the profile.
+os.environ["FASTLINEAR_TUNE"] = "off"
 
 import fastlinear
 from tests.helpers import BACKEND_NAMES, backend_param, install_registry

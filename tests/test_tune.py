@@ -18,6 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = {"limit": int, "names": list}
 
 
+@pytest.fixture(autouse=True)
+def _profiles_on(monkeypatch):
+    """conftest turns profiles off for every other test."""
+    monkeypatch.delenv(_profile.ENV_VAR, raising=False)
+
+
 def key():
     return {"cpu": "test", "isa": ["avx2"]}
 

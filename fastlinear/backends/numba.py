@@ -94,12 +94,12 @@ PROFILE_SCHEMA = {"rows_dot_rows_max_work": int, "rows_dot_rows_min_m": int,
 
 def profile_key():
     """What the thresholds depend on: the CPU, the BLAS the kernels call, library versions."""
-    from fastlinear import __version__, _profile
+    from fastlinear import _profile
 
     blas = [{"api": c.internal_api, "version": c.version, "architecture": c.architecture}
             for c in _numba_blas.blas_thread_controllers()]
     return {**_profile.cpu_key(), "blas": blas, "numpy": np.__version__,
-            "numba": numba.__version__, "fastlinear": __version__}
+            "numba": numba.__version__, "fastlinear": _profile.library_version("fastlinear")}
 
 
 def apply_profile(values):
