@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune: nothing to measure on the CPU: {reason}", file=sys.stderr)
         return 1
     shapes = grid.QUICK_SHAPES if options.quick else grid.DEFAULT_SHAPES
-    rounds, block_time = (3, 0.005) if options.quick else (7, 0.03)
+    rounds, block_time = (3, 0.005) if options.quick else (15, 0.03)
 
     def log(line: str) -> None:
         print(line, flush=True)

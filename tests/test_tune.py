@@ -168,14 +168,28 @@ def test_a_handed_over_class_computes_the_same(name, monkeypatch, rng):
     X, W, b, dY = (rng.standard_normal(s) for s in ((6, 5), (5, 4), (4,), (6, 4)))
     expected = (fastlinear.linear_forward(X, W, b, backend="numba"),
                 fastlinear.linear_backward(dY, X, W, backend="numba"))
-    monkeypatch.setattr(nb, "NUMPY_CLASSES", frozenset(
-        {nb.shape_class("forward", 6, 5, 4, X.dtype), nb.shape_class("backward", 6, 5, 4,
-                                                                      X.dtype)}))
+    for attribute in ("NUMPY_CLASSES", "_numpy_keys"):
+        monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
+    nb.apply_profile({"numpy_classes": [nb.shape_class("forward", 6, 5, 4, X.dtype),
+                                        nb.shape_class("backward", 6, 5, 4, X.dtype)]})
+    reference = sys.modules["fastlinear.backends.numpy"]
+    monkeypatch.setattr(reference, "forward", counting(reference.forward))
+    monkeypatch.setattr(reference, "backward", counting(reference.backward))
     np.testing.assert_allclose(fastlinear.linear_forward(X, W, b, backend="numba"),
                                expected[0], rtol=1e-12)
     for got, want in zip(fastlinear.linear_backward(dY, X, W, backend="numba"), expected[1],
                          strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert reference.forward.calls == reference.backward.calls == 1  # NumPy's code ran
+
+
+def counting(function):
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return function(*args, **kwargs)
+
+    counted.calls = 0
+    return counted
 
 
 @pytest.mark.parametrize("name", [numba_param])
@@ -188,7 +202,8 @@ def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, c
     monkeypatch.setattr(grid, "DTYPES", ("float32",))
     monkeypatch.setattr(tune, "ROWS_PROBES", ((8, 16, 128),))
     monkeypatch.setattr(tune, "SKINNY_SIDES", (64, 128))
-    for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "SKINNY_MIN_WEIGHTS", "NUMPY_CLASSES"):
+    for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "SKINNY_MIN_WEIGHTS", "NUMPY_CLASSES",
+                      "_numpy_keys"):
         monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
     path = tmp_path / "profile.json"
     table = tmp_path / "table.txt"

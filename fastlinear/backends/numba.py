@@ -54,6 +54,7 @@ ROWS_DOT_ROWS_MIN_M = 96
 # Shape classes (``shape_class``) where ``tune`` measured NumPy's own expression faster than
 # this backend's kernels on this machine: calls of those classes run the NumPy reference.
 NUMPY_CLASSES: frozenset[str] = frozenset()
+_numpy_keys: frozenset[tuple] = frozenset()  # the same as _class_key tuples, for the calls
 # OpenBLAS's workers spin-wait for about this long after each call; a prange function started
 # in that window shares the cores with them and runs slower than on one thread. So the skinny
 # backward runs on the calling thread alone this soon after a skinny forward (a training step).
@@ -105,23 +106,34 @@ def profile_key():
 def apply_profile(values):
     """Put measured thresholds in force (names of ``PROFILE_SCHEMA``; the rest keep theirs)."""
     global ROWS_DOT_ROWS_MAX_WORK, ROWS_DOT_ROWS_MIN_M, SKINNY_MIN_WEIGHTS, NUMPY_CLASSES
+    global _numpy_keys
     ROWS_DOT_ROWS_MAX_WORK = values.get("rows_dot_rows_max_work", ROWS_DOT_ROWS_MAX_WORK)
     ROWS_DOT_ROWS_MIN_M = values.get("rows_dot_rows_min_m", ROWS_DOT_ROWS_MIN_M)
     SKINNY_MIN_WEIGHTS = values.get("skinny_min_weights", SKINNY_MIN_WEIGHTS)
-    classes = values.get("numpy_classes", NUMPY_CLASSES)
-    NUMPY_CLASSES = frozenset(str(name) for name in classes)
+    classes = frozenset(str(name) for name in values.get("numpy_classes", NUMPY_CLASSES))
+    keys = set()
+    for name in classes:
+        pass_name, path, dtype_name, bits = name.split(":")
+        keys.add((pass_name, path, np.dtype(dtype_name).char, int(bits)))
+    NUMPY_CLASSES, _numpy_keys = classes, frozenset(keys)
 
 
-def shape_class(pass_name, N, D, M, dtype):
-    """``"pass:path:dtype:size"``: the path this backend takes for the call and the bit length
-    of its multiply-adds (calls within a factor of two share a class)."""
+def _class_key(pass_name, N, D, M, dtype):
+    """``(pass, path, dtype char, bit length of the multiply-adds)``: calls of one path within a
+    factor of two of work share a class."""
     if pass_name == "forward":
         path = "gemv" if N == 1 else "gemm"
     elif 0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS:
         path = "skinny"
     else:
         path = "gemm"
-    return f"{pass_name}:{path}:{np.dtype(dtype).name}:{(N * D * M).bit_length()}"
+    return pass_name, path, np.dtype(dtype).char, (N * D * M).bit_length()
+
+
+def shape_class(pass_name, N, D, M, dtype):
+    """``"pass:path:dtype:size"``, the class of a call as the profile names it."""
+    pass_name, path, char, bits = _class_key(pass_name, N, D, M, dtype)
+    return f"{pass_name}:{path}:{np.dtype(char).name}:{bits}"
 
 
 def unavailable_reason():
@@ -228,7 +240,7 @@ def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
     # Written for the per-call overhead at tiny shapes: one dict lookup finds what to call.
     dtype = W.dtype
-    if NUMPY_CLASSES and shape_class("forward", *X.shape, W.shape[1], dtype) in NUMPY_CLASSES:
+    if _numpy_keys and _class_key("forward", *X.shape, W.shape[1], dtype) in _numpy_keys:
         return _reference.forward(X, W, b, out, activation, preactivation)
     key = ("forward", dtype, b is not None, preactivation is not None)
     function, blas = _plans.get(key) or _plan(key)
@@ -251,7 +263,7 @@ def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=Non
     N, D = X.shape
     M = W.shape[1]
     dtype = W.dtype
-    if NUMPY_CLASSES and shape_class("backward", N, D, M, dtype) in NUMPY_CLASSES:
+    if _numpy_keys and _class_key("backward", N, D, M, dtype) in _numpy_keys:
         return _reference.backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
                                    activation, saved)
     if not need_dX:
