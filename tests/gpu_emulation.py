@@ -119,23 +119,34 @@ def build_host_kernels(directory):
 
 
 class HostKernel:
-    """Stands in for a ``cupy.RawKernel``: ``kernel(grid, block, args)`` runs it on the CPU."""
+    """Stands in for a ``cupy.RawKernel``: ``kernel(grid, block, args)`` runs it on the CPU.
+
+    Each argument is held to the kernel's ``KERNEL_SIGNATURES`` entry as CuPy would pass it:
+    "ptr" an array, "i64" a Python int or ``np.int64`` (CuPy passes Python ints as 64-bit),
+    "i32" exactly an ``np.int32`` (a Python int there would be read as the wrong width on a GPU).
+    """
 
     def __init__(self, host, name):
         self.host, self.name = host, name
+        self.signature = cupy_launch.KERNEL_SIGNATURES[name.rpartition("_")[0]]
 
     def __call__(self, grid, block, args):
         assert grid[2] == 1 and block[2] == 1 and block[0] * block[1] <= 1024
+        assert isinstance(args, tuple), f"{self.name}: CuPy takes the arguments as a tuple"
+        assert len(args) == len(self.signature), (
+            f"{self.name} takes {len(self.signature)} arguments, got {len(args)}")
         holders = []
-        for value in args:
-            if isinstance(value, np.ndarray):
+        for index, (kind, value) in enumerate(zip(self.signature, args, strict=True)):
+            where = f"{self.name} argument {index} ({kind})"
+            if kind == "ptr":
+                assert isinstance(value, np.ndarray), f"{where}: got {type(value)}"
                 holders.append(ctypes.c_void_p(value.ctypes.data))
-            elif isinstance(value, np.int64):
+            elif kind == "i64":
+                assert type(value) in (int, np.int64), f"{where}: got {type(value)}"
                 holders.append(ctypes.c_longlong(int(value)))
-            elif isinstance(value, np.int32):
-                holders.append(ctypes.c_int(int(value)))
             else:
-                raise TypeError(f"{self.name}: argument of type {type(value)}")
+                assert type(value) is np.int32, f"{where}: got {type(value)}"
+                holders.append(ctypes.c_int(int(value)))
         pointers = (ctypes.c_void_p * len(holders))(
             *[ctypes.cast(ctypes.pointer(holder), ctypes.c_void_p) for holder in holders])
         status = self.host.emulate_launch(self.name.encode(), grid[0], grid[1], block[0],

@@ -6,6 +6,7 @@ helpers that decide cuBLAS arguments, forward paths and launch shapes (the cuBLA
 checked by an emulation of cuBLAS's column-major GEMM on NumPy buffers).
 """
 
+import dataclasses
 import math
 import pathlib
 import sys
@@ -111,15 +112,16 @@ class _DeviceArray:
 
 
 def test_call_runs_on_the_device_of_its_arrays():
-    arrays = (("X", _DeviceArray(1)), ("W", _DeviceArray(1)), ("b", None),
-              ("out", np.empty(2)))
-    assert cupy_backend._call_device(arrays) == 1
-    assert cupy_backend._call_device((("X", np.empty(2)), ("W", None))) is None
+    names = ("X", "W", "b", "out")
+    arrays = (_DeviceArray(1), _DeviceArray(1), None, np.empty(2))
+    assert cupy_backend._call_device(names, arrays) == 1
+    assert cupy_backend._call_device(("X", "W"), (np.empty(2), None)) is None
 
 
 def test_arrays_on_two_devices_are_refused_naming_each():
-    with pytest.raises(ValueError, match="X on device 0, W on device 1"):
-        cupy_backend._call_device((("X", _DeviceArray(0)), ("W", _DeviceArray(1))))
+    with pytest.raises(ValueError, match="X on device 0, W on device 1, out on device 1"):
+        cupy_backend._call_device(("X", "W", "b", "out"),
+                                  (_DeviceArray(0), _DeviceArray(1), None, _DeviceArray(1)))
 
 
 def test_reason_says_no_cuda_device(monkeypatch):
@@ -213,11 +215,21 @@ def test_blas_layout(layout, expected):
     assert cupy_launch.blas_layout(a.shape, a.strides, a.itemsize) == expected
 
 
-def test_forward_path_rule():
-    small = cupy_launch.SMALL_BATCH_MAX_ROWS
+@pytest.fixture
+def default_thresholds():
+    """The path rule's default thresholds, restored after the test whatever it applied."""
+    previous = cupy_launch.current_thresholds()
+    cupy_launch.apply_thresholds(None)
+    yield cupy_launch.DEFAULT_THRESHOLDS
+    cupy_launch.apply_thresholds(previous)
+
+
+def test_forward_path_rule(default_thresholds):
+    small = default_thresholds.small_batch_max_rows
     rule = cupy_launch.forward_path
-    assert rule(1, 8192, 8192, True, 132) == "small_batch"
+    assert rule(1, 8192, 8192, True, 132) == "small_batch"  # a GEMV filling the GPU
     assert rule(small, 4096, 4096, True, 132) == "small_batch"
+    assert rule(small, 64, 32, True, 132) == "small_batch"  # one block, short D
     assert rule(1, 8192, 8192, False, 132) == "cublas"
     assert rule(small + 1, 64, 64, True, 132) == "tiled"
     assert rule(32, 64, 128, True, 132) == "tiled"  # the demo's layer: few blocks, short D
@@ -228,12 +240,51 @@ def test_forward_path_rule():
             pass
 
 
-@pytest.mark.parametrize("n, d, m", [(1, 2**18, 1), (8, 2**16, 32), (9, 2**18, 1),
-                                     (64, 2**12 + 1, 8)])
-def test_forward_path_sends_long_thin_shapes_to_cublas(n, d, m):
-    """Neither kernel splits D: a few blocks walking a long D would leave the GPU idle (issue
-    12's speed cliff), so such shapes go to cuBLAS, which splits it."""
+@pytest.mark.parametrize("n, d, m", [(16, 2048, 128), (32, 2048, 64), (8, 2048, 32),
+                                     (64, 512, 64), (1, 2**18, 1), (8, 2**16, 32),
+                                     (9, 2**18, 1), (64, 2**12 + 1, 8)])
+def test_forward_path_sends_long_inner_dimensions_to_cublas(default_thresholds, n, d, m):
+    """Neither kernel splits D or prefetches along it: a few blocks walking a long D wait a
+    global round trip per step (issue 19's cliff, ~40-100 us at D = 2048), so such shapes go to
+    cuBLAS, which splits D."""
+    assert d > default_thresholds.own_kernel_max_inner
     assert cupy_launch.forward_path(n, d, m, True, 132) == "cublas"
+
+
+@pytest.mark.parametrize("n, d, m", [(1, 64, 64), (8, 256, 32), (32, 64, 128), (256, 128, 64)])
+def test_forward_path_sends_column_major_weights_to_cublas(default_thresholds, n, d, m):
+    """Both kernels read rows of W with adjacent threads: a column-major W would be read
+    uncoalesced, so only cuBLAS (which transposes in its loads) takes it."""
+    assert cupy_launch.forward_path(n, d, m, True, 132) != "cublas"
+    assert cupy_launch.forward_path(n, d, m, False, 132) == "cublas"
+
+
+def test_thresholds_move_the_rule_and_restore(default_thresholds):
+    rule = cupy_launch.forward_path
+    assert rule(16, 2048, 128, True, 132) == "cublas"
+    applied = cupy_launch.apply_thresholds({"own_kernel_max_inner": 4096})
+    assert applied == {**dataclasses.asdict(default_thresholds), "own_kernel_max_inner": 4096}
+    assert cupy_launch.current_thresholds() == applied
+    assert rule(16, 2048, 128, True, 132) == "tiled"
+    cupy_launch.apply_thresholds({"small_batch_max_rows": 16, "tiled_max_work": 1})
+    assert cupy_launch.current_thresholds()["own_kernel_max_inner"] == 256  # back to default
+    assert rule(16, 64, 64, True, 132) == "small_batch"
+    assert rule(17, 64, 64, True, 132) == "cublas"
+    assert cupy_launch.apply_thresholds(None) == dataclasses.asdict(default_thresholds)
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"own_kernel_max_inner": 0}, "must be a positive int, got 0"),
+    ({"tiled_max_work": 2.5}, "must be a positive int, got 2.5"),
+    ({"small_batch_max_rows": True}, "must be a positive int, got True"),
+    ({"own_kernel_max_inner": 64, "tile_rows": 32}, r"unknown cupy path threshold\(s\) "
+                                                    r"\['tile_rows'\]")])
+def test_bad_thresholds_are_refused_and_change_nothing(default_thresholds, values, match):
+    cupy_launch.apply_thresholds({"tiled_max_work": 1000})
+    before = cupy_launch.current_thresholds()
+    with pytest.raises(ValueError, match=match):
+        cupy_launch.apply_thresholds(values)
+    assert cupy_launch.current_thresholds() == before
 
 
 def test_gemm_chunks_cover_each_dimension_within_a_c_int():
@@ -279,8 +330,9 @@ def test_forward_launch_covers_the_output(n, m):
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
 def test_column_sum_launch_splits_rows_without_gaps(rows, cols, sm_count):
     grid, block, rows_per_split = cupy_launch.column_sum_launch(rows, cols, sm_count)
-    assert block == (32, 8, 1)
-    assert (grid[0] - 1) * 32 < cols <= grid[0] * 32
+    lanes = min(32, 1 << (cols - 1).bit_length())  # narrow dY: the other threads take rows
+    assert block == (lanes, 256 // lanes, 1)
+    assert (grid[0] - 1) * lanes < cols <= grid[0] * lanes
     splits = grid[1]
     assert 1 <= splits <= cupy_launch.MAX_GRID_Y
     assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split  # none empty, all rows
@@ -292,8 +344,10 @@ def test_column_sum_launch_splits_rows_without_gaps(rows, cols, sm_count):
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
 def test_rows_launch_covers_the_columns(rows, cols, sm_count):
     grid, block = cupy_launch.rows_launch(rows, cols, sm_count)
+    assert block[0] * block[1] == cupy_launch.BIAS_THREADS and block[2] == 1
+    assert block[0] == min(cupy_launch.BIAS_THREADS, 1 << (cols - 1).bit_length())
     assert (grid[0] - 1) * block[0] < cols <= grid[0] * block[0]
-    assert 1 <= grid[1] <= min(rows, cupy_launch.MAX_GRID_Y)
+    assert 1 <= grid[1] <= min(math.ceil(rows / block[1]), cupy_launch.MAX_GRID_Y)
 
 
 def test_kernel_source_prefixes_each_file_with_its_line_directive(tmp_path):

@@ -8,6 +8,8 @@ every activation on every path against ``fastlinear.activations``' NumPy referen
 covered here: CuPy and cuBLAS themselves, NVRTC, and blocks running concurrently.
 """
 
+import types
+
 import numpy as np
 import pytest
 
@@ -38,7 +40,10 @@ def host_kernels(tmp_path_factory):
 
 
 class NumpyAsCupy:
-    """NumPy under the name of CuPy: the few functions the backend calls, ``asnumpy`` included."""
+    """NumPy under the name of CuPy: the few functions the backend calls, ``asnumpy`` included,
+    and one current stream."""
+
+    cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(ptr=0))
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -58,6 +63,7 @@ def _emulate(monkeypatch, host):
     monkeypatch.setattr(cupy_backend, "_device_id", lambda: 0)
     monkeypatch.setattr(cupy_backend, "_sm_count", lambda device_id: 4)
     monkeypatch.setattr(cupy_backend, "_gemm_call", backend_gemm_call)
+    monkeypatch.setattr(cupy_backend, "_devices", {})  # fresh kernels, SM count and counters
     monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 4)  # split small inputs
     return cupy_backend
 
