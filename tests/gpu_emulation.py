@@ -80,14 +80,13 @@ def emulated_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc, beta=0.0):
 
 
 def backend_gemm_call(P, Q, C, beta):
-    """The backend's ``_gemm_call`` with cuBLAS replaced by ``emulated_gemm`` (NumPy arrays)."""
-    P, p_layout = cupy_backend._blas_operand(P)
-    Q, q_layout = cupy_backend._blas_operand(Q)
-    n, k = P.shape
-    m = Q.shape[1]
-    assert max(n, m, k) <= cupy_launch.GEMM_MAX_DIM, "a GEMM dimension beyond a C int"
-    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_launch.gemm_arguments(p_layout, q_layout,
-                                                                           n, m, k)
+    """The backend's ``_gemm_call`` with cuBLAS replaced by ``emulated_gemm`` (NumPy arrays):
+    the backend's own plan (``_gemm_plan``: which operand to copy, the cuBLAS arguments)."""
+    copy_p, copy_q, arguments = cupy_backend._gemm_plan(P, Q)
+    P = np.ascontiguousarray(P) if copy_p else P
+    Q = np.ascontiguousarray(Q) if copy_q else Q
+    transa, transb, m_, n_, k_, lda, ldb, ldc = arguments
+    assert max(m_, n_, k_) <= cupy_launch.GEMM_MAX_DIM, "a GEMM dimension beyond a C int"
     assert C.flags.c_contiguous
     emulated_gemm(transa, transb, m_, n_, k_, flat_from_first_element(Q), lda,
                   flat_from_first_element(P), ldb, C.reshape(-1), ldc, beta)

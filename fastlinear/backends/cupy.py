@@ -34,6 +34,7 @@ Kernels
 import contextlib
 import contextvars
 import functools
+import sys
 
 import numpy as np
 
@@ -126,9 +127,12 @@ def forced_forward_path(path):
 # are host constants made once.
 
 def _cupy():
-    import cupy
-
-    return cupy
+    """The cupy module (from ``sys.modules`` once imported: an import statement per use costs
+    more than the rest of a small call's host work)."""
+    module = sys.modules.get("cupy")
+    if module is None:
+        import cupy as module
+    return module
 
 
 @functools.cache
@@ -260,15 +264,6 @@ def _strided(array):
     return array, steps[0], steps[1]
 
 
-def _blas_operand(array):
-    """``(array, layout)`` readable by cuBLAS, copying to C order only when it must."""
-    layout = cupy_launch.blas_layout(array.shape, array.strides, array.itemsize)
-    if layout is None:
-        array = _cupy().ascontiguousarray(array)
-        layout = (True, max(array.shape[1], 1))
-    return array, layout
-
-
 def _gemm(P, Q, C, beta):
     """``C = P @ Q + beta * C`` (beta 0 or 1); C is C-contiguous, no dimension is zero.
 
@@ -305,8 +300,29 @@ def _host_scalars():
 
 
 _SCALAR_HOLDERS = []
-_GEMM_PLANS = _host_scalars()
+_HOST_SCALARS = _host_scalars()
 _FLOAT16 = np.dtype(np.float16)
+_POINTER_MODE_HOST = 0  # CUBLAS_POINTER_MODE_HOST (cublas_api.h)
+_NO_REDUCTION = cupy_launch.CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
+_GEMM_ALGORITHM = cupy_launch.CUBLAS_GEMM_DEFAULT
+
+
+def _gemm_plan(P, Q):
+    """``(copy_p, copy_q, cuBLAS arguments)`` of ``C = P @ Q``: which operand must be copied to
+    C order first (one cuBLAS cannot read in place), and ``gemm_arguments`` for what it reads."""
+    p_layout = cupy_launch.blas_layout(P.shape, P.strides, P.itemsize)
+    q_layout = cupy_launch.blas_layout(Q.shape, Q.strides, Q.itemsize)
+    n, k = P.shape
+    m = Q.shape[1]
+    arguments = gemm_arguments(p_layout or (True, max(k, 1)), q_layout or (True, max(m, 1)),
+                               n, m, k)
+    return p_layout is None, q_layout is None, arguments
+
+
+# GEMM plans by the operands' shapes, strides and itemsize: a layer calls the same few shapes
+# again and again. Cleared when it grows past _GEMM_PLANS_MAX entries.
+_gemm_plans = {}
+_GEMM_PLANS_MAX = 1024
 
 
 def _gemm_call(P, Q, C, beta):
@@ -316,33 +332,34 @@ def _gemm_call(P, Q, C, beta):
     is not, and for float16 ``CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION`` is ORed into its
     math mode (else split-K partial sums may be reduced in float16); both are restored after.
     """
+    key = (P.shape, P.strides, Q.shape, Q.strides, P.itemsize)
+    plan = _gemm_plans.get(key)
+    if plan is None:
+        if len(_gemm_plans) >= _GEMM_PLANS_MAX:
+            _gemm_plans.clear()
+        plan = _gemm_plans[key] = _gemm_plan(P, Q)
+    copy_p, copy_q, (transa, transb, m, n, k, lda, ldb, ldc) = plan
+    if copy_p:
+        P = _cupy().ascontiguousarray(P)
+    if copy_q:
+        Q = _cupy().ascontiguousarray(Q)
+    data_type, compute_type, scalars = _HOST_SCALARS[C.dtype]
     cublas = _cublas()
-    P, p_layout = _blas_operand(P)
-    Q, q_layout = _blas_operand(Q)
-    n, k = P.shape
-    m = Q.shape[1]
-    transa, transb, m, n, k, lda, ldb, ldc = gemm_arguments(p_layout, q_layout, n, m, k)
-    data_type, compute_type, scalars = _GEMM_PLANS[C.dtype]
     handle = _cupy().cuda.device.get_cublas_handle()
     pointer_mode = cublas.getPointerMode(handle)
-    if pointer_mode != cublas.CUBLAS_POINTER_MODE_HOST:
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    math_mode = None
-    if C.dtype == _FLOAT16:
-        math_mode = cublas.getMathMode(handle)
-        if math_mode & cupy_launch.CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION:
-            math_mode = None  # already set: nothing to restore
-        else:
-            cublas.setMathMode(
-                handle, math_mode | cupy_launch.CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)
+    if pointer_mode != _POINTER_MODE_HOST:
+        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
+    math_mode = cublas.getMathMode(handle) if C.dtype == _FLOAT16 else _NO_REDUCTION
+    if not math_mode & _NO_REDUCTION:
+        cublas.setMathMode(handle, math_mode | _NO_REDUCTION)
     try:
         cublas.gemmEx(handle, transa, transb, m, n, k, scalars[1], Q.data.ptr, data_type, lda,
                       P.data.ptr, data_type, ldb, scalars[beta], C.data.ptr, data_type, ldc,
-                      compute_type, cupy_launch.CUBLAS_GEMM_DEFAULT)
+                      compute_type, _GEMM_ALGORITHM)
     finally:
-        if math_mode is not None:
+        if not math_mode & _NO_REDUCTION:
             cublas.setMathMode(handle, math_mode)
-        if pointer_mode != cublas.CUBLAS_POINTER_MODE_HOST:
+        if pointer_mode != _POINTER_MODE_HOST:
             cublas.setPointerMode(handle, pointer_mode)
 
 

@@ -183,9 +183,10 @@ def blas_layout(shape, strides, itemsize):
     beyond a C int) returns None and is copied before the GEMM.
     """
     rows, cols = shape
-    if any(stride % itemsize for stride in strides):
+    row_stride, col_stride = strides
+    if row_stride % itemsize or col_stride % itemsize:
         return None
-    row_step, col_step = (stride // itemsize for stride in strides)
+    row_step, col_step = row_stride // itemsize, col_stride // itemsize
     if (cols <= 1 or col_step == 1) and (rows <= 1 or row_step >= max(cols, 1)):
         leading = row_step if rows > 1 else max(cols, 1)
         return (True, leading) if leading <= GEMM_MAX_DIM else None
