@@ -37,7 +37,8 @@ class StubArray:
     """A cupy.ndarray as the backend sees it: shape, strides, dtype, a device pointer."""
 
     __module__ = "cupy._core.core"
-    __slots__ = ("shape", "strides", "dtype", "itemsize", "size", "ndim", "data", "device")
+    __slots__ = ("shape", "strides", "dtype", "itemsize", "size", "ndim", "data", "device",
+                 "_transpose")
 
     def __init__(self, shape, dtype, strides=None, ptr=4096, device=None):
         dtype = _DTYPES.get(dtype) or np.dtype(dtype)
@@ -49,11 +50,15 @@ class StubArray:
         self.itemsize, self.ndim, self.size = dtype.itemsize, len(shape), size
         self.data = _Pointer(ptr)
         self.device = device or _DEVICE_0
+        self._transpose = None
 
     @property
     def T(self):
-        return StubArray(self.shape[::-1], self.dtype, self.strides[::-1], self.data.ptr,
-                         self.device)
+        """The transposed view (made once per array: the stub should cost next to nothing)."""
+        if self._transpose is None:
+            self._transpose = StubArray(self.shape[::-1], self.dtype, self.strides[::-1],
+                                        self.data.ptr, self.device)
+        return self._transpose
 
     def __getitem__(self, key):
         """Basic slices with unit steps (the backend's GEMM chunks)."""
@@ -173,9 +178,17 @@ def install_cupy_stub():
     """Put the stub CuPy (and ``cupy_backends.cuda.libs.cublas``) into ``sys.modules``."""
     cupy = types.ModuleType("cupy")
     cupy.ndarray = StubArray
-    cupy.empty = lambda shape, dtype=np.float64, order="C": StubArray(
-        shape if isinstance(shape, tuple) else (shape,), dtype)
-    cupy.zeros = cupy.empty
+    made = {}
+
+    def empty(shape, dtype=np.float64, order="C"):
+        """A new array; the same record for the same shape and dtype (nothing reads its data)."""
+        array = made.get((shape, dtype))
+        if array is None:
+            array = made[(shape, dtype)] = StubArray(
+                shape if isinstance(shape, tuple) else (shape,), dtype)
+        return array
+
+    cupy.empty = cupy.zeros = empty
     cupy.asarray = lambda a, dtype=None: a if isinstance(a, StubArray) else StubArray(
         tuple(np.shape(a)), dtype or np.asarray(a).dtype)
     cupy.ascontiguousarray = lambda a: StubArray(a.shape, a.dtype)

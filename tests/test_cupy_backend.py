@@ -114,8 +114,9 @@ class _DeviceArray:
 def test_call_runs_on_the_device_of_its_arrays():
     names = ("X", "W", "b", "out")
     arrays = (_DeviceArray(1), _DeviceArray(1), None, np.empty(2))
-    assert cupy_backend._call_device(names, arrays) == 1
-    assert cupy_backend._call_device(("X", "W"), (np.empty(2), None)) is None
+    assert cupy_backend._call_device(names, arrays) == (1, True)
+    assert cupy_backend._call_device(names[:2], arrays[:2]) == (1, False)
+    assert cupy_backend._call_device(("X", "W"), (np.empty(2), None)) == (None, True)
 
 
 def test_arrays_on_two_devices_are_refused_naming_each():

@@ -212,13 +212,19 @@ def _is_host(array):
 
 
 def _call_device(names, arrays):
-    """The device id of the call's CuPy arrays (None when all are NumPy arrays or None).
+    """``(device id, any_host)``: the device of the call's CuPy arrays (None when there is none)
+    and whether any of ``arrays`` is a NumPy array (None entries are skipped).
 
-    Raises ValueError, naming each array's device, when they are on different devices.
+    Raises ValueError, naming each array's device, when the CuPy arrays are on different
+    devices.
     """
     device = None
+    any_host = False
     for array in arrays:
-        if array is None or isinstance(array, np.ndarray):
+        if array is None:
+            continue
+        if isinstance(array, np.ndarray):
+            any_host = True
             continue
         this = array.device.id
         if device is None:
@@ -230,7 +236,7 @@ def _call_device(names, arrays):
             raise ValueError(f"the CuPy arrays of one call must be on one device, got {where}; "
                              f"copy them to one device first (cupy.asarray inside "
                              f"`with cupy.cuda.Device(i):`)")
-    return device
+    return device, any_host
 
 
 _SAME_DEVICE = contextlib.nullcontext()
@@ -554,15 +560,17 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
     NumPy inputs are copied to the device; ``Y`` (and ``preactivation``) come back in the
     library of ``X``. The call runs on the device of its CuPy arrays.
     """
-    device = _call_device(_FORWARD_NAMES, (X, W, b, out, preactivation))
+    device, any_host = _call_device(_FORWARD_NAMES, (X, W, b, out, preactivation))
     with _on_device(device):
         state = _device_state(device)
+        if not any_host:
+            return _forward_device(X, W, b, out, activation, preactivation, state)
         Z = None
         if preactivation is not None:
             Z = _device_buffer(preactivation, False)
             if Z is None:
                 Z = _cupy().empty(preactivation.shape, dtype=preactivation.dtype)
-        Y = _forward_device(_to_device(X), _to_device(W), None if b is None else _to_device(b),
+        Y = _forward_device(_to_device(X), _to_device(W), _to_device(b),
                             _device_buffer(out, False), activation, Z, state)
         if preactivation is not None and _is_host(preactivation):
             _to_host(Z, preactivation)
@@ -578,13 +586,15 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
     ``db`` in the library of ``W`` (a layer's gradients stay where its parameters are). The call
     runs on the device of its CuPy arrays.
     """
-    device = _call_device(_BACKWARD_NAMES, (dY, X, W, saved, dX, dW, db))
+    device, any_host = _call_device(_BACKWARD_NAMES, (dY, X, W, saved, dX, dW, db))
     with _on_device(device):
         state = _device_state(device)
+        if not any_host:
+            return _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
+                                    activation, saved, state)
         dX_device, dW_device, db_device = _backward_device(
             _to_device(dY), _to_device(X), _to_device(W), has_bias, need_dX, accumulate,
             _device_buffer(dX, False), _device_buffer(dW, accumulate),
-            _device_buffer(db, accumulate), activation,
-            None if saved is None else _to_device(saved), state)
+            _device_buffer(db, accumulate), activation, _to_device(saved), state)
         return (_result(dX_device, _is_host(dY), dX), _result(dW_device, _is_host(W), dW),
                 _result(db_device, _is_host(W), db))
