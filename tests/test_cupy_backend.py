@@ -6,6 +6,7 @@ helpers that decide cuBLAS arguments, forward paths and launch shapes (the cuBLA
 checked by an emulation of cuBLAS's column-major GEMM on NumPy buffers).
 """
 
+import ctypes
 import dataclasses
 import math
 import pathlib
@@ -360,6 +361,122 @@ def test_kernel_source_prefixes_each_file_with_its_line_directive(tmp_path):
                                    f'#line 1 "{tmp_path}/odd \\"name\\".cu"', "int b;"]
     assert cupy_launch.kernel_source().startswith('#line 1 "')
     assert cupy_launch.kernel_source().rstrip().endswith("FASTLINEAR_KERNELS(f64, double)")
+
+
+# --- cuBLAS handle modes around a GEMM (no GPU needed) ------------------------------------------
+
+class _RecordingCublas:
+    """CuPy's cublas module as _gemm_call uses it: the handle's modes, and what gemmEx saw."""
+
+    CUBLAS_POINTER_MODE_HOST, CUBLAS_POINTER_MODE_DEVICE = 0, 1
+
+    def __init__(self, pointer_mode, math_mode, fail=False):
+        self.pointer_mode, self.math_mode, self.fail = pointer_mode, math_mode, fail
+        self.calls, self.gemms = [], []
+
+    def getPointerMode(self, handle):
+        self.calls.append("getPointerMode")
+        return self.pointer_mode
+
+    def setPointerMode(self, handle, mode):
+        self.calls.append("setPointerMode")
+        self.pointer_mode = mode
+
+    def getMathMode(self, handle):
+        self.calls.append("getMathMode")
+        return self.math_mode
+
+    def setMathMode(self, handle, mode):
+        self.calls.append("setMathMode")
+        self.math_mode = mode
+
+    def gemmEx(self, *args):
+        self.calls.append("gemmEx")
+        self.gemms.append((self.pointer_mode, self.math_mode, args))
+        if self.fail:
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+
+
+class _DeviceMatrix:
+    """A cupy.ndarray as _gemm_call reads it: shape, strides, dtype and a device pointer."""
+
+    def __init__(self, shape, dtype, order="C", ptr=0x1000):
+        layout = np.empty(shape, dtype, order=order)
+        self.shape, self.strides, self.itemsize = layout.shape, layout.strides, layout.itemsize
+        self.dtype, self.data = layout.dtype, types.SimpleNamespace(ptr=ptr)
+
+
+def _host_scalar(pointer, dtype):
+    return np.frombuffer((ctypes.c_char * np.dtype(dtype).itemsize).from_address(pointer),
+                         dtype)[0]
+
+
+@pytest.fixture
+def recording_cublas(monkeypatch):
+    def install(pointer_mode, math_mode, fail=False):
+        cublas = _RecordingCublas(pointer_mode, math_mode, fail)
+        fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+            device=types.SimpleNamespace(get_cublas_handle=lambda: 7)))
+        monkeypatch.setattr(cupy_backend, "_cublas", lambda: cublas)
+        monkeypatch.setattr(cupy_backend, "_cupy", lambda: fake_cupy)
+        return cublas
+    return install
+
+
+NO_REDUCTION = cupy_launch.CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("pointer_mode", [0, 1])
+@pytest.mark.parametrize("math_mode", [0, 1, NO_REDUCTION, NO_REDUCTION | 1])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_gemm_sets_the_modes_it_needs_and_restores_them(recording_cublas, dtype, pointer_mode,
+                                                        math_mode, beta):
+    """Host pointer mode for the host alpha/beta; for float16 (only) the math mode gains
+    CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION, so split-K sums stay float32 (issue 19);
+    both come back as they were, and a handle already right is not touched."""
+    cublas = recording_cublas(pointer_mode, math_mode)
+    P, Q, C = (_DeviceMatrix(shape, dtype) for shape in ((5, 3), (3, 4), (5, 4)))
+    cupy_backend._gemm_call(P, Q, C, beta)
+    ((pointer_during, math_during, args),) = cublas.gemms
+    assert pointer_during == 0
+    if np.dtype(dtype) == np.float16:
+        assert math_during == math_mode | NO_REDUCTION
+    else:
+        assert math_during == math_mode and "getMathMode" not in cublas.calls
+    assert (cublas.pointer_mode, cublas.math_mode) == (pointer_mode, math_mode)
+    touched = [call for call in cublas.calls if call.startswith("set")]
+    expected = 2 * (pointer_mode != 0) + 2 * (np.dtype(dtype) == np.float16
+                                              and not math_mode & NO_REDUCTION)
+    assert len(touched) == expected, cublas.calls
+    scalar = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    data_type, compute_type, _ = cupy_launch.GEMM_TYPES[np.dtype(dtype)]
+    assert args[0] == 7 and args[3:6] == (4, 5, 3)  # handle; cuBLAS's m, n, k of C.T = Q.T P.T
+    assert _host_scalar(args[6], scalar) == 1 and _host_scalar(args[13], scalar) == beta
+    assert (args[8], args[11], args[15], args[17]) == (data_type,) * 3 + (compute_type,)
+
+
+def test_gemm_restores_the_modes_when_cublas_fails(recording_cublas):
+    cublas = recording_cublas(1, 0, fail=True)
+    P, Q, C = (_DeviceMatrix(shape, np.float16) for shape in ((5, 3), (3, 4), (5, 4)))
+    with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
+        cupy_backend._gemm_call(P, Q, C, 0)
+    assert (cublas.pointer_mode, cublas.math_mode) == (1, 0)
+
+
+def test_gemm_plans_are_cached_by_layout(recording_cublas, monkeypatch):
+    """The second GEMM of the same operand layouts reuses the plan: same cuBLAS arguments."""
+    monkeypatch.setattr(cupy_backend, "_gemm_plans", {})
+    cublas = recording_cublas(0, 0)
+    P, Q, C = _DeviceMatrix((6, 3), np.float32, "F"), _DeviceMatrix((3, 4), np.float32), \
+        _DeviceMatrix((6, 4), np.float32)
+    cupy_backend._gemm_call(P, Q, C, 0)
+    cupy_backend._gemm_call(P, Q, C, 1)
+    assert len(cupy_backend._gemm_plans) == 1
+    first, second = (args for _, _, args in cublas.gemms)
+    assert first[:6] == second[:6] == (7, cupy_launch.CUBLAS_OP_N, cupy_launch.CUBLAS_OP_T,
+                                       4, 6, 3)
+    assert (first[9], first[12], first[16]) == (4, 6, 4)  # lda, ldb, ldc
 
 
 # --- on the GPU --------------------------------------------------------------------------------

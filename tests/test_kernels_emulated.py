@@ -143,6 +143,67 @@ def test_public_functions_round_trip_host_arrays(backend, rng):
     assert_matches(db, "db", reference, np.float32, "db", previous=db0)
 
 
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 13])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_narrow_outputs_put_the_spare_threads_on_rows(backend, rng, M, dtype):
+    """M < 32 (issue 19): the row passes and the column sums take blocks of fewer column lanes
+    and more row lanes; every element is still written once and every row summed once (with
+    row splits: COLSUM_MIN_ROWS_PER_SPLIT is 4 here)."""
+    N, D = 70, 9
+    grid, block = cupy_launch.rows_launch(N, M, 4)
+    assert block[0] < cupy_launch.BIAS_THREADS and block[0] * block[1] == 256
+    grid, block, _ = cupy_launch.column_sum_launch(N, M, 4)
+    assert block[0] < 32 and block[1] > 8 and grid[1] > 1
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    reference = reference64(X, W, b, dY)
+    with backend.forced_forward_path("cublas"):  # fill_rows_with_bias, then the GEMM
+        Y = backend._forward_device(X, W, b, None)
+    assert_matches(Y, "Y", reference, dtype, f"Y, M={M}")
+    act_reference, saved = activation_reference(X, W, b, dY, "tanh", dtype)
+    Z = np.full((N, M), np.nan, dtype)
+    with backend.forced_forward_path("cublas"):  # bias_activation_epilogue
+        Y = backend._forward_device(X, W, b, None, "relu", Z)
+    assert_within(Z, *act_reference["Z"], f"Z, M={M}")
+    db0 = rng.standard_normal(M).astype(dtype)
+    results = backend._backward_device(dY, X, W, True, True, True, None,
+                                       np.zeros((D, M), dtype), db0.copy())
+    assert_matches(results[2], "db", reference, dtype, f"db, M={M}", previous=db0)
+    dX, dW, db = backend._backward_device(dY, X, W, True, True, False, None, None, None, "tanh",
+                                          saved)
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        assert_within(value, *act_reference[name], f"tanh {name}, M={M}")
+
+
+def test_tile_counters_are_one_zeroed_buffer_per_stream(backend, rng):
+    """The last block of each column tile sets its counter back to 0, so split column sums
+    reuse one buffer (no fresh zeros per call); it grows when a launch needs more tiles."""
+    state = backend._device_state()
+    buffers = []
+    for cols in (40, 40, 33, 200):
+        dY = rng.standard_normal((70, cols))
+        db = np.empty(cols)
+        backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
+        np.testing.assert_allclose(db, dY.sum(0), rtol=1e-13)
+        (counters,) = state.counters.values()  # one stream
+        assert counters.dtype == np.uint32 and not counters.any()
+        assert counters.size >= cupy_launch.column_sum_launch(70, cols, 4)[0][0]
+        buffers.append(counters)
+    assert buffers[0] is buffers[1] is buffers[2]  # 2 tiles, then 2 again
+    assert buffers[3] is not buffers[0] and buffers[3].size >= 7  # 200 columns: 7 tiles
+
+
+def test_kernels_are_looked_up_once_per_device_name_and_dtype(backend, rng, monkeypatch):
+    looked_up = []
+    kernel = backend._kernel
+    monkeypatch.setattr(backend, "_kernel",
+                        lambda name, device: looked_up.append(name) or kernel(name, device))
+    for dtype in (np.float32, np.float32, np.float64):
+        X, W, b, dY = make_inputs(rng, 9, 17, 65, dtype)
+        with backend.forced_forward_path("tiled"):
+            backend._forward_device(X, W, b, None)
+    assert looked_up == ["linear_forward_tiled_f32", "linear_forward_tiled_f64"]
+
+
 # --- fused activations -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("N, D, M", [(3, 40, 33), (70, 17, 65)])
