@@ -871,9 +871,28 @@ def test_every_path_keeps_float32_subnormals_as_cublas(cp):
         assert np.array_equal(results[path], results["cublas"]), path
 
 
+# compute-sanitizer's tools and the smoke run each gets: racecheck instruments every kernel it
+# sees, so it runs fastlinear's kernels alone (no cuBLAS); memcheck runs every path.
+SANITIZER_RUNS = {"memcheck": (), "racecheck": ("--own-kernels-only",)}
+SANITIZER_TIMEOUT_S = 120  # each; a GPU session has 600 s per command and 15 min in all
+
+
+def sanitizer_command(tool, sanitizer="compute-sanitizer", python=sys.executable):
+    """The command line of one sanitizer run of tests/gpu_sanitizer_smoke.py."""
+    script = pathlib.Path(__file__).with_name("gpu_sanitizer_smoke.py")
+    return [sanitizer, "--tool", tool, "--error-exitcode", "1", python, str(script),
+            *SANITIZER_RUNS[tool]]
+
+
+def test_sanitizer_runs_fit_a_gpu_session():
+    assert 2 * SANITIZER_TIMEOUT_S <= 300
+    assert "--own-kernels-only" in sanitizer_command("racecheck")
+    assert "--own-kernels-only" not in sanitizer_command("memcheck")
+
+
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.parametrize("tool", sorted(SANITIZER_RUNS))
 def test_kernels_are_clean_under_compute_sanitizer(tool):
     import shutil
     import subprocess
@@ -881,8 +900,7 @@ def test_kernels_are_clean_under_compute_sanitizer(tool):
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH")
-    script = pathlib.Path(__file__).with_name("gpu_sanitizer_smoke.py")
-    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable,
-                             str(script)], capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(sanitizer_command(tool, sanitizer), capture_output=True, text=True,
+                            timeout=SANITIZER_TIMEOUT_S)
     assert result.returncode == 0 and "smoke ok" in result.stdout, (
         result.stdout[-4000:] + result.stderr[-4000:])

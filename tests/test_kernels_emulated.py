@@ -403,3 +403,17 @@ def test_check_command_passes_the_emulated_kernels_in_float16(backend, monkeypat
     status = check.run(["cupy"])
     out = capsys.readouterr().out
     assert status == 0 and "cupy     emulated                 float16" in out, out
+
+
+def test_sanitizer_smoke_script_runs_on_the_emulated_kernels(backend, rng, monkeypatch):
+    """tests/gpu_sanitizer_smoke.py's two parts, on NumPy: every launcher call it makes is valid
+    (argument types checked by HostKernel), so a sanitizer run on a GPU fails only on a fault."""
+    from fastlinear import _dispatch
+    from tests import gpu_sanitizer_smoke as smoke
+
+    monkeypatch.setattr(smoke, "DTYPES", (np.float16,))  # a few cases only: CPU time
+    monkeypatch.setattr(smoke, "SHAPES", smoke.SHAPES[1:])
+    monkeypatch.setattr(smoke, "ACTIVATION_NAMES", (None, "gelu"))
+    assert smoke.own_kernel_launches(np, rng) == 1 * 2 * 2 * 5
+    monkeypatch.setitem(_dispatch._modules, "cupy", backend)
+    assert smoke.public_calls(np, rng) > 0
