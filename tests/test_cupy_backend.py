@@ -363,6 +363,97 @@ def test_kernel_source_prefixes_each_file_with_its_line_directive(tmp_path):
     assert cupy_launch.kernel_source().rstrip().endswith("FASTLINEAR_KERNELS(f64, double)")
 
 
+# --- allocations on the device of the call's arrays (issue 19: no GPU needed) ------------------
+
+class _OnDevice(np.ndarray):
+    """A NumPy array posing as a CuPy array on one of two devices (its library is "cupy")."""
+
+    __module__ = "cupy._core.core"
+
+    def __array_finalize__(self, obj):
+        self.device_id = getattr(obj, "device_id", _TwoDeviceCupy.current)
+
+    @property
+    def device(self):
+        return _TwoDeviceCupy.Device(self.device_id)
+
+
+class _TwoDeviceCupy(types.ModuleType):
+    """The allocation functions of CuPy on a machine of two devices: new arrays land on the
+    current device, which ``Device(i)`` sets inside a ``with`` block."""
+
+    current = 0
+
+    class Device:
+        def __init__(self, device_id):
+            self.id = device_id
+
+        def __enter__(self):
+            self.previous, _TwoDeviceCupy.current = _TwoDeviceCupy.current, self.id
+            return self
+
+        def __exit__(self, *exc):
+            _TwoDeviceCupy.current = self.previous
+            return False
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype).view(_OnDevice)
+
+    @staticmethod
+    def full(shape, value, dtype):
+        return np.full(shape, np.asarray(value), dtype).view(_OnDevice)
+
+
+@pytest.fixture
+def two_devices(monkeypatch):
+    """CuPy with device 0 current; ``on(i, array)`` puts a copy of ``array`` on device i."""
+    monkeypatch.setitem(sys.modules, "cupy", _TwoDeviceCupy("cupy"))
+    monkeypatch.setattr(_TwoDeviceCupy, "current", 0)
+
+    def on(device_id, array):
+        with _TwoDeviceCupy.Device(device_id):
+            return np.asarray(array).copy().view(_OnDevice)
+    return on
+
+
+def test_helpers_allocate_on_the_device_of_the_array(two_devices):
+    from fastlinear import _arrays
+
+    X = two_devices(1, np.ones((2, 3)))
+    assert X.device_id == 1 and _TwoDeviceCupy.current == 0
+    assert _arrays.empty_like_device(X, (2, 4), np.dtype(np.float32)).device_id == 1
+    for b in (np.float32(2.0).reshape(1), np.float32(2.0).reshape(())):
+        bias = _arrays.as_bias(two_devices(1, b), 4, np.dtype(np.float32))
+        assert bias.device_id == 1 and bias.shape == (4,) and np.all(np.asarray(bias) == 2)
+    assert _TwoDeviceCupy.current == 0
+    assert type(_arrays.empty_like_device(np.ones(2), (3,), np.dtype(np.float64))) is np.ndarray
+
+
+def test_gelu_forward_saving_z_on_another_device(two_devices, monkeypatch):
+    """With GELU and return_saved the pre-activation buffer and a (1,) bias broadcast are made
+    by fastlinear before the backend runs: on X's device (1), not the current one (0), so the
+    backend's one-device check passes (issue 19's multi-GPU crash)."""
+    from fastlinear import _dispatch
+
+    seen = {}
+
+    def forward(X, W, b, out, *, activation=None, preactivation=None):
+        seen.update(X=X.device_id, b=b.device_id, Z=preactivation.device_id)
+        preactivation[...] = 0.5
+        return _TwoDeviceCupy.full((X.shape[0], W.shape[1]), 1.0, X.dtype)
+
+    fake = types.SimpleNamespace(NAME="cupy", DTYPES=cupy_backend.DTYPES,
+                                 ARRAY_LIBRARIES=("cupy",), forward=forward)
+    monkeypatch.setitem(_dispatch._modules, "cupy", fake)
+    X, W = two_devices(1, np.ones((2, 3), np.float32)), two_devices(1, np.ones((3, 4), np.float32))
+    b = two_devices(1, np.float32(0.5).reshape(1))
+    Y, Z = fastlinear.linear_forward(X, W, b, activation="gelu", backend="cupy",
+                                     return_saved=True)
+    assert seen == {"X": 1, "b": 1, "Z": 1} and Z.device_id == 1
+    assert np.all(np.asarray(Z) == 0.5) and Y.shape == (2, 4)
+
+
 # --- cuBLAS handle modes around a GEMM (no GPU needed) ------------------------------------------
 
 class _RecordingCublas:
