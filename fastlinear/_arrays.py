@@ -20,9 +20,11 @@ import numpy as np
 __all__ = ["library", "to_native", "result_dtype", "cast", "namespace", "as_bias", "check_weight",
            "check_backend_dtype", "on_device_of", "empty_like_device"]
 
-# DLPack device types (dlpack.h): host memory, CUDA memory, pinned and managed CUDA memory.
-_DLPACK_CPU = 1
-_DLPACK_CUDA = (2, 3, 13)
+# DLPack device types (dlpack.h). Host memory: kDLCPU (1) and CUDA's pinned host memory,
+# kDLCUDAHost (3), which NumPy reads and cupy.from_dlpack refuses. CUDA memory: kDLCUDA (2) and
+# managed memory, kDLCUDAManaged (13).
+_DLPACK_HOST = (1, 3)
+_DLPACK_CUDA = (2, 13)
 CASTING_RULES = ("no", "equiv", "safe", "same_kind", "unsafe")
 
 # A converter that gives a NumPy/CuPy result back in the caller's library (None: as it is).
@@ -99,7 +101,7 @@ def to_native(x: Any, name: str, *, scalar_ok: bool = False) -> tuple[Any, Conve
 def _from_dlpack(x: Any, name: str) -> Any:
     """``x``'s memory as a NumPy array (host) or CuPy array (CUDA), without a copy."""
     device_type = int(x.__dlpack_device__()[0])
-    if device_type == _DLPACK_CPU:
+    if device_type in _DLPACK_HOST:
         module_name = "numpy"
     elif device_type in _DLPACK_CUDA:
         module_name = "cupy"
