@@ -94,7 +94,7 @@ class _Pointer:
         self.ptr = ptr
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _contiguous(shape, itemsize):
     """``(strides, size)`` of a C-ordered array (cached: the stub should cost next to nothing)."""
     strides, step = [], itemsize

@@ -194,7 +194,7 @@ class _Device:
         return buffer
 
 
-_devices = {}
+_devices: dict[int, _Device] = {}
 
 
 def _device_state(device_id=None):
@@ -305,7 +305,7 @@ def _host_scalars():
     return plans
 
 
-_SCALAR_HOLDERS = []
+_SCALAR_HOLDERS: list[np.ndarray] = []
 _HOST_SCALARS = _host_scalars()
 _FLOAT16 = np.dtype(np.float16)
 _POINTER_MODE_HOST = 0  # CUBLAS_POINTER_MODE_HOST (cublas_api.h)
@@ -327,7 +327,7 @@ def _gemm_plan(P, Q):
 
 # GEMM plans by the operands' shapes, strides and itemsize: a layer calls the same few shapes
 # again and again. Cleared when it grows past _GEMM_PLANS_MAX entries.
-_gemm_plans = {}
+_gemm_plans: dict[tuple, tuple] = {}
 _GEMM_PLANS_MAX = 1024
 
 
