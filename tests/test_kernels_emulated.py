@@ -192,6 +192,23 @@ def test_tile_counters_are_one_zeroed_buffer_per_stream(backend, rng):
     assert buffers[3] is not buffers[0] and buffers[3].size >= 7  # 200 columns: 7 tiles
 
 
+def test_tile_counters_keep_a_few_streams(backend, rng, monkeypatch):
+    """One counter buffer per stream, the oldest forgotten past _MAX_COUNTER_STREAMS (a loop
+    that makes a stream per step must not grow the dict without end)."""
+    monkeypatch.setattr(backend, "_MAX_COUNTER_STREAMS", 2)
+    current = types.SimpleNamespace(ptr=0)
+    monkeypatch.setattr(NumpyAsCupy, "cuda",
+                        types.SimpleNamespace(get_current_stream=lambda: current))
+    state = backend._device_state()
+    dY = rng.standard_normal((70, 40))
+    for stream in (11, 22, 33, 22):
+        current.ptr = stream
+        db = np.empty(40)
+        backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
+        np.testing.assert_allclose(db, dY.sum(0), rtol=1e-13)
+    assert list(state.counters) == [22, 33]
+
+
 def test_kernels_are_looked_up_once_per_device_name_and_dtype(backend, rng, monkeypatch):
     looked_up = []
     kernel = backend._kernel

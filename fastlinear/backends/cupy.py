@@ -189,12 +189,17 @@ class _Device:
         stream = cupy.cuda.get_current_stream().ptr
         buffer = self.counters.get(stream)
         if buffer is None or buffer.size < count:
+            if buffer is None and len(self.counters) >= _MAX_COUNTER_STREAMS:
+                # streams made and dropped in a loop: forget the oldest (CuPy's pool hands a
+                # freed block only to later work on the stream it was used on)
+                del self.counters[next(iter(self.counters))]
             size = count if buffer is None else max(count, 2 * buffer.size)
             buffer = self.counters[stream] = cupy.zeros(size, dtype=np.uint32)
         return buffer
 
 
 _devices: dict[int, _Device] = {}
+_MAX_COUNTER_STREAMS = 16
 
 
 def _device_state(device_id=None):
