@@ -90,7 +90,7 @@ def _longest_prefix(candidates: Iterable[int], wins: Callable[[int], bool]) -> i
     return best
 
 
-def measure_thresholds(time_path: PathTimer | None = None) -> dict[str, int]:
+def measure_thresholds(time_path: PathTimer | None = None, *, reps: int = 15) -> dict[str, int]:
     """``{name: int}`` for ``cupy_launch.apply_thresholds``, measured on the current GPU.
 
     Each threshold is the longest run of the probe grid, from its smallest value, over which our
@@ -98,9 +98,11 @@ def measure_thresholds(time_path: PathTimer | None = None) -> dict[str, int]:
     (few-block shapes, our kernel against cuBLAS), ``small_batch_max_rows`` (``small_batch``
     against ``tiled`` and cuBLAS at short D), ``tiled_max_work`` (``tiled`` against cuBLAS,
     N = M, D = 128). Where our kernel never wins, the threshold is set below the grid. Needs
-    CuPy and a CUDA device unless ``time_path`` (a ``PathTimer``) is given.
+    CuPy and a CUDA device unless ``time_path`` (a ``PathTimer``) is given; ``reps`` timings
+    per point (median) with the default timer, float32 (the thresholds serve every dtype).
+    Takes a few seconds on an H100-class GPU.
     """
-    time_path = time_path or cupy_timer()
+    time_path = time_path or cupy_timer(reps=reps)
 
     def own_wins_at_inner(d: int) -> bool:
         return all(time_path(_own_path(n), n, d, m, True) <= time_path("cublas", n, d, m, True)
