@@ -100,7 +100,7 @@ def measure_thresholds(time_path: PathTimer | None = None, *, reps: int = 15) ->
     N = M, D = 128). Where our kernel never wins, the threshold is set below the grid. Needs
     CuPy and a CUDA device unless ``time_path`` (a ``PathTimer``) is given; ``reps`` timings
     per point (median) with the default timer, float32 (the thresholds serve every dtype).
-    Takes a few seconds on an H100-class GPU.
+    About 150 timings of a few milliseconds each (an estimate: not yet run on a GPU).
     """
     time_path = time_path or cupy_timer(reps=reps)
 
