@@ -281,7 +281,7 @@ def _forward_general(X: Any, W: Any, b: Any, activation: str | None, backend: st
 def _run_forward(plan: _Forward) -> Any:
     call = plan.call
     rows, M = plan.X2.shape[0], call.W.shape[1]
-    Z = _arrays.namespace(plan.X2).empty((rows, M), call.dtype) if plan.saves_z else None
+    Z = _arrays.empty_like_device(plan.X2, (rows, M), call.dtype) if plan.saves_z else None
     Y = call.module.forward(plan.X2, call.W, plan.b, plan.out_2d, activation=plan.activation,
                             preactivation=Z)
     Y = plan.out if plan.out is not None else _give_back(Y.reshape(plan.shape), call.data_back)

@@ -189,32 +189,17 @@ def tune_numba(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...]
 
 
 def tune_cupy(log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(key, thresholds)`` measured on the GPU, or ``None`` where the cupy backend cannot run
-    here (or has no tuning hooks)."""
+    """``(key, thresholds)`` measured on the GPU (``cupy_tune``'s forced-path table), or
+    ``None`` where the cupy backend cannot run here."""
     if _dispatch.unavailable_reason("cupy") is not None:
         return None
-    try:
-        import importlib
+    from fastlinear.backends import cupy_launch, cupy_tune
 
-        cupy_launch = importlib.import_module("fastlinear.backends.cupy_launch")
-        cupy_tune = importlib.import_module("fastlinear.backends.cupy_tune")
-    except ImportError:
-        return None
+    module = _dispatch.load_backend("cupy")
     values = cupy_tune.measure_thresholds()
     cupy_launch.apply_thresholds(values)
     log(f"cupy path thresholds: {values}")
-    return cupy_profile_key(), values
-
-
-def cupy_profile_key() -> dict[str, Any]:
-    """What the cupy thresholds depend on: the GPU, CUDA and library versions."""
-    import cupy
-
-    from fastlinear.info import device_name
-
-    device = cupy.cuda.runtime.getDevice()
-    return {"gpu": device_name(cupy, device), "cuda": cupy.cuda.runtime.runtimeGetVersion(),
-            "cupy": cupy.__version__, "fastlinear": _profile.library_version("fastlinear")}
+    return module.profile_key(), values
 
 
 def ratio_table(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...],

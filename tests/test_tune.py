@@ -1,5 +1,6 @@
 """The tuning profile (fastlinear._profile) and ``python -m fastlinear tune``."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -213,3 +214,31 @@ def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, c
     assert set(values) == set(nb.PROFILE_SCHEMA)
     assert values["rows_dot_rows_max_work"] in (0, 1 << 18)
     assert "8x16x16" in out and "numpy/numba" in table.read_text()
+
+
+def test_cupy_puts_its_section_in_force_when_it_loads(tmp_path, monkeypatch):
+    """No GPU needed: the device probe and key are stood in for; the thresholds that
+    cupy_tune would measure come from the profile when the backend loads."""
+    from fastlinear.backends import cupy as cupy_backend
+    from fastlinear.backends import cupy_launch
+
+    path = tmp_path / "profile.json"
+    gpu = {"gpu": "test GPU", "cuda": 13000}
+    measured = {"small_batch_max_rows": 4, "own_kernel_max_inner": 512, "tiled_max_work": 1024}
+    _profile.write_section("cupy", gpu, measured, path)
+    monkeypatch.setattr(_profile, "profile_path", lambda: path)
+    monkeypatch.setattr(cupy_backend, "_probe", lambda: None)
+    monkeypatch.setattr(cupy_backend, "profile_key", lambda: gpu)
+    cupy_backend.unavailable_reason.cache_clear()
+    try:
+        assert cupy_backend.unavailable_reason() is None
+        assert cupy_launch.current_thresholds() == measured
+        cupy_backend.unavailable_reason.cache_clear()
+        monkeypatch.setattr(cupy_backend, "profile_key", lambda: {**gpu, "gpu": "another"})
+        cupy_backend.unavailable_reason()
+        defaults = dataclasses.asdict(cupy_launch.DEFAULT_THRESHOLDS)
+        assert defaults != measured
+        assert cupy_launch.current_thresholds() == defaults  # a foreign section: the defaults
+    finally:
+        cupy_launch.apply_thresholds(None)
+        cupy_backend.unavailable_reason.cache_clear()
