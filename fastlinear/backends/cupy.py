@@ -118,11 +118,11 @@ def profile_key():
     import cupy
 
     from fastlinear import _profile
-    from fastlinear.info import device_name
 
-    device = cupy.cuda.runtime.getDevice()
-    return {"gpu": device_name(cupy, device), "cuda": cupy.cuda.runtime.runtimeGetVersion(),
-            "cupy": cupy.__version__, "fastlinear": _profile.library_version("fastlinear")}
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"]
+    return {"gpu": name.decode() if isinstance(name, bytes) else name,
+            "cuda": cupy.cuda.runtime.runtimeGetVersion(), "cupy": cupy.__version__,
+            "fastlinear": _profile.library_version("fastlinear")}
 
 
 @contextlib.contextmanager
