@@ -265,3 +265,19 @@ def test_asv_check_finds_no_problems():
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No problems found" in result.stdout
+
+
+def test_overhead_table_times_every_way_against_the_plain_expression(capsys):
+    from fastlinear.bench import overhead
+
+    table = overhead.measure(overhead.rows((4, 8, 8), "float64"), rounds=2, block_time=0.0005)
+    labels = {(row.label, row.pass_name) for row in table}
+    for pass_name in ("forward", "backward"):
+        assert {("functional", pass_name), ("Linear", pass_name),
+                ("default, before auto's switch", pass_name)} <= labels
+    for row in table:
+        assert len(row.times) == len(row.differences) == 2 and min(row.times) > 0
+    lines = overhead.format_table(table)
+    assert lines[1].split()[:2] == ["call", "pass"] and len(lines) == 2 + len(table)
+    assert bench.main(["--overhead", "--quick"]) == 0
+    assert "budget" in capsys.readouterr().out
