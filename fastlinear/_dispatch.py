@@ -246,6 +246,13 @@ class Registry:
         (self._auto if for_good else self._interim)[library] = module
         return module
 
+    def count_calls(self, library: str, calls: int) -> None:
+        """Count ``calls`` more toward ``auto``'s switch for ``library`` arrays, while its
+        interim choice serves them: for one call that does the work of several (a whole
+        training step)."""
+        if library in self._interim and library not in self._auto:
+            self.interim_calls += calls
+
     def _pick(self, library: str, calls: int, start: bool) -> tuple[Any, bool]:
         """The first backend of ``auto_order`` that can run, passing over those not ready
         while a later one serves; and whether none was passed over."""

@@ -350,3 +350,12 @@ def test_auto_takes_a_backend_loaded_before_its_first_call(fakes):
     fastlinear.linear_forward(X, W)
     assert user_calls(fakes.modules["numba"]) == ["forward"] * 2
     assert not fakes.loader.started()
+
+
+def test_a_call_that_weighs_several_counts_them_toward_the_switch(fakes):
+    fastlinear.linear_forward(X, W)  # auto's interim choice serves numpy arrays
+    before = fakes.registry.interim_calls
+    fakes.registry.count_calls("numpy", 9)
+    assert fakes.registry.interim_calls == before + 9
+    fakes.registry.count_calls("cupy", 9)  # no interim choice for CuPy arrays: nothing counted
+    assert fakes.registry.interim_calls == before + 9
