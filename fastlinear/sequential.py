@@ -160,7 +160,7 @@ class Sequential:
         layer.dW, layer.db = self._grad_views[index]
 
     def _set_activation_codes(self) -> None:
-        for index, name in enumerate(self._activations, strict=True):
+        for index, name in enumerate(self._activations):
             self._layout[index, _ACT] = activations.ACTIVATION_CODES[name]
 
     def _adopt(self, index: int, name: str, value: Any, view: Any) -> Any:
