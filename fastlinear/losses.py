@@ -24,6 +24,8 @@ LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}
 
 def check_loss(loss: object) -> str:
     """Return ``loss`` as a canonical name; raise ``ValueError`` for an unknown one."""
+    if loss in LOSS_CODES and type(loss) is str:
+        return loss
     if isinstance(loss, str):
         name = loss.strip().lower()
         if name in LOSSES:

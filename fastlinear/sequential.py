@@ -13,9 +13,10 @@ the reference, the math spelled out below; the cupy backend runs layer by layer 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,6 +47,20 @@ def _resolve(backend: str | None, library: str) -> Any:
     if library in _dispatch._interim_choice and library not in _dispatch._auto_choice:
         _dispatch._interim.calls += STEP_WEIGHT_IN_CALLS - 1
     return module
+
+
+class _Native(NamedTuple):
+    blas: Any  # fastlinear.backends._numba_blas
+    network_call: Any
+
+
+@functools.cache
+def _native_module() -> _Native:
+    """The numba backend's network call, imported at its first use (Numba loads then)."""
+    from fastlinear.backends import _numba_blas
+    from fastlinear.backends._numba_network import network_call
+
+    return _Native(_numba_blas, network_call)
 
 
 def _check_layers(layers: tuple[Any, ...]) -> tuple[np.dtype, str]:
@@ -79,6 +94,8 @@ def _check_layers(layers: tuple[Any, ...]) -> tuple[np.dtype, str]:
 
 def _check_rate(name: str, value: object) -> float:
     """``lr`` or ``momentum`` as a float; raise unless a finite number >= 0."""
+    if type(value) is float and value >= 0 and value != math.inf:
+        return value  # the common case, checked in a few nanoseconds (NaN fails value >= 0)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     rate = float(value)
@@ -130,6 +147,9 @@ class Sequential:
             layout[index, :4] = D, M, position, position + D * M if layer.b is not None else -1
             position += D * M + (M if layer.b is not None else 0)
         self._layout = layout
+        # Workspace floats per batch row (see _numba_network) and multiply-adds per batch row.
+        self._work_per_row = 3 * int(layout[:, _M].sum())
+        self._macs_per_row = int((layout[:, _D] * layout[:, _M]).sum())
         self._params = xp.empty(position, self.dtype)
         self._grads = xp.zeros(position, self.dtype)
         self._velocity = xp.zeros(position, self.dtype)
@@ -355,19 +375,16 @@ class Sequential:
 
     def _native(self, mode: int, X: Any, outer: Any, labels: Any, dX: Any, loss_code: int,
                 lr: float, momentum: float) -> float:
-        from fastlinear.backends import _numba_blas
-        from fastlinear.backends._numba_network import network_call
-
+        native = _native_module()
         rows = X.shape[0]
-        needed = 3 * rows * int(self._layout[:, _M].sum())
-        if self._work.shape[0] < needed:
-            self._work = np.empty(needed, self.dtype)
-        if rows * int((self._layout[:, _D] * self._layout[:, _M]).sum()) >= _BLAS_THREADS_MIN_WORK:
-            _numba_blas.match_blas_threads()
-        blas = _numba_blas.blas_routines(self.dtype)
-        return network_call(mode, blas.gemm, blas.int_bits, self._layout, self._params,
-                            self._velocity, self._grads, X, self._work, outer, labels, dX,
-                            loss_code, lr, momentum)
+        if self._work.shape[0] < rows * self._work_per_row:
+            self._work = np.empty(rows * self._work_per_row, self.dtype)
+        if rows * self._macs_per_row >= _BLAS_THREADS_MIN_WORK:
+            native.blas.match_blas_threads()
+        blas = native.blas.blas_routines(self.dtype)
+        return native.network_call(mode, blas.gemm, blas.int_bits, self._layout, self._params,
+                                   self._velocity, self._grads, X, self._work, outer, labels, dX,
+                                   loss_code, lr, momentum)
 
     # --- numpy (the reference) and cupy: layer by layer ------------------------------------------
 
