@@ -7,7 +7,9 @@ activation code``) and a flat workspace that holds, per layer ``i`` at offset ``
 only for the GELUs, whose derivatives need it) and the gradient ``dH_i`` with respect to
 ``H_i``, which the backward pass turns into ``G_i = dH_i * act'`` in place.
 
-The products are NumPy's BLAS (``_numba_blas.matmul_into``); biases, activations, loss, its
+The products are NumPy's BLAS gemm (``_numba_blas``), called directly: every matrix here is
+C-contiguous, so each product's transposes and leading dimensions are known (``_product``) and
+no layout is inspected at run time or compiled for. Biases, activations, loss, its
 gradient, the bias sums and the SGD update are loops here, so a step crosses the Python
 boundary once. float32 is accumulated in float32, as by the BLAS and the NumPy reference; the
 loss value is summed in float64.
@@ -19,7 +21,7 @@ import numpy as np
 from numba import njit
 
 from fastlinear.backends._numba_activations import GELU, GELU_TANH, activate, activation_grad
-from fastlinear.backends._numba_blas import matmul_into
+from fastlinear.backends._numba_blas import _gemm
 
 __all__ = ["FORWARD", "BACKWARD", "STEP", "network_call"]
 
@@ -35,6 +37,21 @@ def _block(work, offset, rows, cols):
     return work[offset:offset + rows * cols].reshape((rows, cols))
 
 
+_N, _T = ord("N"), ord("T")
+
+
+@njit(cache=True)
+def _product(gemm, int_bits, A, transpose_a, B, transpose_b, C, beta):
+    """Row-major ``C = op(A) @ op(B) + beta C`` for C-contiguous ``A``, ``B``, ``C``; ``op``
+    transposes where asked. Row-major ``C`` is column-major ``C.T = op(B).T @ op(A).T``, and a
+    row-major matrix is its transpose in column-major: gemm with B first, ``'N'`` where no
+    transpose is asked."""
+    rows, cols = C.shape
+    inner = A.shape[0] if transpose_a else A.shape[1]
+    _gemm(gemm, int_bits, _T if transpose_b else _N, _T if transpose_a else _N, cols, rows,
+          inner, 1.0, B, B.shape[1], A, A.shape[1], beta, C, cols)
+
+
 @njit(cache=True)
 def _layer_forward(gemm, int_bits, A, W, b, H, Z, code):
     """``H = act(A @ W + b)``; ``Z = A @ W + b`` for the GELUs. Bias rows first, then gemm with
@@ -46,12 +63,20 @@ def _layer_forward(gemm, int_bits, A, W, b, H, Z, code):
             row = H[n]
             for j in range(H.shape[1]):
                 row[j] = b[j]
-    matmul_into(gemm, int_bits, A, W, H, beta)
+    _product(gemm, int_bits, A, False, W, False, H, beta)
     keeps_z = code == GELU or code == GELU_TANH
     for n in range(H.shape[0]):
         if keeps_z:
-            Z[n, :] = H[n, :]
+            _copy(H[n], Z[n])
         activate(code, H[n])
+
+
+@njit(cache=True)
+def _copy(source, target):
+    """``target[:] = source`` for two vectors of one length (a loop: no array expression to
+    compile)."""
+    for j in range(source.shape[0]):
+        target[j] = source[j]
 
 
 @njit(cache=True)
@@ -169,20 +194,22 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX):
             activation_grad(code, G[n], saved[n], G[n])  # reads dH[n, j], writes G[n, j]
         if b_at >= 0:
             db = grads[b_at:b_at + M]
-            db[:] = 0.0
-            for n in range(rows):
-                db += G[n]
+            _copy(G[0], db)
+            for n in range(1, rows):
+                row = G[n]
+                for j in range(M):
+                    db[j] += row[j]
         dW = _block(grads, layout[i, 2], layout[i, 0], M)
         if i > 0:
             A = _block(work, offsets[i - 1], rows, layout[i - 1, 1])
-            matmul_into(gemm, int_bits, A.T, G, dW, 0.0)
+            _product(gemm, int_bits, A, True, G, False, dW, 0.0)
             dA = _block(work, offsets[i - 1] + 2 * rows * layout[i - 1, 1], rows,
                         layout[i - 1, 1])
-            matmul_into(gemm, int_bits, G, W.T, dA, 0.0)
+            _product(gemm, int_bits, G, False, W, True, dA, 0.0)
         else:
-            matmul_into(gemm, int_bits, X.T, G, dW, 0.0)
+            _product(gemm, int_bits, X, True, G, False, dW, 0.0)
             if dX.shape[0] > 0:
-                matmul_into(gemm, int_bits, G, W.T, dX, 0.0)
+                _product(gemm, int_bits, G, False, W, True, dX, 0.0)
 
 
 @njit(cache=True)
@@ -207,12 +234,14 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
     offsets = _offsets(layout, rows)
     dlast = _block(work, offsets[last] + 2 * rows * classes, rows, classes)
     if mode == BACKWARD:
-        dlast[:, :] = outer
+        for n in range(rows):
+            _copy(outer[n], dlast[n])
         _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX)
         return 0.0
     output = _forward_all(gemm, int_bits, layout, params, X, work, offsets)
     if mode == FORWARD:
-        outer[:, :] = output
+        for n in range(rows):
+            _copy(output[n], outer[n])
         return 0.0
     if loss_code == CROSS_ENTROPY:
         loss = _cross_entropy(output, labels, dlast)
