@@ -21,13 +21,17 @@ import numpy as np
 
 import fastlinear
 from fastlinear import _dispatch
-from fastlinear.bench.contenders import NUMPY_LABEL, TORCH_LABEL, backend_label
+from fastlinear.bench.contenders import (
+    FLOOR_LABEL,
+    JAX_LABEL,
+    NOTEBOOK_LABEL,
+    NUMPY_LABEL,
+    TORCH_LABEL,
+    backend_label,
+)
 from fastlinear.bench.timing import Case, Contender, device_timing
 from fastlinear.demo import LAYER_SIZES
 
-NOTEBOOK_LABEL = "NumPy per layer"
-JAX_LABEL = "jax.jit"
-FLOOR_LABEL = "GEMMs @njit"
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 
@@ -201,11 +205,16 @@ def torch_step(torch, X, y, params, lr=LEARNING_RATE, momentum=MOMENTUM):
 
 def jax_step(X, y, params, lr=LEARNING_RATE, momentum=MOMENTUM):
     """The step as one ``jax.jit`` function over (parameters, velocity), both donated; returns
-    ``step()`` -> loss and ``state`` = [parameters, velocity]; ``None`` without JAX."""
+    ``step()`` -> loss and ``state`` = [parameters, velocity]; ``None`` without JAX, and for
+    float64 unless JAX computes in it (``jax_enable_x64``; by default it would round to float32).
+    """
     if importlib.util.find_spec("jax") is None:
         return None
     import jax
     import jax.numpy as jnp
+
+    if X.dtype == np.float64 and not jax.config.jax_enable_x64:
+        return None
 
     def loss_of(weights, X, y):
         A = X
