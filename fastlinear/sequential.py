@@ -31,6 +31,9 @@ __all__ = ["Sequential"]
 # tens of layer calls save (issue 17's measurements: 50-100 us a step, 1-3 us a layer call).
 STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Backends that run a whole network call natively (one compiled call); the others run layer by
+# layer through fastlinear.functional, and numpy runs the reference math.
+NATIVE_STEP_BACKENDS = frozenset({"numba"})
 # Columns of the layout table the compiled step walks: in/out features, offsets of W and b in
 # the arenas (-1: no bias), activation code.
 _D, _M, _W_AT, _B_AT, _ACT = range(5)
@@ -301,10 +304,10 @@ class Sequential:
         X = self._check_rows(X, "X", self.layers[0].in_features, "features")
         module = self._module()
         self._sync_layers()
-        if module.NAME == "numba":
+        if module.NAME in NATIVE_STEP_BACKENDS:
             out = np.empty((X.shape[0], self.layers[-1].out_features), self.dtype)
             self._native(0, X, out, self._dummies[1], self._dummies[0], 0, 0.0, 0.0)
-            self._cache = ("numba", X, None)
+            self._cache = ("native", X, None)
             return out
         out, state = self._layered_forward(module.NAME, X)
         self._cache = (module.NAME, X, state)
@@ -320,7 +323,7 @@ class Sequential:
         if dY.shape[0] != X.shape[0]:
             raise ValueError(f"dY has {dY.shape[0]} rows but the last forward had {X.shape[0]}")
         self._sync_layers()
-        if name == "numba":
+        if name == "native":
             dX = np.empty(X.shape, self.dtype)
             self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0)
             return dX
@@ -354,7 +357,7 @@ class Sequential:
         """
         X, y, loss_name, rate, keep = self._check_step(X, y, loss, lr, momentum)
         module = self._module()
-        if module.NAME == "numba":
+        if module.NAME in NATIVE_STEP_BACKENDS:
             code = losses.LOSS_CODES[loss_name]
             labels, targets = (y, self._dummies[0]) if code == 0 else (self._dummies[1], y)
             if self._layers_changed():
@@ -362,7 +365,7 @@ class Sequential:
             value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
-            self._cache = ("numba", X, None)
+            self._cache = ("native", X, None)
             return value
         if loss_name == "softmax_cross_entropy":
             classes = self.layers[-1].out_features

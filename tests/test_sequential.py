@@ -326,3 +326,31 @@ def test_import_does_not_load_numba():
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO},
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_auto_counts_a_step_as_many_layer_calls(monkeypatch):
+    """While ``auto`` serves with numpy before loading numba, a network call counts toward its
+    break-even rule as ``STEP_WEIGHT_IN_CALLS`` layer calls."""
+    from fastlinear import _dispatch, sequential
+    from fastlinear.backends import numpy as numpy_backend
+
+    monkeypatch.setattr(_dispatch, "_auto_choice", {})
+    monkeypatch.setattr(_dispatch, "_interim_choice", {"numpy": numpy_backend})
+    monkeypatch.setattr(_dispatch, "_interim", _dispatch._CallCount())
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=15))
+    net.train_step(np.ones((2, 3)), np.array([0, 1]), loss="softmax_cross_entropy", lr=0.1)
+    assert _dispatch._interim.calls == sequential.STEP_WEIGHT_IN_CALLS
+
+
+@pytest.mark.parametrize("loss", losses.LOSSES)
+def test_layer_by_layer_path_matches_torch(loss, monkeypatch):
+    """The path the cupy backend takes (layer calls through fastlinear.functional), run here
+    through the numba layer kernels: the same steps as PyTorch."""
+    from fastlinear import sequential
+
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    monkeypatch.setattr(sequential, "NATIVE_STEP_BACKENDS", frozenset())
+    layers = make_layers((4, 6, 5, 3), ("gelu", "relu", None), np.float64, seed=16)
+    net = compare_steps(layers, "numba", loss, momentum=0.9, steps=3, N=5, seed=17)
+    assert net._work.size == 0, "the compiled step was not used"
