@@ -167,6 +167,7 @@ class Sequential:
         self._activations = [layer.activation for layer in layers]
         self._set_activation_codes()
         self._work = np.empty(0, self.dtype)  # the numba step's workspace (see its module)
+        self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
         self._cache: Any = None  # what backward needs from the last forward: (backend, X, state)
         self._dummies = (np.empty((0, 0), self.dtype), np.empty(0, np.int64))
 
@@ -384,7 +385,8 @@ class Sequential:
             self._work = np.empty(rows * self._work_per_row, self.dtype)
         if rows * self._macs_per_row >= _BLAS_THREADS_MIN_WORK:
             native.blas.match_blas_threads()
-        blas = native.blas.blas_routines(self.dtype)
+        blas = self._blas or native.blas.blas_routines(self.dtype)
+        self._blas = blas
         return native.network_call(mode, blas.gemm, blas.int_bits, self._layout, self._params,
                                    self._velocity, self._grads, X, self._work, outer, labels, dX,
                                    loss_code, lr, momentum)

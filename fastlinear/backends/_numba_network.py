@@ -190,13 +190,15 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX):
         saved = _block(work, offsets[i] + rows * M, rows, M) if (
             code == GELU or code == GELU_TANH) else H
         G = _block(work, offsets[i] + 2 * rows * M, rows, M)
+        db = grads[b_at:b_at + M] if b_at >= 0 else grads[0:0]
         for n in range(rows):
-            activation_grad(code, G[n], saved[n], G[n])  # reads dH[n, j], writes G[n, j]
-        if b_at >= 0:
-            db = grads[b_at:b_at + M]
-            _copy(G[0], db)
-            for n in range(1, rows):
-                row = G[n]
+            row = G[n]
+            activation_grad(code, row, saved[n], row)  # reads dH[n, j], writes G[n, j]
+            if b_at < 0:
+                continue
+            if n == 0:  # db = G.sum(0), each row added while it is in cache
+                _copy(row, db)
+            else:
                 for j in range(M):
                     db[j] += row[j]
         dW = _block(grads, layout[i, 2], layout[i, 0], M)
