@@ -20,7 +20,16 @@ import math
 import numpy as np
 from numba import njit
 
-from fastlinear.backends._numba_activations import GELU, GELU_TANH, activate, activation_grad
+from fastlinear.backends._numba_activations import (
+    GELU,
+    GELU_TANH,
+    NONE,
+    RELU,
+    SIGMOID,
+    TANH,
+    activate,
+    activation_grad,
+)
 from fastlinear.backends._numba_blas import _gemm
 
 __all__ = ["FORWARD", "BACKWARD", "STEP", "network_call"]
@@ -77,6 +86,30 @@ def _copy(source, target):
     compile)."""
     for j in range(source.shape[0]):
         target[j] = source[j]
+
+
+@njit(cache=True)
+def _activation_grad_in_place(code, g, saved):
+    """``g *= act'`` for one row, ``g`` holding ``dy`` on entry (``_numba_activations``'s
+    formulas). ReLU, tanh and sigmoid have their own loops here: the shared
+    ``activation_grad(code, dy, saved, g)`` called with ``dy`` and ``g`` the same row ran
+    several times slower inside the step (a loop over two arguments that may alias)."""
+    real = g.dtype.type
+    zero, one = real(0.0), real(1.0)
+    if code == RELU:
+        for j in range(g.shape[0]):
+            if saved[j] <= zero:  # NaN outputs pass the gradient, as torch's threshold_backward
+                g[j] = zero
+    elif code == TANH:
+        for j in range(g.shape[0]):
+            y = saved[j]
+            g[j] = g[j] * (one - y * y)
+    elif code == SIGMOID:
+        for j in range(g.shape[0]):
+            y = saved[j]
+            g[j] = g[j] * (y * (one - y))
+    elif code != NONE:
+        activation_grad(code, g, saved, g)
 
 
 @njit(cache=True)
@@ -193,7 +226,7 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX):
         db = grads[b_at:b_at + M] if b_at >= 0 else grads[0:0]
         for n in range(rows):
             row = G[n]
-            activation_grad(code, row, saved[n], row)  # reads dH[n, j], writes G[n, j]
+            _activation_grad_in_place(code, row, saved[n])
             if b_at < 0:
                 continue
             if n == 0:  # db = G.sum(0), each row added while it is in cache
