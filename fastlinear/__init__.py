@@ -20,6 +20,7 @@ from fastlinear._dispatch import (
 )
 from fastlinear.functional import linear_backward, linear_forward
 from fastlinear.layer import Linear
+from fastlinear.sequential import Sequential
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "ENV_VAR",
     "BackendUnavailableError",
     "Linear",
+    "Sequential",
     "available_backends",
     "current_backend",
     "linear_backward",
