@@ -175,9 +175,10 @@ class TrainingStep(_NetworkCase):
     def setup(self, backend, batch, dtype):
         self._data(backend, batch, dtype)
         last = len(MLP_SIZES) - 2
+        sizes = zip(MLP_SIZES[:-1], MLP_SIZES[1:], strict=True)
         self.layers = [fastlinear.Linear(d, m, dtype=dtype, backend=backend,
                                          activation=None if i == last else "relu")
-                       for i, (d, m) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))]
+                       for i, (d, m) in enumerate(sizes)]
         for _ in range(3):
             self._step()
         self.synchronize()
@@ -204,8 +205,9 @@ class SequentialStep(_NetworkCase):
             raise NotImplementedError("fastlinear.Sequential does not exist at this commit")
         self._data(backend, batch, dtype)
         last = len(MLP_SIZES) - 2
-        layers = [fastlinear.Linear(d, m, dtype=dtype, activation=None if i == last else "relu")
-                  for i, (d, m) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))]
+        layers = [fastlinear.Linear(d, m, dtype=dtype,
+                                    activation=None if i == last else "relu")
+                  for i, (d, m) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:], strict=True))]
         self.model = fastlinear.Sequential(*layers, backend=backend)
         for _ in range(3):
             self._step()

@@ -252,7 +252,7 @@ class Linear:
                 raise ValueError(f"accumulate=True adds into the layer's {name}, which has shape "
                                  f"{getattr(held, 'shape', None)} where {new.shape} was expected; "
                                  f"call zero_grad() first")
-            if not np.can_cast(new.dtype, held.dtype, casting=casting):
+            if not np.can_cast(new.dtype, held.dtype, casting=casting):  # type: ignore[arg-type]
                 raise TypeError(f"accumulate=True adds {new.dtype} gradients into the layer's "
                                 f"{held.dtype} {name}, which casting={casting!r} forbids")
         for _, held, new in pairs:

@@ -224,21 +224,43 @@ def test_asv_suite_parameters_are_consistent(asv_suite):
     classes = benchmark_classes(asv_suite)
     kinds = {name.partition("_")[0] for cls in classes for name in dir(cls)
              if name.startswith(("time_", "peakmem_", "track_"))}
-    assert kinds == {"time", "peakmem", "track"}
-    assert asv_suite.TrainingStep in classes
+    assert kinds == {"time", "peakmem"}
+    assert asv_suite.TrainingStep in classes and asv_suite.SequentialStep in classes
     for cls in classes:
         assert len(cls.params) == len(cls.param_names)
         backends, sizes, dtypes = cls.params
         assert backends == list(fastlinear.BACKENDS)
-        if cls is not asv_suite.TrainingStep:
+        # figures to trust: warmed up, several samples in several processes
+        assert cls.warmup_time > 0 and cls.repeat[0] >= 5 and cls.rounds >= 2
+        assert cls.min_run_count >= cls.repeat[0] * cls.rounds
+        if not issubclass(cls, asv_suite._NetworkCase):
             assert all(len(asv_suite.parse_shape(shape)) == 3 for shape in sizes)
         assert set(dtypes) <= {"float32", "float64"}
+
+
+def test_asv_suite_uses_only_the_public_api():
+    """Old commits and refactors of internals must not break the history: the suite imports
+    fastlinear alone and uses only its public names."""
+    import ast
+
+    public = {"Linear", "linear_forward", "linear_backward", "use_backend",
+              "available_backends", "Sequential"}
+    tree = ast.parse(open(os.path.join(ROOT, "asv_benchmarks", "benchmarks.py")).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert not (node.module or "").startswith("fastlinear"), ast.unparse(node)
+        if isinstance(node, ast.Import):
+            assert all(alias.name in ("os", "numpy", "fastlinear", "cupy")
+                       for alias in node.names), ast.unparse(node)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "fastlinear":
+            assert node.attr in public, node.attr
 
 
 def test_asv_benchmarks_run_or_skip_on_the_smallest_case(asv_suite):
     smallest = min(asv_suite.SHAPES, key=lambda s: np.prod(asv_suite.parse_shape(s)))
     for cls in benchmark_classes(asv_suite):
-        shape = min(cls.params[1]) if cls is asv_suite.TrainingStep else smallest
+        shape = min(cls.params[1]) if issubclass(cls, asv_suite._NetworkCase) else smallest
         for backend, reason in fastlinear.available_backends().items():
             instance = cls()
             if reason is not None:

@@ -22,7 +22,8 @@ def test_float32_layer_accumulates_float64_gradients_in_its_own_buffers(backend,
     layer.zero_grad()
     dW_buffer, db_buffer = layer.dW, layer.db
     rng = np.random.default_rng(1)
-    X, dY = rng.standard_normal((N, D)).astype(x_dtype), rng.standard_normal((N, M)).astype(dy_dtype)
+    X = rng.standard_normal((N, D)).astype(x_dtype)
+    dY = rng.standard_normal((N, M)).astype(dy_dtype)
     layer.forward(X)
     for _ in range(2):
         layer.backward(dY, accumulate=True)
@@ -56,7 +57,8 @@ def test_functional_buffer_of_the_wrong_dtype_says_which_dtype(backend):
 
 @pytest.mark.parametrize("value, dtype", [(0.5, np.float32), (1, np.float32),  # weak, as NumPy's
                                           (np.float32(0.5), np.float32),
-                                          (np.array(0.5), np.float64), (np.array([0.5]), np.float64),
+                                          (np.array(0.5), np.float64),
+                                          (np.array([0.5]), np.float64),
                                           ([0.5], np.float64)])
 def test_scalar_bias_is_stored_as_an_array_and_trains(value, dtype):
     layer = fastlinear.Linear(D, M, dtype=np.float32, rng=0)

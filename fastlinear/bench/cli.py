@@ -1,6 +1,5 @@
 """``python -m fastlinear bench``: options, the run from cases to table, JSON and plot."""
 
-import argparse
 import datetime
 import json
 import os
@@ -112,10 +111,12 @@ def resolve_options(options):
         raise _cli.UsageError("--repeat must be at least 1")
     for dtype in options.dtypes:
         if dtype not in ("float16", "float32", "float64"):
-            raise _cli.UsageError(f"--dtypes: expected float32, float64 (float16 on a GPU), got {dtype}")
+            raise _cli.UsageError(f"--dtypes: expected float32, float64 (float16 on a GPU), "
+                                  f"got {dtype}")
     unknown = [kind for kind in options.cases if kind not in CASE_KINDS]
     if unknown:
-        raise _cli.UsageError(f"--cases: unknown {unknown}; expected some of {', '.join(CASE_KINDS)}")
+        raise _cli.UsageError(f"--cases: unknown {unknown}; expected some of "
+                              f"{', '.join(CASE_KINDS)}")
     return options
 
 
