@@ -141,3 +141,20 @@ def test_exotic_number_bias_names_b(bias):
     with pytest.raises(TypeError, match=r"^b must be a number .*float\(b\)"):
         layer.b = bias
     assert layer.b.shape == (M,)  # the refused assignment changed nothing
+
+
+# --- the dask example keeps a checkout clean -------------------------------------------------
+
+def test_dask_example_writes_its_data_to_a_temporary_folder():
+    import pathlib
+    import runpy
+    import tempfile
+
+    example = pathlib.Path(__file__).resolve().parents[1] / "examples" / "dask_out_of_core.py"
+    parse_args = runpy.run_path(str(example))["parse_args"]
+    defaults = parse_args([])
+    assert defaults.data.parent == pathlib.Path(tempfile.gettempdir())
+    nbytes = defaults.rows * (defaults.features + defaults.outputs) * 4  # float32
+    assert f"{nbytes / 1e9:.2f} GB = {nbytes / 2**30:.2f} GiB" == "1.27 GB = 1.18 GiB"
+    readme = (example.parents[1] / "README.md").read_text()
+    assert "1.27 GB = 1.18 GiB" in readme
