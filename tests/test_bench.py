@@ -288,3 +288,42 @@ def test_asv_check_finds_no_problems():
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No problems found" in result.stdout
+
+
+def test_plot_draws_markers_with_iqr_whiskers_on_one_y_range(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastlinear.bench import plot as plot_module
+    from fastlinear.bench.contenders import GEMM_LABEL
+
+    def row(label, pass_name, median, q1, q3, flops=1e9):
+        return {"label": label, "pass": pass_name, "gflops": flops / median / 1e9,
+                "median_s": median, "q1_s": q1, "q3_s": q3}
+
+    cases = [Case(table="layer", name=str(shape), shape=shape, dtype=dtype, flops={},
+                  contenders=[], rows=[row("fastlinear[numpy]", "forward", 1.0, 0.8, 1.25),
+                                       row("fastlinear[numpy]", "backward", 2.0, 1.9, 2.1),
+                                       row(GEMM_LABEL, "forward", 0.9, 0.9, 0.9)])
+             for shape in ((4, 8, 8), (1, 64, 64)) for dtype in ("float32", "float64")]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    header = {"machine": "m", "versions": "v", "threads": [], "date": "today"}
+    plot_module.plot(cases, tmp_path / "bench.png", header)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    axes = figures[0].axes
+    assert len({ax.get_ylim() for ax in axes}) == 1  # one y-range
+    forward = axes[0]
+    joined = [(line.get_xdata(), line.get_linestyle()) for line in forward.get_lines()
+              if len(set(line.get_xdata())) > 1 and line.get_linestyle() not in ("None", "none", "")]
+    assert not joined  # no line joins two shapes
+    names = forward.get_legend_handles_labels()[1]
+    assert any("reference GEMM" in name for name in names)
+    assert not any("ceiling" in name for name in names)
+    x, median, low, high = plot_module._points(cases, "fastlinear[numpy]", "forward", "float32",
+                                               {(4, 8, 8): 0, (1, 64, 64): 1})[0]
+    assert low == pytest.approx(0.8) and median == pytest.approx(1.0) \
+        and high == pytest.approx(1.25)  # rates at the time's third and first quartiles
