@@ -30,7 +30,6 @@ import time
 
 import numpy as np
 
-
 # In the system's temporary folder, not the working directory (a checkout stays clean).
 DEFAULT_DATA = pathlib.Path(tempfile.gettempdir()) / "fastlinear-dask-data"
 

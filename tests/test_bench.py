@@ -318,7 +318,8 @@ def test_plot_draws_markers_with_iqr_whiskers_on_one_y_range(tmp_path, monkeypat
     assert len({ax.get_ylim() for ax in axes}) == 1  # one y-range
     forward = axes[0]
     joined = [(line.get_xdata(), line.get_linestyle()) for line in forward.get_lines()
-              if len(set(line.get_xdata())) > 1 and line.get_linestyle() not in ("None", "none", "")]
+              if len(set(line.get_xdata())) > 1
+              and line.get_linestyle() not in ("None", "none", "")]
     assert not joined  # no line joins two shapes
     names = forward.get_legend_handles_labels()[1]
     assert any("reference GEMM" in name for name in names)

@@ -7,8 +7,8 @@ from fastlinear.bench.contenders import GEMM_LABEL, GPU_GEMM_LABEL, NUMPY_LABEL
 from fastlinear.bench.grid import shape_text
 from fastlinear.bench.report import PASSES
 
-
-REFERENCE_NAMES = {  # what a GEMM row is: a same-shape reference, not a bound a layer must stay under
+# What a GEMM row is: a same-shape reference, not a bound a fused layer must stay under.
+REFERENCE_NAMES = {
     GEMM_LABEL: "NumPy A @ B, same shape (reference GEMM, no bias)",
     GPU_GEMM_LABEL: "CuPy A @ B, same shape (reference cuBLAS GEMM)",
 }
