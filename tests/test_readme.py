@@ -120,3 +120,14 @@ def test_readme_block_runs(session, index, monkeypatch):
     if reason is not None:
         pytest.skip(f"README block at line {line}: {reason}")
     _run_block(index)
+
+
+def test_files_the_docs_point_to_exist():
+    """Relative links of the README and the paths asv.conf.json's comments name."""
+    readme = open(README, encoding="utf-8").read()
+    links = re.findall(r"\]\(((?!https?:|#)[^)\s]+)\)", readme)
+    asv_conf = open(os.path.join(ROOT, "asv.conf.json"), encoding="utf-8").read()
+    links += re.findall(r"\b((?:docs|benchmarks)/[\w./-]+\.md)\b", asv_conf)
+    assert "docs/benchmarks.md" in links
+    missing = [link for link in links if not os.path.exists(os.path.join(ROOT, link))]
+    assert not missing
