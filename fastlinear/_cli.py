@@ -50,12 +50,21 @@ def backend_name(text: str) -> str:
         ) from None
 
 
+# FASTLINEAR_AUTO_LOAD's values (fastlinear._warmup reads it at each call).
+AUTO_LOAD_VAR, AUTO_LOAD_MODES = "FASTLINEAR_AUTO_LOAD", ("background", "sync")
+
+
 def check_environment() -> None:
-    """Raise UsageError when ``FASTLINEAR_BACKEND`` names no backend (every call would fail)."""
+    """Raise UsageError when ``FASTLINEAR_BACKEND`` names no backend or ``FASTLINEAR_AUTO_LOAD``
+    no mode (calls would fail)."""
     raw = os.environ.get(_dispatch.ENV_VAR, "")
     if raw.strip() and raw.strip().lower() not in _dispatch.VALID_NAMES:
         raise UsageError(f"{_dispatch.ENV_VAR}={raw!r} is not a backend: set it to one of "
                          f"{', '.join(_dispatch.VALID_NAMES)}, or unset it")
+    raw = os.environ.get(AUTO_LOAD_VAR, "")
+    if raw.strip() and raw.strip().lower() not in AUTO_LOAD_MODES:
+        raise UsageError(f"{AUTO_LOAD_VAR}={raw!r} is not a mode: set it to "
+                         f"{' or '.join(AUTO_LOAD_MODES)}, or unset it")
 
 
 def run(prog: str, command: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:

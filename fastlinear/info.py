@@ -181,7 +181,7 @@ def backend_choice(status):
     return lines
 
 
-_AUTO_LOAD_VAR = "FASTLINEAR_AUTO_LOAD"
+_AUTO_LOAD_VAR = _cli.AUTO_LOAD_VAR
 
 
 def main(argv=None):

@@ -98,6 +98,12 @@ def test_bogus_environment_backend_is_one_line_and_exit_2(monkeypatch, capsys, c
     assert "FASTLINEAR_BACKEND='bogus' is not a backend: set it to one of" in line
 
 
+def test_bogus_auto_load_mode_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv("FASTLINEAR_AUTO_LOAD", "later")
+    assert cli.main(["demo"]) == 2
+    assert "FASTLINEAR_AUTO_LOAD='later' is not a mode" in _one_line(capsys.readouterr().err)
+
+
 def test_unknown_backend_option_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["demo", "--backend", "nosuch"])
