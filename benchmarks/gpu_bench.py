@@ -21,9 +21,9 @@ for, such as argument checks and launches, counts for both libraries):
 * unless ``--no-paths``: every forward path of the cupy backend forced in turn (``small_batch``,
   ``tiled``, ``cublas``), and, for the bias without an activation, the alternative
   ``cublas+epilogue`` (a beta = 0 GEMM, then the bias added by ``bias_activation_epilogue``)
-  against the product's ``fill_rows_with_bias`` + beta = 1 GEMM: the table to set
-  ``SMALL_BATCH_MAX_ROWS``, ``TILED_MAX_WORK``, ``OWN_KERNEL_MAX_INNER_UNFILLED`` and the bias
-  method from.
+  against the product's ``fill_rows_with_bias`` + beta = 1 GEMM: the table to set the path
+  thresholds (``cupy_launch.PathThresholds``; ``fastlinear.backends.cupy_tune`` measures them)
+  and the bias method from.
 
 It reports milliseconds, TFLOP/s (forward 2 N D M flops, backward 4 N D M) and the ratio
 torch time / fastlinear time (above 1: fastlinear is faster), plus the largest difference between
@@ -142,9 +142,11 @@ def log_header(log, args, stamp, cp, np, torch, fastlinear, cupy_launch):
         "allow_fp16_reduced_precision_reduction=False).")
     log(f"# median of {args.reps} runs after {args.warmup} warm-up runs, CUDA events; "
         "ratio = torch ms / fastlinear ms (>1: fastlinear faster)")
-    log(f"# shape rule: small_batch for N <= {cupy_launch.SMALL_BATCH_MAX_ROWS}, tiled for "
-        f"N*D*M <= {cupy_launch.TILED_MAX_WORK}, either only with >= half the SMs busy or "
-        f"D <= {cupy_launch.OWN_KERNEL_MAX_INNER_UNFILLED}; else cublas")
+    limits = cupy_launch.current_thresholds()
+    log(f"# shape rule (W rows contiguous only): small_batch for N <= "
+        f"{limits['small_batch_max_rows']} with D <= {limits['own_kernel_max_inner']} or >= half "
+        f"the SMs busy; tiled for D <= {limits['own_kernel_max_inner']} and N*D*M <= "
+        f"{limits['tiled_max_work']}; else cublas")
     log()
 
 
@@ -229,7 +231,7 @@ def main(argv=None):
         bt, dYt = torch.from_dlpack(b), torch.from_dlpack(dY)
         act = torch_activation(F, torch, activation)
         flops = 2.0 * N * D * M
-        w_steps = cupy_launch.element_strides(W)
+        w_steps = cupy_launch.matrix_steps(W)
         rule = cupy_launch.forward_path(N, D, M, w_steps[1] == 1,
                                         cupy_backend._sm_count(cp.cuda.Device().id))
         act_name = activation or "-"

@@ -9,6 +9,7 @@ library through that library's own ``from_dlpack``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import numbers
 from collections.abc import Callable
@@ -17,11 +18,13 @@ from typing import Any
 import numpy as np
 
 __all__ = ["library", "to_native", "result_dtype", "cast", "namespace", "as_bias", "check_weight",
-           "check_backend_dtype"]
+           "check_backend_dtype", "on_device_of", "empty_like_device"]
 
-# DLPack device types (dlpack.h): host memory, CUDA memory, pinned and managed CUDA memory.
-_DLPACK_CPU = 1
-_DLPACK_CUDA = (2, 3, 13)
+# DLPack device types (dlpack.h). Host memory: kDLCPU (1) and CUDA's pinned host memory,
+# kDLCUDAHost (3), which NumPy reads and cupy.from_dlpack refuses. CUDA memory: kDLCUDA (2) and
+# managed memory, kDLCUDAManaged (13).
+_DLPACK_HOST = (1, 3)
+_DLPACK_CUDA = (2, 13)
 CASTING_RULES = ("no", "equiv", "safe", "same_kind", "unsafe")
 
 # A converter that gives a NumPy/CuPy result back in the caller's library (None: as it is).
@@ -40,6 +43,20 @@ def type_name(x: object) -> str:
 def namespace(x: object):
     """The module of NumPy-like functions for a native array: ``numpy`` or ``cupy``."""
     return importlib.import_module("cupy") if library(x) == "cupy" else np
+
+
+def on_device_of(x: Any):
+    """A context in which CuPy allocates on ``x``'s device (``x.device``; nothing for NumPy).
+
+    CuPy allocates on the current device, which need not be the one the call's arrays live on.
+    """
+    return x.device if library(x) == "cupy" else contextlib.nullcontext()
+
+
+def empty_like_device(x: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """An uninitialised array of ``x``'s library and, for CuPy, on ``x``'s device."""
+    with on_device_of(x):
+        return namespace(x).empty(shape, dtype)
 
 
 def to_numpy(x: Any) -> Any:
@@ -91,7 +108,7 @@ def to_native(x: Any, name: str, *, scalar_ok: bool = False) -> tuple[Any, Conve
 def _from_dlpack(x: Any, name: str) -> Any:
     """``x``'s memory as a NumPy array (host) or CuPy array (CUDA), without a copy."""
     device_type = int(x.__dlpack_device__()[0])
-    if device_type == _DLPACK_CPU:
+    if device_type in _DLPACK_HOST:
         module_name = "numpy"
     elif device_type in _DLPACK_CUDA:
         module_name = "cupy"
@@ -230,7 +247,8 @@ def as_bias(b, M, dtype):
     if b.shape == (M,):
         return b
     if b.ndim <= 1 and b.size == 1:
-        return namespace(b).full(M, b.reshape(()), dtype=dtype)
+        with on_device_of(b):  # CuPy: on b's device, not the current one
+            return namespace(b).full(M, b.reshape(()), dtype=dtype)
     raise ValueError(f"b must broadcast to ({M},) to match W's {M} columns (a scalar, (1,), "
                      f"({M},) or (1, {M})), got shape {b.shape}")
 

@@ -34,6 +34,7 @@ run it raises ``BackendUnavailableError`` naming the worker and its reason.
 import contextlib
 import importlib
 import math
+import uuid
 
 import numpy as np
 
@@ -126,8 +127,11 @@ def _concrete_backend(backend, chunk_library, dtype):
 
 
 def _graph_constant(dask, array, what):
-    """One graph key holding a private copy of ``array``, named by its content."""
-    return dask.delayed(array.copy(), name=f"fastlinear-{what}-{dask.base.tokenize(array)}")
+    """One graph key holding a private copy of ``array``: named by its content for a NumPy
+    array, by a fresh unique name otherwise (dask's ``tokenize`` has no CuPy handler: it would
+    pickle the array, copying it from the device to the host, more than once per graph)."""
+    token = dask.base.tokenize(array) if isinstance(array, np.ndarray) else uuid.uuid4().hex
+    return dask.delayed(array.copy(), name=f"fastlinear-{what}-{token}")
 
 
 def _refuse_buffers(**given):

@@ -274,7 +274,7 @@ def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = No
     elif X2.shape[0] * M * call.dtype.itemsize * (1 + saves_z) > HOST_MEMORY_BYTES \
             and _library(X) == "numpy":
         _check_size([("Y", shape)] + [("Z", shape)] * saves_z, call.dtype)
-    Z = _arrays.namespace(X).empty((X2.shape[0], M), call.dtype) if saves_z else None
+    Z = _arrays.empty_like_device(X, (X2.shape[0], M), call.dtype) if saves_z else None
     Y = call.module.forward(X2, call.W, b, out_2d, activation=activation, preactivation=Z)
     Y = out if out is not None else _give_back(Y.reshape(shape), call.data_back)
     if not return_saved:

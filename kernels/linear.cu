@@ -161,37 +161,43 @@ __device__ __forceinline__ void store_output(T* Y, T* Z, int write_z, int activa
 // ---------------------------------------------------------------------------------------------
 // Bias broadcast: Y[row, col] = b[col]. The output is then finished by cuBLAS with beta = 1
 // (Y = X @ W + 1 * Y), so the bias costs one write pass and no separate read-modify-write pass.
-// Block: BIAS_THREADS threads along columns; grid.x covers the columns, grid.y strides the rows,
-// so each thread loads its bias element once and writes it down a column.
+// Block: BIAS_THREADS threads, blockDim.x along columns (all BIAS_THREADS for wide outputs; for
+// narrow ones the power of two that covers the columns, so the rest of the block takes rows:
+// cupy_launch.rows_launch), blockDim.y along rows. grid.x covers the columns, grid.y strides the
+// rows, so each thread loads its bias element once and writes it down a column.
 template <typename T>
 __device__ void fill_rows_with_bias(T* Y, const T* bias, index_t bias_stride, index_t rows,
                                     index_t cols)
 {
-    const index_t col = blockIdx.x * (index_t)BIAS_THREADS + threadIdx.x;
+    const index_t col = blockIdx.x * (index_t)blockDim.x + threadIdx.x;
     if (col >= cols) {
         return;
     }
     const T value = bias[col * bias_stride];
-    for (index_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const index_t row_step = (index_t)gridDim.y * blockDim.y;
+    for (index_t row = blockIdx.y * (index_t)blockDim.y + threadIdx.y; row < rows;
+         row += row_step) {
         Y[row * cols + col] = value;
     }
 }
 
 // The cuBLAS path's epilogue with an activation, after a beta = 0 GEMM wrote X @ W into Y:
 // z = Y + b (b optional), Z = z when write_z, Y = act(z), in one read and one write of Y.
-// Same grid as fill_rows_with_bias.
+// Same grid and block as fill_rows_with_bias.
 template <typename T>
 __device__ void bias_activation_epilogue(T* Y, const T* bias, index_t bias_stride, int has_bias,
                                          int activation, T* Z, int write_z, index_t rows,
                                          index_t cols)
 {
     typedef typename Accumulator<T>::type acc_t;
-    const index_t col = blockIdx.x * (index_t)BIAS_THREADS + threadIdx.x;
+    const index_t col = blockIdx.x * (index_t)blockDim.x + threadIdx.x;
     if (col >= cols) {
         return;
     }
     const acc_t value = has_bias ? widen(bias[col * bias_stride]) : acc_t(0);
-    for (index_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const index_t row_step = (index_t)gridDim.y * blockDim.y;
+    for (index_t row = blockIdx.y * (index_t)blockDim.y + threadIdx.y; row < rows;
+         row += row_step) {
         const index_t index = row * cols + col;
         store_output(Y, Z, write_z, activation, index, plus(widen(Y[index]), value));
     }
@@ -200,14 +206,17 @@ __device__ void bias_activation_epilogue(T* Y, const T* bias, index_t bias_strid
 // ---------------------------------------------------------------------------------------------
 // The backward pass's one read of dY: G = dY * act'(saved) into the C-contiguous G (only with an
 // activation; G then feeds the two GEMMs) and, when has_db, db (+)= G.sum(axis=0).
-// Block: COLSUM_LANES x COLSUM_ROW_LANES threads; threadIdx.x walks 32 adjacent columns of dY
-// (coalesced for C-ordered dY), threadIdx.y walks the rows of the block's row split with stride
-// COLSUM_ROW_LANES. Grid: (ceil(cols / 32), splits); split s sums rows
-// [s * rows_per_split, (s + 1) * rows_per_split).
-// With one split the block writes db directly. With several, each block stores its column sums
-// in partials[s, col]; the last block of a column tile to finish (counted with an atomic ticket
-// in tile_counters, fresh zeros for every launch) adds the partials in split order, so the
-// result does not depend on block scheduling.
+// Block: COLSUM_LANES * COLSUM_ROW_LANES threads; threadIdx.x walks blockDim.x adjacent columns
+// of dY (COLSUM_LANES, coalesced for C-ordered dY; for narrow dY the power of two that covers
+// its columns, see cupy_launch.column_sum_launch), threadIdx.y walks the rows of the block's row
+// split with stride blockDim.y (a power of two). Grid: (ceil(cols / blockDim.x), splits); split
+// s sums rows [s * rows_per_split, (s + 1) * rows_per_split).
+// The row lanes' sums are added by a tree in shared memory (a fixed order). With one split the
+// block writes db directly. With several, each block stores its column sums in partials[s, col];
+// the last block of a column tile to finish (counted with an atomic ticket in tile_counters)
+// adds the partials in split order, so the result does not depend on block scheduling. The
+// thread that draws the last ticket sets its counter back to 0: the counters are all zero again
+// when the launch ends, so the host keeps one zeroed buffer per device and stream.
 template <typename T>
 __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t col_stride,
                                      const T* saved, index_t saved_row_stride,
@@ -218,19 +227,21 @@ __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t co
                                      unsigned int* tile_counters)
 {
     typedef typename Accumulator<T>::type acc_t;
-    __shared__ acc_t lane_sums[COLSUM_ROW_LANES][COLSUM_LANES];
+    __shared__ acc_t lane_sums[COLSUM_ROW_LANES * COLSUM_LANES];
     __shared__ bool is_last_block;
 
     const int lane = threadIdx.x;
     const int row_lane = threadIdx.y;
-    const index_t col = blockIdx.x * (index_t)COLSUM_LANES + lane;
+    const int lanes = blockDim.x;
+    const int row_lanes = blockDim.y;
+    const index_t col = blockIdx.x * (index_t)lanes + lane;
     const index_t row_begin = blockIdx.y * rows_per_split;
     const index_t row_end = smaller(rows, row_begin + rows_per_split);
 
     acc_t sum = 0;
     if (col < cols) {
         const T* column = dY + col * col_stride;
-        for (index_t row = row_begin + row_lane; row < row_end; row += COLSUM_ROW_LANES) {
+        for (index_t row = row_begin + row_lane; row < row_end; row += row_lanes) {
             acc_t gradient = widen(column[row * row_stride]);
             if (activation != FASTLINEAR_ACT_NONE) {
                 gradient = activation_grad(
@@ -244,12 +255,16 @@ __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t co
     if (!has_db) {
         return;  // the same for every thread: no barrier below is left waiting
     }
-    lane_sums[row_lane][lane] = sum;
+    lane_sums[row_lane * lanes + lane] = sum;
     __syncthreads();
-    if (row_lane == 0) {
-        for (int other = 1; other < COLSUM_ROW_LANES; ++other) {
-            sum = plus(sum, lane_sums[other][lane]);
+    // Tree over the row lanes: lane sums at [0, half) take those at [half, 2 half); the reads
+    // are of slots no thread writes in the same round. The total ends in row lane 0's sum.
+    for (int half = row_lanes / 2; half > 0; half /= 2) {
+        if (row_lane < half) {
+            sum = plus(sum, lane_sums[(row_lane + half) * lanes + lane]);
+            lane_sums[row_lane * lanes + lane] = sum;
         }
+        __syncthreads();
     }
 
     if (gridDim.y == 1) {
@@ -270,6 +285,9 @@ __device__ void gradient_column_sums(const T* dY, index_t row_stride, index_t co
         __threadfence();
         const unsigned int ticket = atomicAdd(tile_counters + blockIdx.x, 1u);
         is_last_block = (ticket == gridDim.y - 1);
+        if (is_last_block) {
+            tile_counters[blockIdx.x] = 0u;  // every other block of the tile has drawn its ticket
+        }
     }
     __syncthreads();
     if (!is_last_block) {

@@ -80,14 +80,13 @@ def emulated_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc, beta=0.0):
 
 
 def backend_gemm_call(P, Q, C, beta):
-    """The backend's ``_gemm_call`` with cuBLAS replaced by ``emulated_gemm`` (NumPy arrays)."""
-    P, p_layout = cupy_backend._blas_operand(P)
-    Q, q_layout = cupy_backend._blas_operand(Q)
-    n, k = P.shape
-    m = Q.shape[1]
-    assert max(n, m, k) <= cupy_launch.GEMM_MAX_DIM, "a GEMM dimension beyond a C int"
-    transa, transb, m_, n_, k_, lda, ldb, ldc = cupy_launch.gemm_arguments(p_layout, q_layout,
-                                                                           n, m, k)
+    """The backend's ``_gemm_call`` with cuBLAS replaced by ``emulated_gemm`` (NumPy arrays):
+    the backend's own plan (``_gemm_plan``: which operand to copy, the cuBLAS arguments)."""
+    copy_p, copy_q, arguments = cupy_backend._gemm_plan(P, Q)
+    P = np.ascontiguousarray(P) if copy_p else P
+    Q = np.ascontiguousarray(Q) if copy_q else Q
+    transa, transb, m_, n_, k_, lda, ldb, ldc = arguments
+    assert max(m_, n_, k_) <= cupy_launch.GEMM_MAX_DIM, "a GEMM dimension beyond a C int"
     assert C.flags.c_contiguous
     emulated_gemm(transa, transb, m_, n_, k_, flat_from_first_element(Q), lda,
                   flat_from_first_element(P), ldb, C.reshape(-1), ldc, beta)
@@ -119,23 +118,34 @@ def build_host_kernels(directory):
 
 
 class HostKernel:
-    """Stands in for a ``cupy.RawKernel``: ``kernel(grid, block, args)`` runs it on the CPU."""
+    """Stands in for a ``cupy.RawKernel``: ``kernel(grid, block, args)`` runs it on the CPU.
+
+    Each argument is held to the kernel's ``KERNEL_SIGNATURES`` entry as CuPy would pass it:
+    "ptr" an array, "i64" a Python int or ``np.int64`` (CuPy passes Python ints as 64-bit),
+    "i32" exactly an ``np.int32`` (a Python int there would be read as the wrong width on a GPU).
+    """
 
     def __init__(self, host, name):
         self.host, self.name = host, name
+        self.signature = cupy_launch.KERNEL_SIGNATURES[name.rpartition("_")[0]]
 
     def __call__(self, grid, block, args):
         assert grid[2] == 1 and block[2] == 1 and block[0] * block[1] <= 1024
+        assert isinstance(args, tuple), f"{self.name}: CuPy takes the arguments as a tuple"
+        assert len(args) == len(self.signature), (
+            f"{self.name} takes {len(self.signature)} arguments, got {len(args)}")
         holders = []
-        for value in args:
-            if isinstance(value, np.ndarray):
+        for index, (kind, value) in enumerate(zip(self.signature, args, strict=True)):
+            where = f"{self.name} argument {index} ({kind})"
+            if kind == "ptr":
+                assert isinstance(value, np.ndarray), f"{where}: got {type(value)}"
                 holders.append(ctypes.c_void_p(value.ctypes.data))
-            elif isinstance(value, np.int64):
+            elif kind == "i64":
+                assert type(value) in (int, np.int64), f"{where}: got {type(value)}"
                 holders.append(ctypes.c_longlong(int(value)))
-            elif isinstance(value, np.int32):
-                holders.append(ctypes.c_int(int(value)))
             else:
-                raise TypeError(f"{self.name}: argument of type {type(value)}")
+                assert type(value) is np.int32, f"{where}: got {type(value)}"
+                holders.append(ctypes.c_int(int(value)))
         pointers = (ctypes.c_void_p * len(holders))(
             *[ctypes.cast(ctypes.pointer(holder), ctypes.c_void_p) for holder in holders])
         status = self.host.emulate_launch(self.name.encode(), grid[0], grid[1], block[0],

@@ -6,6 +6,8 @@ helpers that decide cuBLAS arguments, forward paths and launch shapes (the cuBLA
 checked by an emulation of cuBLAS's column-major GEMM on NumPy buffers).
 """
 
+import ctypes
+import dataclasses
 import math
 import pathlib
 import sys
@@ -111,15 +113,17 @@ class _DeviceArray:
 
 
 def test_call_runs_on_the_device_of_its_arrays():
-    arrays = (("X", _DeviceArray(1)), ("W", _DeviceArray(1)), ("b", None),
-              ("out", np.empty(2)))
-    assert cupy_backend._call_device(arrays) == 1
-    assert cupy_backend._call_device((("X", np.empty(2)), ("W", None))) is None
+    names = ("X", "W", "b", "out")
+    arrays = (_DeviceArray(1), _DeviceArray(1), None, np.empty(2))
+    assert cupy_backend._call_device(names, arrays) == (1, True)
+    assert cupy_backend._call_device(names[:2], arrays[:2]) == (1, False)
+    assert cupy_backend._call_device(("X", "W"), (np.empty(2), None)) == (None, True)
 
 
 def test_arrays_on_two_devices_are_refused_naming_each():
-    with pytest.raises(ValueError, match="X on device 0, W on device 1"):
-        cupy_backend._call_device((("X", _DeviceArray(0)), ("W", _DeviceArray(1))))
+    with pytest.raises(ValueError, match="X on device 0, W on device 1, out on device 1"):
+        cupy_backend._call_device(("X", "W", "b", "out"),
+                                  (_DeviceArray(0), _DeviceArray(1), None, _DeviceArray(1)))
 
 
 def test_reason_says_no_cuda_device(monkeypatch):
@@ -213,11 +217,21 @@ def test_blas_layout(layout, expected):
     assert cupy_launch.blas_layout(a.shape, a.strides, a.itemsize) == expected
 
 
-def test_forward_path_rule():
-    small = cupy_launch.SMALL_BATCH_MAX_ROWS
+@pytest.fixture
+def default_thresholds():
+    """The path rule's default thresholds, restored after the test whatever it applied."""
+    previous = cupy_launch.current_thresholds()
+    cupy_launch.apply_thresholds(None)
+    yield cupy_launch.DEFAULT_THRESHOLDS
+    cupy_launch.apply_thresholds(previous)
+
+
+def test_forward_path_rule(default_thresholds):
+    small = default_thresholds.small_batch_max_rows
     rule = cupy_launch.forward_path
-    assert rule(1, 8192, 8192, True, 132) == "small_batch"
+    assert rule(1, 8192, 8192, True, 132) == "small_batch"  # a GEMV filling the GPU
     assert rule(small, 4096, 4096, True, 132) == "small_batch"
+    assert rule(small, 64, 32, True, 132) == "small_batch"  # one block, short D
     assert rule(1, 8192, 8192, False, 132) == "cublas"
     assert rule(small + 1, 64, 64, True, 132) == "tiled"
     assert rule(32, 64, 128, True, 132) == "tiled"  # the demo's layer: few blocks, short D
@@ -228,12 +242,51 @@ def test_forward_path_rule():
             pass
 
 
-@pytest.mark.parametrize("n, d, m", [(1, 2**18, 1), (8, 2**16, 32), (9, 2**18, 1),
-                                     (64, 2**12 + 1, 8)])
-def test_forward_path_sends_long_thin_shapes_to_cublas(n, d, m):
-    """Neither kernel splits D: a few blocks walking a long D would leave the GPU idle (issue
-    12's speed cliff), so such shapes go to cuBLAS, which splits it."""
+@pytest.mark.parametrize("n, d, m", [(16, 2048, 128), (32, 2048, 64), (8, 2048, 32),
+                                     (64, 512, 64), (1, 2**18, 1), (8, 2**16, 32),
+                                     (9, 2**18, 1), (64, 2**12 + 1, 8)])
+def test_forward_path_sends_long_inner_dimensions_to_cublas(default_thresholds, n, d, m):
+    """Neither kernel splits D or prefetches along it: a few blocks walking a long D wait a
+    global round trip per step (issue 19's cliff, ~40-100 us at D = 2048), so such shapes go to
+    cuBLAS, which splits D."""
+    assert d > default_thresholds.own_kernel_max_inner
     assert cupy_launch.forward_path(n, d, m, True, 132) == "cublas"
+
+
+@pytest.mark.parametrize("n, d, m", [(1, 64, 64), (8, 256, 32), (32, 64, 128), (256, 128, 64)])
+def test_forward_path_sends_column_major_weights_to_cublas(default_thresholds, n, d, m):
+    """Both kernels read rows of W with adjacent threads: a column-major W would be read
+    uncoalesced, so only cuBLAS (which transposes in its loads) takes it."""
+    assert cupy_launch.forward_path(n, d, m, True, 132) != "cublas"
+    assert cupy_launch.forward_path(n, d, m, False, 132) == "cublas"
+
+
+def test_thresholds_move_the_rule_and_restore(default_thresholds):
+    rule = cupy_launch.forward_path
+    assert rule(16, 2048, 128, True, 132) == "cublas"
+    applied = cupy_launch.apply_thresholds({"own_kernel_max_inner": 4096})
+    assert applied == {**dataclasses.asdict(default_thresholds), "own_kernel_max_inner": 4096}
+    assert cupy_launch.current_thresholds() == applied
+    assert rule(16, 2048, 128, True, 132) == "tiled"
+    cupy_launch.apply_thresholds({"small_batch_max_rows": 16, "tiled_max_work": 1})
+    assert cupy_launch.current_thresholds()["own_kernel_max_inner"] == 256  # back to default
+    assert rule(16, 64, 64, True, 132) == "small_batch"
+    assert rule(17, 64, 64, True, 132) == "cublas"
+    assert cupy_launch.apply_thresholds(None) == dataclasses.asdict(default_thresholds)
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"own_kernel_max_inner": 0}, "must be a positive int, got 0"),
+    ({"tiled_max_work": 2.5}, "must be a positive int, got 2.5"),
+    ({"small_batch_max_rows": True}, "must be a positive int, got True"),
+    ({"own_kernel_max_inner": 64, "tile_rows": 32}, r"unknown cupy path threshold\(s\) "
+                                                    r"\['tile_rows'\]")])
+def test_bad_thresholds_are_refused_and_change_nothing(default_thresholds, values, match):
+    cupy_launch.apply_thresholds({"tiled_max_work": 1000})
+    before = cupy_launch.current_thresholds()
+    with pytest.raises(ValueError, match=match):
+        cupy_launch.apply_thresholds(values)
+    assert cupy_launch.current_thresholds() == before
 
 
 def test_gemm_chunks_cover_each_dimension_within_a_c_int():
@@ -279,8 +332,9 @@ def test_forward_launch_covers_the_output(n, m):
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
 def test_column_sum_launch_splits_rows_without_gaps(rows, cols, sm_count):
     grid, block, rows_per_split = cupy_launch.column_sum_launch(rows, cols, sm_count)
-    assert block == (32, 8, 1)
-    assert (grid[0] - 1) * 32 < cols <= grid[0] * 32
+    lanes = min(32, 1 << (cols - 1).bit_length())  # narrow dY: the other threads take rows
+    assert block == (lanes, 256 // lanes, 1)
+    assert (grid[0] - 1) * lanes < cols <= grid[0] * lanes
     splits = grid[1]
     assert 1 <= splits <= cupy_launch.MAX_GRID_Y
     assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split  # none empty, all rows
@@ -292,8 +346,10 @@ def test_column_sum_launch_splits_rows_without_gaps(rows, cols, sm_count):
 @given(rows=st.integers(1, 10**7), cols=st.integers(1, 10**6), sm_count=st.integers(1, 200))
 def test_rows_launch_covers_the_columns(rows, cols, sm_count):
     grid, block = cupy_launch.rows_launch(rows, cols, sm_count)
+    assert block[0] * block[1] == cupy_launch.BIAS_THREADS and block[2] == 1
+    assert block[0] == min(cupy_launch.BIAS_THREADS, 1 << (cols - 1).bit_length())
     assert (grid[0] - 1) * block[0] < cols <= grid[0] * block[0]
-    assert 1 <= grid[1] <= min(rows, cupy_launch.MAX_GRID_Y)
+    assert 1 <= grid[1] <= min(math.ceil(rows / block[1]), cupy_launch.MAX_GRID_Y)
 
 
 def test_kernel_source_prefixes_each_file_with_its_line_directive(tmp_path):
@@ -305,6 +361,213 @@ def test_kernel_source_prefixes_each_file_with_its_line_directive(tmp_path):
                                    f'#line 1 "{tmp_path}/odd \\"name\\".cu"', "int b;"]
     assert cupy_launch.kernel_source().startswith('#line 1 "')
     assert cupy_launch.kernel_source().rstrip().endswith("FASTLINEAR_KERNELS(f64, double)")
+
+
+# --- allocations on the device of the call's arrays (issue 19: no GPU needed) ------------------
+
+class _OnDevice(np.ndarray):
+    """A NumPy array posing as a CuPy array on one of two devices (its library is "cupy")."""
+
+    __module__ = "cupy._core.core"
+
+    def __array_finalize__(self, obj):
+        self.device_id = getattr(obj, "device_id", _TwoDeviceCupy.current)
+
+    @property
+    def device(self):
+        return _TwoDeviceCupy.Device(self.device_id)
+
+
+class _TwoDeviceCupy(types.ModuleType):
+    """The allocation functions of CuPy on a machine of two devices: new arrays land on the
+    current device, which ``Device(i)`` sets inside a ``with`` block."""
+
+    current = 0
+
+    class Device:
+        def __init__(self, device_id):
+            self.id = device_id
+
+        def __enter__(self):
+            self.previous, _TwoDeviceCupy.current = _TwoDeviceCupy.current, self.id
+            return self
+
+        def __exit__(self, *exc):
+            _TwoDeviceCupy.current = self.previous
+            return False
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype).view(_OnDevice)
+
+    @staticmethod
+    def full(shape, value, dtype):
+        return np.full(shape, np.asarray(value), dtype).view(_OnDevice)
+
+
+@pytest.fixture
+def two_devices(monkeypatch):
+    """CuPy with device 0 current; ``on(i, array)`` puts a copy of ``array`` on device i."""
+    monkeypatch.setitem(sys.modules, "cupy", _TwoDeviceCupy("cupy"))
+    monkeypatch.setattr(_TwoDeviceCupy, "current", 0)
+
+    def on(device_id, array):
+        with _TwoDeviceCupy.Device(device_id):
+            return np.asarray(array).copy().view(_OnDevice)
+    return on
+
+
+def test_helpers_allocate_on_the_device_of_the_array(two_devices):
+    from fastlinear import _arrays
+
+    X = two_devices(1, np.ones((2, 3)))
+    assert X.device_id == 1 and _TwoDeviceCupy.current == 0
+    assert _arrays.empty_like_device(X, (2, 4), np.dtype(np.float32)).device_id == 1
+    for b in (np.float32(2.0).reshape(1), np.float32(2.0).reshape(())):
+        bias = _arrays.as_bias(two_devices(1, b), 4, np.dtype(np.float32))
+        assert bias.device_id == 1 and bias.shape == (4,) and np.all(np.asarray(bias) == 2)
+    assert _TwoDeviceCupy.current == 0
+    assert type(_arrays.empty_like_device(np.ones(2), (3,), np.dtype(np.float64))) is np.ndarray
+
+
+def test_gelu_forward_saving_z_on_another_device(two_devices, monkeypatch):
+    """With GELU and return_saved the pre-activation buffer and a (1,) bias broadcast are made
+    by fastlinear before the backend runs: on X's device (1), not the current one (0), so the
+    backend's one-device check passes (issue 19's multi-GPU crash)."""
+    from fastlinear import _dispatch
+
+    seen = {}
+
+    def forward(X, W, b, out, *, activation=None, preactivation=None):
+        seen.update(X=X.device_id, b=b.device_id, Z=preactivation.device_id)
+        preactivation[...] = 0.5
+        return _TwoDeviceCupy.full((X.shape[0], W.shape[1]), 1.0, X.dtype)
+
+    fake = types.SimpleNamespace(NAME="cupy", DTYPES=cupy_backend.DTYPES,
+                                 ARRAY_LIBRARIES=("cupy",), forward=forward)
+    monkeypatch.setitem(_dispatch._modules, "cupy", fake)
+    X, W = two_devices(1, np.ones((2, 3), np.float32)), two_devices(1, np.ones((3, 4), np.float32))
+    b = two_devices(1, np.float32(0.5).reshape(1))
+    Y, Z = fastlinear.linear_forward(X, W, b, activation="gelu", backend="cupy",
+                                     return_saved=True)
+    assert seen == {"X": 1, "b": 1, "Z": 1} and Z.device_id == 1
+    assert np.all(np.asarray(Z) == 0.5) and Y.shape == (2, 4)
+
+
+# --- cuBLAS handle modes around a GEMM (no GPU needed) ------------------------------------------
+
+class _RecordingCublas:
+    """CuPy's cublas module as _gemm_call uses it: the handle's modes, and what gemmEx saw."""
+
+    CUBLAS_POINTER_MODE_HOST, CUBLAS_POINTER_MODE_DEVICE = 0, 1
+
+    def __init__(self, pointer_mode, math_mode, fail=False):
+        self.pointer_mode, self.math_mode, self.fail = pointer_mode, math_mode, fail
+        self.calls, self.gemms = [], []
+
+    def getPointerMode(self, handle):
+        self.calls.append("getPointerMode")
+        return self.pointer_mode
+
+    def setPointerMode(self, handle, mode):
+        self.calls.append("setPointerMode")
+        self.pointer_mode = mode
+
+    def getMathMode(self, handle):
+        self.calls.append("getMathMode")
+        return self.math_mode
+
+    def setMathMode(self, handle, mode):
+        self.calls.append("setMathMode")
+        self.math_mode = mode
+
+    def gemmEx(self, *args):
+        self.calls.append("gemmEx")
+        self.gemms.append((self.pointer_mode, self.math_mode, args))
+        if self.fail:
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+
+
+class _DeviceMatrix:
+    """A cupy.ndarray as _gemm_call reads it: shape, strides, dtype and a device pointer."""
+
+    def __init__(self, shape, dtype, order="C", ptr=0x1000):
+        layout = np.empty(shape, dtype, order=order)
+        self.shape, self.strides, self.itemsize = layout.shape, layout.strides, layout.itemsize
+        self.dtype, self.data = layout.dtype, types.SimpleNamespace(ptr=ptr)
+
+
+def _host_scalar(pointer, dtype):
+    return np.frombuffer((ctypes.c_char * np.dtype(dtype).itemsize).from_address(pointer),
+                         dtype)[0]
+
+
+@pytest.fixture
+def recording_cublas(monkeypatch):
+    def install(pointer_mode, math_mode, fail=False):
+        cublas = _RecordingCublas(pointer_mode, math_mode, fail)
+        fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+            device=types.SimpleNamespace(get_cublas_handle=lambda: 7)))
+        monkeypatch.setattr(cupy_backend, "_cublas", lambda: cublas)
+        monkeypatch.setattr(cupy_backend, "_cupy", lambda: fake_cupy)
+        return cublas
+    return install
+
+
+NO_REDUCTION = cupy_launch.CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("pointer_mode", [0, 1])
+@pytest.mark.parametrize("math_mode", [0, 1, NO_REDUCTION, NO_REDUCTION | 1])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_gemm_sets_the_modes_it_needs_and_restores_them(recording_cublas, dtype, pointer_mode,
+                                                        math_mode, beta):
+    """Host pointer mode for the host alpha/beta; for float16 (only) the math mode gains
+    CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION, so split-K sums stay float32 (issue 19);
+    both come back as they were, and a handle already right is not touched."""
+    cublas = recording_cublas(pointer_mode, math_mode)
+    P, Q, C = (_DeviceMatrix(shape, dtype) for shape in ((5, 3), (3, 4), (5, 4)))
+    cupy_backend._gemm_call(P, Q, C, beta)
+    ((pointer_during, math_during, args),) = cublas.gemms
+    assert pointer_during == 0
+    if np.dtype(dtype) == np.float16:
+        assert math_during == math_mode | NO_REDUCTION
+    else:
+        assert math_during == math_mode and "getMathMode" not in cublas.calls
+    assert (cublas.pointer_mode, cublas.math_mode) == (pointer_mode, math_mode)
+    touched = [call for call in cublas.calls if call.startswith("set")]
+    expected = 2 * (pointer_mode != 0) + 2 * (np.dtype(dtype) == np.float16
+                                              and not math_mode & NO_REDUCTION)
+    assert len(touched) == expected, cublas.calls
+    scalar = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    data_type, compute_type, _ = cupy_launch.GEMM_TYPES[np.dtype(dtype)]
+    assert args[0] == 7 and args[3:6] == (4, 5, 3)  # handle; cuBLAS's m, n, k of C.T = Q.T P.T
+    assert _host_scalar(args[6], scalar) == 1 and _host_scalar(args[13], scalar) == beta
+    assert (args[8], args[11], args[15], args[17]) == (data_type,) * 3 + (compute_type,)
+
+
+def test_gemm_restores_the_modes_when_cublas_fails(recording_cublas):
+    cublas = recording_cublas(1, 0, fail=True)
+    P, Q, C = (_DeviceMatrix(shape, np.float16) for shape in ((5, 3), (3, 4), (5, 4)))
+    with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
+        cupy_backend._gemm_call(P, Q, C, 0)
+    assert (cublas.pointer_mode, cublas.math_mode) == (1, 0)
+
+
+def test_gemm_plans_are_cached_by_layout(recording_cublas, monkeypatch):
+    """The second GEMM of the same operand layouts reuses the plan: same cuBLAS arguments."""
+    monkeypatch.setattr(cupy_backend, "_gemm_plans", {})
+    cublas = recording_cublas(0, 0)
+    P, Q, C = _DeviceMatrix((6, 3), np.float32, "F"), _DeviceMatrix((3, 4), np.float32), \
+        _DeviceMatrix((6, 4), np.float32)
+    cupy_backend._gemm_call(P, Q, C, 0)
+    cupy_backend._gemm_call(P, Q, C, 1)
+    assert len(cupy_backend._gemm_plans) == 1
+    first, second = (args for _, _, args in cublas.gemms)
+    assert first[:6] == second[:6] == (7, cupy_launch.CUBLAS_OP_N, cupy_launch.CUBLAS_OP_T,
+                                       4, 6, 3)
+    assert (first[9], first[12], first[16]) == (4, 6, 4)  # lda, ldb, ldc
 
 
 # --- on the GPU --------------------------------------------------------------------------------
@@ -699,9 +962,28 @@ def test_every_path_keeps_float32_subnormals_as_cublas(cp):
         assert np.array_equal(results[path], results["cublas"]), path
 
 
+# compute-sanitizer's tools and the smoke run each gets: racecheck instruments every kernel it
+# sees, so it runs fastlinear's kernels alone (no cuBLAS); memcheck runs every path.
+SANITIZER_RUNS = {"memcheck": (), "racecheck": ("--own-kernels-only",)}
+SANITIZER_TIMEOUT_S = 120  # each; a GPU session has 600 s per command and 15 min in all
+
+
+def sanitizer_command(tool, sanitizer="compute-sanitizer", python=sys.executable):
+    """The command line of one sanitizer run of tests/gpu_sanitizer_smoke.py."""
+    script = pathlib.Path(__file__).with_name("gpu_sanitizer_smoke.py")
+    return [sanitizer, "--tool", tool, "--error-exitcode", "1", python, str(script),
+            *SANITIZER_RUNS[tool]]
+
+
+def test_sanitizer_runs_fit_a_gpu_session():
+    assert 2 * SANITIZER_TIMEOUT_S <= 300
+    assert "--own-kernels-only" in sanitizer_command("racecheck")
+    assert "--own-kernels-only" not in sanitizer_command("memcheck")
+
+
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.parametrize("tool", sorted(SANITIZER_RUNS))
 def test_kernels_are_clean_under_compute_sanitizer(tool):
     import shutil
     import subprocess
@@ -709,8 +991,7 @@ def test_kernels_are_clean_under_compute_sanitizer(tool):
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH")
-    script = pathlib.Path(__file__).with_name("gpu_sanitizer_smoke.py")
-    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable,
-                             str(script)], capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(sanitizer_command(tool, sanitizer), capture_output=True, text=True,
+                            timeout=SANITIZER_TIMEOUT_S)
     assert result.returncode == 0 and "smoke ok" in result.stdout, (
         result.stdout[-4000:] + result.stderr[-4000:])

@@ -248,6 +248,36 @@ def test_auto_is_resolved_in_the_client():
     assert _dask._concrete_backend("auto", "cupy", np.dtype(np.float16)) == "cupy"
 
 
+class DeviceWeights:
+    """A CuPy array as the graph builder sees it; pickling it (a device-to-host copy for a real
+    one) is counted."""
+
+    __module__ = "cupy._core.core"
+    pickled = 0
+
+    def __init__(self):
+        self.shape, self.ndim, self.dtype = (3, 2), 2, np.dtype(np.float32)
+
+    def copy(self):
+        return DeviceWeights()
+
+    def __reduce__(self):
+        DeviceWeights.pickled += 1
+        return (DeviceWeights, ())
+
+
+def test_device_weights_enter_the_graph_unpickled(monkeypatch):
+    """dask's tokenize has no CuPy handler and would pickle W to name its key (issue 19): W and
+    b that are not NumPy arrays get a unique name instead; NumPy ones keep a content name."""
+    monkeypatch.setattr(DeviceWeights, "pickled", 0)
+    first, second = (_dask._graph_constant(dask, DeviceWeights(), "W") for _ in range(2))
+    assert DeviceWeights.pickled == 0
+    assert first.key != second.key and first.key.startswith("fastlinear-W-")
+    W = np.arange(6.0).reshape(3, 2)
+    assert _dask._graph_constant(dask, W, "W").key == _dask._graph_constant(dask, W.copy(),
+                                                                              "W").key
+
+
 @pytest.mark.skipif(GPU_REASON is None, reason="the cupy backend runs here")
 def test_worker_that_cannot_run_the_backend_says_why(client, rng):
     X, W, b, _ = make_inputs(rng, 10, 3, 2, np.float32)
@@ -257,6 +287,7 @@ def test_worker_that_cannot_run_the_backend_says_why(client, rng):
         compute(client, Y)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(GPU_REASON is not None, reason=f"needs CuPy and a CUDA device: {GPU_REASON}")
 def test_cupy_chunks(client, rng):
     import cupy

@@ -36,3 +36,25 @@ def test_torch_side_computes_fastlinears_activations(gpu_bench, activation):
     theirs = gpu_bench.torch_activation(F, torch, activation)(torch.from_numpy(z)).numpy()
     ours = z.copy() if activation is None else activations.apply(activation, z)
     np.testing.assert_allclose(theirs, ours, rtol=1e-12, atol=1e-15)
+
+
+def test_host_overhead_benchmark_runs_with_cupy_stubbed():
+    """benchmarks/gpu_host_overhead.py on any machine (a subprocess: it puts a stub CuPy into
+    sys.modules), with every kernel launch held to KERNEL_SIGNATURES and gemmEx's 19 arguments
+    checked; the last line is what a tracker reads."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = BENCH.with_name("gpu_host_overhead.py")
+    root = str(BENCH.parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    result = subprocess.run([sys.executable, str(script), "--rounds", "1", "--calls", "5",
+                             "--pause", "0", "--check"], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"forward_us=\d+\.\d\d backward_us=\d+\.\d\d", lines[-1]), lines[-1]
+    checked = re.search(r"checked (\d+) launches and (\d+) gemmEx calls", result.stdout)
+    assert checked and int(checked.group(1)) > 0 and int(checked.group(2)) > 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastlinear
-from fastlinear import _dispatch
+from fastlinear import _arrays, _dispatch
 from tests.helpers import SMALL, assert_close, backward_small, forward_small, to_numpy
 from tests.test_layer import NotebookLinear
 
@@ -385,6 +385,33 @@ def test_cuda_memory_without_cupy_names_the_extra(monkeypatch):
     with pytest.raises(TypeError, match=r"X \(.*DeviceArray\) is in CUDA memory, which needs "
                                         r"CuPy: pip install \"fastlinear\[cuda\]\""):
         fastlinear.linear_forward(DeviceArray(2), np.ones((3, 2)))
+
+
+class PinnedArray:
+    """Host memory that says it is CUDA pinned host memory (DLPack device type 3, kDLCUDAHost),
+    as some GPU libraries label page-locked buffers; its data is a NumPy array's."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def __dlpack__(self, **kwargs):
+        return self.host.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (3, 0)
+
+    def __array_namespace__(self):
+        return np
+
+
+def test_pinned_host_memory_is_read_through_numpy(monkeypatch):
+    """cupy.from_dlpack refuses kDLCUDAHost; NumPy reads it in place (issue 19)."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # CuPy must not be needed
+    X = np.arange(6.0).reshape(2, 3)
+    native, _ = _arrays.to_native(PinnedArray(X), "X")
+    assert type(native) is np.ndarray and np.shares_memory(native, X)
+    Y = fastlinear.linear_forward(PinnedArray(X), np.ones((3, 2)), backend="numpy")
+    np.testing.assert_allclose(Y, X @ np.ones((3, 2)))
 
 
 def test_memory_on_another_kind_of_device_is_refused():

@@ -13,6 +13,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -272,3 +273,12 @@ def test_cuda_extra_brings_the_cuda_toolkit_pieces_cupy_compiles_with():
     requirements = pyproject()["optional-dependencies"]["cuda"]
     assert any(req.replace(" ", "").startswith("cupy-cuda13x[ctk]") for req in requirements), \
         requirements
+
+
+def test_cuda_extra_asks_for_a_cupy_that_has_the_ctk_extra():
+    """cupy-cuda13x 13.6 exists, has no ctk extra (pip would ignore it with a warning) and
+    accepts NumPy 1.x; the extra starts at CuPy 14 (issue 19)."""
+    (requirement,) = [req.replace(" ", "") for req in pyproject()["optional-dependencies"]["cuda"]
+                      if req.replace(" ", "").startswith("cupy-cuda13x")]
+    lower = re.fullmatch(r"cupy-cuda13x\[ctk\]>=(\d+)(?:\.\d+)*", requirement)
+    assert lower and int(lower.group(1)) >= 14, requirement

@@ -117,13 +117,49 @@ def _find_nvrtc():
     for candidate in candidates:
         if candidate:
             try:
-                return ctypes.CDLL(str(candidate))
+                return _load_nvrtc(candidate)
             except OSError:
                 continue
     return None
 
 
+def _load_nvrtc(path, load=ctypes.CDLL):
+    """libnvrtc at ``path``, after the ``libnvrtc-builtins`` beside it, loaded globally.
+
+    NVRTC dlopens its builtins by soname at the first compile; a pip-installed libnvrtc 13.0
+    has no RPATH to find them beside it, so without ``LD_LIBRARY_PATH`` that compile failed
+    ("failed to open libnvrtc-builtins.so.13.0"). A library already loaded under that soname is
+    what the dynamic loader returns, so loading it first from the same folder is enough.
+    """
+    path = pathlib.Path(path)
+    if path.parent != pathlib.Path("."):  # a bare name from find_library: the loader's path
+        for builtins in sorted(path.parent.glob("libnvrtc-builtins.so*")):
+            try:
+                load(str(builtins), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+    return load(str(path))
+
+
 NVRTC = _find_nvrtc()
+
+
+def test_nvrtc_loads_its_builtins_from_its_own_folder_first(tmp_path):
+    """The pip wheel's layout: libnvrtc.so.13 beside libnvrtc-builtins.so.13.0 (issue 19)."""
+    for name in ("libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libnvrtc-builtins.alt.so.13.0"):
+        (tmp_path / name).touch()
+    loaded = []
+
+    def load(name, mode=None):
+        loaded.append((pathlib.Path(name).name, mode))
+        return name
+
+    assert _load_nvrtc(tmp_path / "libnvrtc.so.13", load) == str(tmp_path / "libnvrtc.so.13")
+    assert loaded == [("libnvrtc-builtins.so.13.0", ctypes.RTLD_GLOBAL),
+                      ("libnvrtc.so.13", None)]
+    loaded.clear()
+    _load_nvrtc("libnvrtc.so.13", load)  # a bare soname (find_library): nothing beside it
+    assert loaded == [("libnvrtc.so.13", None)]
 
 
 def _nvrtc_compile(source, name, options):

@@ -8,6 +8,8 @@ every activation on every path against ``fastlinear.activations``' NumPy referen
 covered here: CuPy and cuBLAS themselves, NVRTC, and blocks running concurrently.
 """
 
+import types
+
 import numpy as np
 import pytest
 
@@ -38,7 +40,10 @@ def host_kernels(tmp_path_factory):
 
 
 class NumpyAsCupy:
-    """NumPy under the name of CuPy: the few functions the backend calls, ``asnumpy`` included."""
+    """NumPy under the name of CuPy: the few functions the backend calls, ``asnumpy`` included,
+    and one current stream."""
+
+    cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(ptr=0))
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -58,6 +63,7 @@ def _emulate(monkeypatch, host):
     monkeypatch.setattr(cupy_backend, "_device_id", lambda: 0)
     monkeypatch.setattr(cupy_backend, "_sm_count", lambda device_id: 4)
     monkeypatch.setattr(cupy_backend, "_gemm_call", backend_gemm_call)
+    monkeypatch.setattr(cupy_backend, "_devices", {})  # fresh kernels, SM count and counters
     monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 4)  # split small inputs
     return cupy_backend
 
@@ -135,6 +141,84 @@ def test_public_functions_round_trip_host_arrays(backend, rng):
     assert_matches(dX, "dX", reference, np.float32, "dX")
     assert_matches(dW, "dW", reference, np.float32, "dW", previous=dW0)
     assert_matches(db, "db", reference, np.float32, "db", previous=db0)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 13])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_narrow_outputs_put_the_spare_threads_on_rows(backend, rng, M, dtype):
+    """M < 32 (issue 19): the row passes and the column sums take blocks of fewer column lanes
+    and more row lanes; every element is still written once and every row summed once (with
+    row splits: COLSUM_MIN_ROWS_PER_SPLIT is 4 here)."""
+    N, D = 70, 9
+    grid, block = cupy_launch.rows_launch(N, M, 4)
+    assert block[0] < cupy_launch.BIAS_THREADS and block[0] * block[1] == 256
+    grid, block, _ = cupy_launch.column_sum_launch(N, M, 4)
+    assert block[0] < 32 and block[1] > 8 and grid[1] > 1
+    X, W, b, dY = make_inputs(rng, N, D, M, dtype)
+    reference = reference64(X, W, b, dY)
+    with backend.forced_forward_path("cublas"):  # fill_rows_with_bias, then the GEMM
+        Y = backend._forward_device(X, W, b, None)
+    assert_matches(Y, "Y", reference, dtype, f"Y, M={M}")
+    act_reference, saved = activation_reference(X, W, b, dY, "tanh", dtype)
+    Z = np.full((N, M), np.nan, dtype)
+    with backend.forced_forward_path("cublas"):  # bias_activation_epilogue
+        Y = backend._forward_device(X, W, b, None, "relu", Z)
+    assert_within(Z, *act_reference["Z"], f"Z, M={M}")
+    db0 = rng.standard_normal(M).astype(dtype)
+    results = backend._backward_device(dY, X, W, True, True, True, None,
+                                       np.zeros((D, M), dtype), db0.copy())
+    assert_matches(results[2], "db", reference, dtype, f"db, M={M}", previous=db0)
+    dX, dW, db = backend._backward_device(dY, X, W, True, True, False, None, None, None, "tanh",
+                                          saved)
+    for name, value in (("dX", dX), ("dW", dW), ("db", db)):
+        assert_within(value, *act_reference[name], f"tanh {name}, M={M}")
+
+
+def test_tile_counters_are_one_zeroed_buffer_per_stream(backend, rng):
+    """The last block of each column tile sets its counter back to 0, so split column sums
+    reuse one buffer (no fresh zeros per call); it grows when a launch needs more tiles."""
+    state = backend._device_state()
+    buffers = []
+    for cols in (40, 40, 33, 200):
+        dY = rng.standard_normal((70, cols))
+        db = np.empty(cols)
+        backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
+        np.testing.assert_allclose(db, dY.sum(0), rtol=1e-13)
+        (counters,) = state.counters.values()  # one stream
+        assert counters.dtype == np.uint32 and not counters.any()
+        assert counters.size >= cupy_launch.column_sum_launch(70, cols, 4)[0][0]
+        buffers.append(counters)
+    assert buffers[0] is buffers[1] is buffers[2]  # 2 tiles, then 2 again
+    assert buffers[3] is not buffers[0] and buffers[3].size >= 7  # 200 columns: 7 tiles
+
+
+def test_tile_counters_keep_a_few_streams(backend, rng, monkeypatch):
+    """One counter buffer per stream, the oldest forgotten past _MAX_COUNTER_STREAMS (a loop
+    that makes a stream per step must not grow the dict without end)."""
+    monkeypatch.setattr(backend, "_MAX_COUNTER_STREAMS", 2)
+    current = types.SimpleNamespace(ptr=0)
+    monkeypatch.setattr(NumpyAsCupy, "cuda",
+                        types.SimpleNamespace(get_current_stream=lambda: current))
+    state = backend._device_state()
+    dY = rng.standard_normal((70, 40))
+    for stream in (11, 22, 33, 22):
+        current.ptr = stream
+        db = np.empty(40)
+        backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
+        np.testing.assert_allclose(db, dY.sum(0), rtol=1e-13)
+    assert list(state.counters) == [22, 33]
+
+
+def test_kernels_are_looked_up_once_per_device_name_and_dtype(backend, rng, monkeypatch):
+    looked_up = []
+    kernel = backend._kernel
+    monkeypatch.setattr(backend, "_kernel",
+                        lambda name, device: looked_up.append(name) or kernel(name, device))
+    for dtype in (np.float32, np.float32, np.float64):
+        X, W, b, dY = make_inputs(rng, 9, 17, 65, dtype)
+        with backend.forced_forward_path("tiled"):
+            backend._forward_device(X, W, b, None)
+    assert looked_up == ["linear_forward_tiled_f32", "linear_forward_tiled_f64"]
 
 
 # --- fused activations -------------------------------------------------------------------------
@@ -336,3 +420,17 @@ def test_check_command_passes_the_emulated_kernels_in_float16(backend, monkeypat
     status = check.run(["cupy"])
     out = capsys.readouterr().out
     assert status == 0 and "cupy     emulated                 float16" in out, out
+
+
+def test_sanitizer_smoke_script_runs_on_the_emulated_kernels(backend, rng, monkeypatch):
+    """tests/gpu_sanitizer_smoke.py's two parts, on NumPy: every launcher call it makes is valid
+    (argument types checked by HostKernel), so a sanitizer run on a GPU fails only on a fault."""
+    from fastlinear import _dispatch
+    from tests import gpu_sanitizer_smoke as smoke
+
+    monkeypatch.setattr(smoke, "DTYPES", (np.float16,))  # a few cases only: CPU time
+    monkeypatch.setattr(smoke, "SHAPES", smoke.SHAPES[1:])
+    monkeypatch.setattr(smoke, "ACTIVATION_NAMES", (None, "gelu"))
+    assert smoke.own_kernel_launches(np, rng) == 1 * 2 * 2 * 5
+    monkeypatch.setitem(_dispatch._modules, "cupy", backend)
+    assert smoke.public_calls(np, rng) > 0

@@ -34,6 +34,7 @@ Kernels
 import contextlib
 import contextvars
 import functools
+import sys
 
 import numpy as np
 
@@ -44,12 +45,11 @@ from fastlinear.backends.cupy_launch import (
     DTYPE_SUFFIXES,
     FORWARD_PATHS,
     GEMM_TYPES,
-    KERNEL_SIGNATURES,
     column_sum_launch,
-    element_strides,
     forward_launch,
     forward_path,
     gemm_arguments,
+    matrix_steps,
     rows_launch,
 )
 
@@ -119,11 +119,28 @@ def forced_forward_path(path):
 
 
 # --- CuPy plumbing -----------------------------------------------------------------------------
+#
+# Host work per call is kept small (benchmarks/gpu_host_overhead.py measures it with CuPy stubbed
+# out): kernels are looked up per (device, name, dtype) in a dict, scalar kernel arguments go to
+# CuPy as Python ints (CuPy passes those as 64-bit ints, the "i64" of KERNEL_SIGNATURES) or as
+# the cached np.int32 of _I32 ("i32"), strides are read once per array, and cuBLAS's alpha/beta
+# are host constants made once.
 
 def _cupy():
-    import cupy
+    """The cupy module (from ``sys.modules`` once imported: an import statement per use costs
+    more than the rest of a small call's host work)."""
+    module = sys.modules.get("cupy")
+    if module is None:
+        import cupy as module
+    return module
 
-    return cupy
+
+@functools.cache
+def _cublas():
+    """CuPy's cuBLAS wrapper (imported once; CuPy 14 loads libcublas at this import)."""
+    from cupy_backends.cuda.libs import cublas
+
+    return cublas
 
 
 @functools.cache
@@ -133,12 +150,11 @@ def _module():
                              options=cupy_launch.compile_options())
 
 
-@functools.cache
 def _kernel(name, device_id):
+    """The compiled kernel ``name`` (e.g. ``linear_forward_tiled_f32``) on the current device."""
     return _module().get_function(name)
 
 
-@functools.cache
 def _sm_count(device_id):
     return int(_cupy().cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
 
@@ -147,67 +163,120 @@ def _device_id():
     return _cupy().cuda.runtime.getDevice()
 
 
+class _Device:
+    """What the backend keeps per CUDA device: its SM count, its kernels by (name, dtype), and
+    per stream the zeroed tile counters of ``gradient_column_sums`` (its last block per column
+    tile sets its counter back to zero, so one buffer serves every launch on that stream)."""
+
+    __slots__ = ("id", "sm_count", "kernels", "counters")
+
+    def __init__(self, device_id):
+        self.id = device_id
+        self.sm_count = _sm_count(device_id)
+        self.kernels = {}
+        self.counters = {}
+
+    def kernel(self, name, dtype):
+        function = self.kernels.get((name, dtype))
+        if function is None:
+            function = _kernel(f"{name}_{DTYPE_SUFFIXES[np.dtype(dtype)]}", self.id)
+            self.kernels[(name, dtype)] = function
+        return function
+
+    def tile_counters(self, count):
+        """``count`` zeroed uint32 counters for a launch on the current stream."""
+        cupy = _cupy()
+        stream = cupy.cuda.get_current_stream().ptr
+        buffer = self.counters.get(stream)
+        if buffer is None or buffer.size < count:
+            if buffer is None and len(self.counters) >= _MAX_COUNTER_STREAMS:
+                # streams made and dropped in a loop: forget the oldest (CuPy's pool hands a
+                # freed block only to later work on the stream it was used on)
+                del self.counters[next(iter(self.counters))]
+            size = count if buffer is None else max(count, 2 * buffer.size)
+            buffer = self.counters[stream] = cupy.zeros(size, dtype=np.uint32)
+        return buffer
+
+
+_devices: dict[int, _Device] = {}
+_MAX_COUNTER_STREAMS = 16
+
+
+def _device_state(device_id=None):
+    """The ``_Device`` of ``device_id`` (default: the current device), made at first use."""
+    if device_id is None:
+        device_id = _device_id()
+    state = _devices.get(device_id)
+    if state is None:
+        state = _devices[device_id] = _Device(device_id)
+    return state
+
+
 def _is_host(array):
     return isinstance(array, np.ndarray)
 
 
-def _call_device(named_arrays):
-    """The device id of the call's CuPy arrays (None when all are NumPy arrays or None).
+def _call_device(names, arrays):
+    """``(device id, any_host)``: the device of the call's CuPy arrays (None when there is none)
+    and whether any of ``arrays`` is a NumPy array (None entries are skipped).
 
-    Raises ValueError, naming each array's device, when they are on different devices.
+    Raises ValueError, naming each array's device, when the CuPy arrays are on different
+    devices.
     """
-    devices = {name: array.device.id for name, array in named_arrays
-               if array is not None and not _is_host(array)}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{name} on device {device}" for name, device in devices.items())
-        raise ValueError(f"the CuPy arrays of one call must be on one device, got {where}; "
-                         f"copy them to one device first (cupy.asarray inside "
-                         f"`with cupy.cuda.Device(i):`)")
-    return next(iter(devices.values()), None)
+    device = None
+    any_host = False
+    for array in arrays:
+        if array is None:
+            continue
+        if isinstance(array, np.ndarray):
+            any_host = True
+            continue
+        this = array.device.id
+        if device is None:
+            device = this
+        elif this != device:
+            where = ", ".join(f"{name} on device {array.device.id}"
+                              for name, array in zip(names, arrays, strict=True)
+                              if array is not None and not _is_host(array))
+            raise ValueError(f"the CuPy arrays of one call must be on one device, got {where}; "
+                             f"copy them to one device first (cupy.asarray inside "
+                             f"`with cupy.cuda.Device(i):`)")
+    return device, any_host
+
+
+_SAME_DEVICE = contextlib.nullcontext()
 
 
 def _on_device(device_id):
     """A context that makes ``device_id`` current (the current device stays when None)."""
-    return contextlib.nullcontext() if device_id is None else _cupy().cuda.Device(device_id)
+    return _SAME_DEVICE if device_id is None else _cupy().cuda.Device(device_id)
 
 
-def _launch(kernel, dtype, grid, block, *args):
-    """Launch ``kernel`` for ``dtype`` with ``args`` converted by ``KERNEL_SIGNATURES``."""
-    signature = KERNEL_SIGNATURES[kernel]
-    if len(args) != len(signature):
-        raise TypeError(f"{kernel} takes {len(signature)} arguments, got {len(args)}")
-    converted = []
-    for kind, value in zip(signature, args, strict=True):
-        if kind == "i64":
-            converted.append(np.int64(value))
-        elif kind == "i32":
-            converted.append(np.int32(value))
-        else:
-            converted.append(value)
-    function = _kernel(f"{kernel}_{DTYPE_SUFFIXES[np.dtype(dtype)]}", _device_id())
-    function(grid, block, tuple(converted))
+# np.int32 arguments ("i32"): flags and activation codes, boxed once.
+_I32 = tuple(np.int32(value) for value in range(max(2, max(ACTIVATION_CODES.values()) + 1)))
+_ACTIVATION_ARGS = {name: _I32[code] for name, code in ACTIVATION_CODES.items()}
+
+
+def _launch(state, kernel, dtype, grid, block, args):
+    """Launch ``kernel`` (a name of ``KERNEL_SIGNATURES``) for ``dtype`` on ``state``'s device.
+
+    ``args`` are already of the kernel's types: CuPy arrays ("ptr"), Python ints ("i64") and
+    ``np.int32`` ("i32"); tests/test_kernels_emulated.py holds every call to the signatures.
+    """
+    state.kernel(kernel, dtype)(grid, block, args)
 
 
 def _strided(array):
     """``(array, row_step, col_step)`` for a kernel; copies if a stride is not whole elements."""
-    steps = element_strides(array)
+    steps = matrix_steps(array)
     if steps is None:
         array = _cupy().ascontiguousarray(array)
-        steps = element_strides(array)
+        steps = matrix_steps(array)
     return array, steps[0], steps[1]
 
 
-def _blas_operand(array):
-    """``(array, layout)`` readable by cuBLAS, copying to C order only when it must."""
-    layout = cupy_launch.blas_layout(array.shape, array.strides, array.itemsize)
-    if layout is None:
-        array = _cupy().ascontiguousarray(array)
-        layout = (True, max(array.shape[1], 1))
-    return array, layout
-
-
 def _gemm(P, Q, C, beta):
-    """``C = P @ Q + beta * C``; C is C-contiguous, no dimension is zero.
+    """``C = P @ Q + beta * C`` (beta 0 or 1); C is C-contiguous, no dimension is zero.
 
     cuBLAS takes C ints: rows of P and C beyond ``GEMM_MAX_DIM`` are split over several GEMMs,
     and so is the inner dimension (the later pieces add into C with beta = 1).
@@ -217,143 +286,202 @@ def _gemm(P, Q, C, beta):
     if m > cupy_launch.GEMM_MAX_DIM:
         raise ValueError(f"a GEMM output of {m} columns is beyond cuBLAS's limit of "
                          f"{cupy_launch.GEMM_MAX_DIM} (C int); shape {P.shape} @ {Q.shape}")
+    if n <= cupy_launch.GEMM_MAX_DIM and k <= cupy_launch.GEMM_MAX_DIM:
+        _gemm_call(P, Q, C, beta)
+        return
     for row_start, row_stop in cupy_launch.gemm_chunks(n):
         for index, (k_start, k_stop) in enumerate(cupy_launch.gemm_chunks(k)):
             _gemm_call(P[row_start:row_stop, k_start:k_stop], Q[k_start:k_stop],
                        C[row_start:row_stop], beta if index == 0 else 1)
 
 
-def _gemm_call(P, Q, C, beta):
-    """One cuBLAS gemmEx, ``C = P @ Q + beta * C``, every dimension within a C int."""
-    from cupy_backends.cuda.libs import cublas
+def _host_scalars():
+    """``{dtype: (cuBLAS data type, compute type, {alpha/beta value: host pointer})}``.
 
-    P, p_layout = _blas_operand(P)
-    Q, q_layout = _blas_operand(Q)
+    cuBLAS reads alpha and beta through host pointers during the call (host pointer mode); the
+    arrays behind them are made once and kept here for the life of the process.
+    """
+    plans = {}
+    for dtype, (data_type, compute_type, scalar_type) in GEMM_TYPES.items():
+        holders = {value: np.full((), value, dtype=scalar_type) for value in (0, 1)}
+        _SCALAR_HOLDERS.extend(holders.values())
+        plans[dtype] = (data_type, compute_type,
+                        {value: holder.ctypes.data for value, holder in holders.items()})
+    return plans
+
+
+_SCALAR_HOLDERS: list[np.ndarray] = []
+_HOST_SCALARS = _host_scalars()
+_FLOAT16 = np.dtype(np.float16)
+_POINTER_MODE_HOST = 0  # CUBLAS_POINTER_MODE_HOST (cublas_api.h)
+_NO_REDUCTION = cupy_launch.CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
+_GEMM_ALGORITHM = cupy_launch.CUBLAS_GEMM_DEFAULT
+
+
+def _gemm_plan(P, Q):
+    """``(copy_p, copy_q, cuBLAS arguments)`` of ``C = P @ Q``: which operand must be copied to
+    C order first (one cuBLAS cannot read in place), and ``gemm_arguments`` for what it reads."""
+    p_layout = cupy_launch.blas_layout(P.shape, P.strides, P.itemsize)
+    q_layout = cupy_launch.blas_layout(Q.shape, Q.strides, Q.itemsize)
     n, k = P.shape
     m = Q.shape[1]
-    transa, transb, m, n, k, lda, ldb, ldc = gemm_arguments(p_layout, q_layout, n, m, k)
-    data_type, compute_type, scalar_type = GEMM_TYPES[C.dtype]
-    # Host scalars: cuBLAS reads them during the call, so these arrays need only outlive it.
-    alpha_value = np.array(1, dtype=scalar_type)
-    beta_value = np.array(beta, dtype=scalar_type)
+    arguments = gemm_arguments(p_layout or (True, max(k, 1)), q_layout or (True, max(m, 1)),
+                               n, m, k)
+    return p_layout is None, q_layout is None, arguments
+
+
+# GEMM plans by the operands' shapes, strides and itemsize: a layer calls the same few shapes
+# again and again. Cleared when it grows past _GEMM_PLANS_MAX entries.
+_gemm_plans: dict[tuple, tuple] = {}
+_GEMM_PLANS_MAX = 1024
+
+
+def _gemm_call(P, Q, C, beta):
+    """One cuBLAS gemmEx, ``C = P @ Q + beta * C``, every dimension within a C int.
+
+    The handle is CuPy's, shared with the caller: its pointer mode is set to host only when it
+    is not, and for float16 ``CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION`` is ORed into its
+    math mode (else split-K partial sums may be reduced in float16); both are restored after.
+    """
+    key = (P.shape, P.strides, Q.shape, Q.strides, P.itemsize)
+    plan = _gemm_plans.get(key)
+    if plan is None:
+        if len(_gemm_plans) >= _GEMM_PLANS_MAX:
+            _gemm_plans.clear()
+        plan = _gemm_plans[key] = _gemm_plan(P, Q)
+    copy_p, copy_q, (transa, transb, m, n, k, lda, ldb, ldc) = plan
+    if copy_p:
+        P = _cupy().ascontiguousarray(P)
+    if copy_q:
+        Q = _cupy().ascontiguousarray(Q)
+    data_type, compute_type, scalars = _HOST_SCALARS[C.dtype]
+    cublas = _cublas()
     handle = _cupy().cuda.device.get_cublas_handle()
     pointer_mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    if pointer_mode != _POINTER_MODE_HOST:
+        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
+    math_mode = cublas.getMathMode(handle) if C.dtype == _FLOAT16 else _NO_REDUCTION
+    if not math_mode & _NO_REDUCTION:
+        cublas.setMathMode(handle, math_mode | _NO_REDUCTION)
     try:
-        cublas.gemmEx(handle, transa, transb, m, n, k, alpha_value.ctypes.data,
-                      Q.data.ptr, data_type, lda, P.data.ptr, data_type, ldb,
-                      beta_value.ctypes.data, C.data.ptr, data_type, ldc,
-                      compute_type, cupy_launch.CUBLAS_GEMM_DEFAULT)
+        cublas.gemmEx(handle, transa, transb, m, n, k, scalars[1], Q.data.ptr, data_type, lda,
+                      P.data.ptr, data_type, ldb, scalars[beta], C.data.ptr, data_type, ldc,
+                      compute_type, _GEMM_ALGORITHM)
     finally:
-        cublas.setPointerMode(handle, pointer_mode)
+        if not math_mode & _NO_REDUCTION:
+            cublas.setMathMode(handle, math_mode)
+        if pointer_mode != _POINTER_MODE_HOST:
+            cublas.setPointerMode(handle, pointer_mode)
 
 
 def _vector(array):
     """``(array, step)`` of a 1-D array for a kernel; copies if its stride is not whole elements."""
-    steps = element_strides(array)
-    if steps is None:
-        array = _cupy().ascontiguousarray(array)
-        steps = (1,)
-    return array, steps[0]
+    (stride,) = array.strides
+    if stride % array.itemsize:
+        return _cupy().ascontiguousarray(array), 1
+    return array, stride // array.itemsize
 
 
 def _bias_argument(b, Y):
     """``(bias, step, has_bias)`` kernel arguments; without a bias, any valid pointer (Y)."""
     if b is None:
-        return Y, 0, 0
+        return Y, 0, _I32[0]
     bias, b_step = _vector(b)
-    return bias, b_step, 1
+    return bias, b_step, _I32[1]
 
 
-def _fill_rows_with_bias(Y, b):
+def _fill_rows_with_bias(state, Y, b):
     rows, cols = Y.shape
-    grid, block = rows_launch(rows, cols, _sm_count(_device_id()))
+    grid, block = rows_launch(rows, cols, state.sm_count)
     b, b_step = _vector(b)
-    _launch("fill_rows_with_bias", Y.dtype, grid, block, Y, b, b_step, rows, cols)
+    _launch(state, "fill_rows_with_bias", Y.dtype, grid, block, (Y, b, b_step, rows, cols))
 
 
-def _bias_activation_epilogue(Y, b, activation, Z):
+def _bias_activation_epilogue(Y, b, activation, Z, state=None):
     """``Z = Y + b`` (when Z is given), ``Y = act(Y + b)`` in one pass over Y."""
+    state = state or _device_state()
     rows, cols = Y.shape
-    grid, block = rows_launch(rows, cols, _sm_count(_device_id()))
+    grid, block = rows_launch(rows, cols, state.sm_count)
     bias, b_step, has_bias = _bias_argument(b, Y)
-    _launch("bias_activation_epilogue", Y.dtype, grid, block, Y, bias, b_step, has_bias,
-            ACTIVATION_CODES[activation], Y if Z is None else Z, int(Z is not None), rows, cols)
+    _launch(state, "bias_activation_epilogue", Y.dtype, grid, block,
+            (Y, bias, b_step, has_bias, _ACTIVATION_ARGS[activation], Y if Z is None else Z,
+             _I32[Z is not None], rows, cols))
 
 
-def _forward_kernel(path, X, W, b, Y, activation, Z):
+_FORWARD_KERNELS = {"small_batch": "linear_forward_small_batch",
+                    "tiled": "linear_forward_tiled"}
+
+
+def _forward_kernel(state, path, X, W, w_steps, b, Y, activation, Z):
     n, d = X.shape
     m = W.shape[1]
     grid, block = forward_launch(path, n, m)
     X, x_row, x_col = _strided(X)
-    W, w_row, w_col = _strided(W)
+    if w_steps is None:
+        W = _cupy().ascontiguousarray(W)
+        w_steps = matrix_steps(W)
     bias, b_step, has_bias = _bias_argument(b, Y)
-    _launch(f"linear_forward_{path}", Y.dtype, grid, block, X, x_row, x_col, W, w_row, w_col,
-            bias, b_step, has_bias, Y, n, d, m, ACTIVATION_CODES[activation],
-            Y if Z is None else Z, int(Z is not None))
+    _launch(state, _FORWARD_KERNELS[path], Y.dtype, grid, block,
+            (X, x_row, x_col, W, w_steps[0], w_steps[1], bias, b_step, has_bias, Y, n, d, m,
+             _ACTIVATION_ARGS[activation], Y if Z is None else Z, _I32[Z is not None]))
 
 
-def _choose_path(n, d, m, W):
-    path = _forced_forward_path.get()
-    if path is None:
-        w_steps = element_strides(W)
-        w_rows_contiguous = w_steps is not None and (m == 1 or w_steps[1] == 1)
-        path = forward_path(n, d, m, w_rows_contiguous, _sm_count(_device_id()))
-    return path
-
-
-def _forward_device(X, W, b, out, activation=None, Z=None):
+def _forward_device(X, W, b, out, activation=None, Z=None, state=None):
     """``Y = act(X @ W + b)`` (and ``Z = X @ W + b`` when Z is given) on device arrays."""
-    cupy = _cupy()
     n, d = X.shape
     m = W.shape[1]
-    Y = cupy.empty((n, m), dtype=W.dtype) if out is None else out
+    Y = _cupy().empty((n, m), dtype=W.dtype) if out is None else out
     if n == 0 or m == 0:
         return Y
+    state = state or _device_state()
     if d == 0:
         if activation is None:
             Y[...] = 0 if b is None else b
         else:
             Y.fill(0)
-            _bias_activation_epilogue(Y, b, activation, Z)
+            _bias_activation_epilogue(Y, b, activation, Z, state)
         return Y
-    path = _choose_path(n, d, m, W)
-    if path in ("small_batch", "tiled"):
-        _forward_kernel(path, X, W, b, Y, activation, Z)
+    w_steps = matrix_steps(W)
+    path = _forced_forward_path.get()
+    if path is None:
+        w_rows_contiguous = w_steps is not None and (m == 1 or w_steps[1] == 1)
+        path = forward_path(n, d, m, w_rows_contiguous, state.sm_count)
+    if path != "cublas":
+        _forward_kernel(state, path, X, W, w_steps, b, Y, activation, Z)
     elif activation is not None:
         _gemm(X, W, Y, beta=0)
-        _bias_activation_epilogue(Y, b, activation, Z)
+        _bias_activation_epilogue(Y, b, activation, Z, state)
     elif b is None:
         _gemm(X, W, Y, beta=0)
     else:
-        _fill_rows_with_bias(Y, b)
+        _fill_rows_with_bias(state, Y, b)
         _gemm(X, W, Y, beta=1)
     return Y
 
 
-def _gradient_column_sums(dY, saved, activation, G, db, accumulate):
+def _gradient_column_sums(dY, saved, activation, G, db, accumulate, state=None):
     """One pass over dY: ``G = dY * act'(saved)`` when there is an activation, and
     ``db (+)= G.sum(0)`` when db is given; dY has rows and columns."""
-    cupy = _cupy()
+    state = state or _device_state()
     rows, cols = dY.shape
-    grid, block, rows_per_split = column_sum_launch(rows, cols, _sm_count(_device_id()))
+    grid, block, rows_per_split = column_sum_launch(rows, cols, state.sm_count)
     dY, row_step, col_step = _strided(dY)
     if activation is None:
         saved, saved_row, saved_col, G = dY, 0, 0, db  # valid pointers, never read or written
     else:
         saved, saved_row, saved_col = _strided(saved)
     if db is not None and grid[1] > 1:
-        partials = cupy.empty((grid[1], cols), dtype=ACCUMULATOR_DTYPES[db.dtype])
-        tile_counters = cupy.zeros(grid[0], dtype=np.uint32)
+        partials = _cupy().empty((grid[1], cols), dtype=ACCUMULATOR_DTYPES[db.dtype])
+        tile_counters = state.tile_counters(grid[0])
     else:
         partials = tile_counters = G if db is None else db  # never read with one split
-    _launch("gradient_column_sums", dY.dtype, grid, block, dY, row_step, col_step, saved,
-            saved_row, saved_col, ACTIVATION_CODES[activation], G, rows, cols, rows_per_split,
-            G if db is None else db, int(db is not None), int(accumulate), partials,
-            tile_counters)
+    _launch(state, "gradient_column_sums", dY.dtype, grid, block,
+            (dY, row_step, col_step, saved, saved_row, saved_col, _ACTIVATION_ARGS[activation],
+             G, rows, cols, rows_per_split, G if db is None else db, _I32[db is not None],
+             _I32[bool(accumulate)], partials, tile_counters))
 
 
-def _upstream_gradient(dY, saved, activation, db, accumulate):
+def _upstream_gradient(dY, saved, activation, db, accumulate, state=None):
     """``G = dY * act'(saved)`` (``dY`` itself without an activation) and ``db (+)= G.sum(0)``,
     in one launch of ``gradient_column_sums``."""
     n, m = dY.shape
@@ -362,7 +490,7 @@ def _upstream_gradient(dY, saved, activation, db, accumulate):
         if activation is not None:
             G = _cupy().empty((n, m), dtype=dY.dtype)
         if activation is not None or db is not None:
-            _gradient_column_sums(dY, saved, activation, G, db, accumulate)
+            _gradient_column_sums(dY, saved, activation, G, db, accumulate, state)
     elif db is not None and m and not accumulate:
         db.fill(0)
     return G
@@ -380,13 +508,13 @@ def _product(P, Q, C, accumulate):
 
 
 def _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
-                     saved=None):
+                     saved=None, state=None):
     cupy = _cupy()
     n, d = X.shape
     m = W.shape[1]
     if has_bias and db is None:
         db = cupy.empty(m, dtype=W.dtype)
-    G = _upstream_gradient(dY, saved, activation, db if has_bias else None, accumulate)
+    G = _upstream_gradient(dY, saved, activation, db if has_bias else None, accumulate, state)
     if need_dX:
         dX = _product(G, W.T, cupy.empty((n, d), dtype=W.dtype) if dX is None else dX, False)
     else:
@@ -396,7 +524,7 @@ def _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activa
 
 
 def _to_device(array):
-    return None if array is None else _cupy().asarray(array)
+    return _cupy().asarray(array) if isinstance(array, np.ndarray) else array
 
 
 def _device_buffer(buffer, accumulate):
@@ -427,22 +555,28 @@ def _result(device_array, on_host, buffer):
 
 # --- the backend interface ---------------------------------------------------------------------
 
+_FORWARD_NAMES = ("X", "W", "b", "out", "preactivation")
+_BACKWARD_NAMES = ("dY", "X", "W", "saved", "dX", "dW", "db")
+
+
 def forward(X, W, b, out, *, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` on the GPU; see ``fastlinear.backends`` and this module's docstring.
 
     NumPy inputs are copied to the device; ``Y`` (and ``preactivation``) come back in the
     library of ``X``. The call runs on the device of its CuPy arrays.
     """
-    device = _call_device((("X", X), ("W", W), ("b", b), ("out", out),
-                           ("preactivation", preactivation)))
+    device, any_host = _call_device(_FORWARD_NAMES, (X, W, b, out, preactivation))
     with _on_device(device):
+        state = _device_state(device)
+        if not any_host:
+            return _forward_device(X, W, b, out, activation, preactivation, state)
         Z = None
         if preactivation is not None:
             Z = _device_buffer(preactivation, False)
             if Z is None:
                 Z = _cupy().empty(preactivation.shape, dtype=preactivation.dtype)
         Y = _forward_device(_to_device(X), _to_device(W), _to_device(b),
-                            _device_buffer(out, False), activation, Z)
+                            _device_buffer(out, False), activation, Z, state)
         if preactivation is not None and _is_host(preactivation):
             _to_host(Z, preactivation)
         return _result(Y, _is_host(X), out)
@@ -457,12 +591,15 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
     ``db`` in the library of ``W`` (a layer's gradients stay where its parameters are). The call
     runs on the device of its CuPy arrays.
     """
-    device = _call_device((("dY", dY), ("X", X), ("W", W), ("saved", saved), ("dX", dX),
-                           ("dW", dW), ("db", db)))
+    device, any_host = _call_device(_BACKWARD_NAMES, (dY, X, W, saved, dX, dW, db))
     with _on_device(device):
+        state = _device_state(device)
+        if not any_host:
+            return _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
+                                    activation, saved, state)
         dX_device, dW_device, db_device = _backward_device(
             _to_device(dY), _to_device(X), _to_device(W), has_bias, need_dX, accumulate,
             _device_buffer(dX, False), _device_buffer(dW, accumulate),
-            _device_buffer(db, accumulate), activation, _to_device(saved))
+            _device_buffer(db, accumulate), activation, _to_device(saved), state)
         return (_result(dX_device, _is_host(dY), dX), _result(dW_device, _is_host(W), dW),
                 _result(db_device, _is_host(W), db))

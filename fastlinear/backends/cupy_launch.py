@@ -6,6 +6,7 @@ hands them to NVRTC (and the tests to nvcc and g++) as ``-D`` defines, and ``ker
 refuses to compile without them.
 """
 
+import dataclasses
 import math
 import pathlib
 
@@ -65,14 +66,60 @@ def compile_options():
     return tuple(f"-D{name}={value}" for name, value in kernel_defines().items())
 
 
-# Shape rule of the forward pass. NOT MEASURED YET (this code was written without a GPU):
-# set them from the forced-path table of benchmarks/gpu_bench.py.
-SMALL_BATCH_MAX_ROWS = 8  # small_batch for N <= this (one block row), when W's rows are contiguous
-TILED_MAX_WORK = 1 << 22  # tiled for N * D * M <= this, where launch latency dominates a GEMM
-# Each block of our kernels walks all of D alone: a grid of fewer blocks than half the SMs is only
-# taken when D is short, else cuBLAS (which splits D) gets the shape.
-OWN_KERNEL_MAX_INNER_UNFILLED = 2048
+# The forward path rule's numbers. NOT MEASURED YET (this code was written without a GPU): each
+# is a named default that a measured value replaces (``apply_thresholds``; measured on a GPU by
+# ``fastlinear.backends.cupy_tune.measure_thresholds`` from the forced-path table).
+@dataclasses.dataclass(frozen=True)
+class PathThresholds:
+    """The numbers of ``forward_path``'s rule (all positive ints).
+
+    small_batch_max_rows
+        ``small_batch`` for N <= this (one block row of 8 rows), when W's rows are contiguous.
+    own_kernel_max_inner
+        Our kernels walk all of D in each block, 16 (tiled) or 256 (small_batch) columns per
+        step, with no prefetch: a step costs a global-memory round trip. They are taken for
+        D <= this (16 steps of 16), where one fused launch beats cuBLAS's GEMM plus epilogue;
+        for longer D only ``small_batch`` with at least half the SMs busy (a GEMV streaming W).
+    tiled_max_work
+        ``tiled`` for N * D * M <= this, where launch latency dominates a GEMM.
+    """
+
+    small_batch_max_rows: int = 8
+    own_kernel_max_inner: int = 256
+    tiled_max_work: int = 1 << 22
+
+
+DEFAULT_THRESHOLDS = PathThresholds()
+_thresholds = DEFAULT_THRESHOLDS
 FORWARD_PATHS = ("small_batch", "tiled", "cublas")
+
+
+def current_thresholds():
+    """``{name: value}`` of the forward path rule's thresholds in force in this process."""
+    return dataclasses.asdict(_thresholds)
+
+
+def apply_thresholds(values=None):
+    """Put ``values`` (``{name: int}``, e.g. a stored profile) in force; return them all.
+
+    Names missing from ``values`` take their defaults (``DEFAULT_THRESHOLDS``); ``None`` or
+    ``{}`` restores the defaults. An unknown name or a value that is not a positive int raises
+    ``ValueError`` and changes nothing.
+    """
+    global _thresholds
+    values = dict(values or {})
+    known = [field.name for field in dataclasses.fields(PathThresholds)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown cupy path threshold(s) {unknown}: expected names from "
+                         f"{known}")
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"cupy path threshold {name} must be a positive int, got "
+                             f"{value!r}")
+    _thresholds = PathThresholds(**{name: int(value) for name, value in values.items()})
+    return current_thresholds()
+
 
 # db reduction: a row split has at least this many rows; aim for this many blocks per SM.
 COLSUM_MIN_ROWS_PER_SPLIT = 64
@@ -103,6 +150,9 @@ CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 _CUDA_R_16F, _CUDA_R_32F, _CUDA_R_64F = 2, 0, 1
 _CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_64F = 68, 70
 CUBLAS_GEMM_DEFAULT = -1
+# cublasMath_t flag: split-K partial sums of a float16 GEMM stay float32 (cuBLAS's default math
+# mode may reduce them in float16). The backend ORs it into the handle's mode for float16 GEMMs.
+CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION = 16
 GEMM_TYPES = {
     np.dtype(np.float16): (_CUDA_R_16F, _CUBLAS_COMPUTE_32F, np.float32),
     np.dtype(np.float32): (_CUDA_R_32F, _CUBLAS_COMPUTE_32F, np.float32),
@@ -133,9 +183,10 @@ def blas_layout(shape, strides, itemsize):
     beyond a C int) returns None and is copied before the GEMM.
     """
     rows, cols = shape
-    if any(stride % itemsize for stride in strides):
+    row_stride, col_stride = strides
+    if row_stride % itemsize or col_stride % itemsize:
         return None
-    row_step, col_step = (stride // itemsize for stride in strides)
+    row_step, col_step = row_stride // itemsize, col_stride // itemsize
     if (cols <= 1 or col_step == 1) and (rows <= 1 or row_step >= max(cols, 1)):
         leading = row_step if rows > 1 else max(cols, 1)
         return (True, leading) if leading <= GEMM_MAX_DIM else None
@@ -171,20 +222,21 @@ def gemm_chunks(extent, limit=None):
 def forward_path(n, d, m, w_rows_contiguous, sm_count):
     """The forward path for ``X (n, d) @ W (d, m)``: one of ``FORWARD_PATHS``.
 
-    The thresholds are unmeasured guesses (see ``SMALL_BATCH_MAX_ROWS``, ``TILED_MAX_WORK``,
-    ``OWN_KERNEL_MAX_INNER_UNFILLED``). ``small_batch`` needs W's rows contiguous (a warp reads
-    32 adjacent elements of a row). Neither kernel splits D, so a grid of fewer blocks than
-    half the SMs goes to cuBLAS unless D is short.
+    Our kernels need W's rows contiguous (a warp reads adjacent elements of a row of W; a
+    column-major W is read uncoalesced) and, as neither splits D, a short D
+    (``PathThresholds.own_kernel_max_inner``); the one exception is ``small_batch`` with a grid
+    that keeps at least half the SMs busy, a GEMV that streams W. Everything else is cuBLAS's.
     """
-    short_inner = d <= OWN_KERNEL_MAX_INNER_UNFILLED
-    if n <= SMALL_BATCH_MAX_ROWS and w_rows_contiguous:
-        blocks = math.ceil(m / SMALL_BATCH_COLS)
-        if 2 * blocks >= sm_count or short_inner:
+    limits = _thresholds
+    if not w_rows_contiguous:
+        return "cublas"
+    short_inner = d <= limits.own_kernel_max_inner
+    if n <= limits.small_batch_max_rows:
+        if short_inner or 2 * math.ceil(m / SMALL_BATCH_COLS) >= sm_count:
             return "small_batch"
-    if n * d * m <= TILED_MAX_WORK and math.ceil(n / TILE_ROWS) <= MAX_GRID_Y:
-        blocks = math.ceil(m / TILE_COLS) * math.ceil(n / TILE_ROWS)
-        if 2 * blocks >= sm_count or short_inner:
-            return "tiled"
+    if short_inner and n * d * m <= limits.tiled_max_work \
+            and math.ceil(n / TILE_ROWS) <= MAX_GRID_Y:
+        return "tiled"
     return "cublas"
 
 
@@ -204,34 +256,59 @@ def forward_launch(path, n, m):
     return grid, block
 
 
+def _lanes(cols, widest):
+    """Threads of a block along the columns: ``widest``, or for fewer columns the power of two
+    that covers them, so that narrow outputs put the other threads on rows."""
+    return widest if cols >= widest else 1 << max(cols - 1, 0).bit_length()
+
+
 def rows_launch(rows, cols, sm_count):
     """``(grid, block)`` of the row-wise passes (``fill_rows_with_bias``,
     ``bias_activation_epilogue``) over an (rows, cols) Y.
 
+    A block has ``BIAS_THREADS`` threads: ``block.x`` along the columns (all of them up to
+    ``BIAS_THREADS``, fewer for narrow outputs, see ``_lanes``), ``block.y`` along the rows.
     grid.x covers the columns; grid.y (row stride of the threads) is sized for about 32 blocks
     per SM in all, so that every thread walks several rows.
     """
-    grid_x = math.ceil(cols / BIAS_THREADS)
-    grid_y = max(1, min(rows, MAX_GRID_Y, (32 * sm_count) // grid_x))
-    return (grid_x, grid_y, 1), (BIAS_THREADS, 1, 1)
+    lanes = _lanes(cols, BIAS_THREADS)
+    row_lanes = BIAS_THREADS // lanes
+    grid_x = math.ceil(cols / lanes)
+    grid_y = max(1, min(math.ceil(rows / row_lanes), MAX_GRID_Y, (32 * sm_count) // grid_x))
+    return (grid_x, grid_y, 1), (lanes, row_lanes, 1)
 
 
 def column_sum_launch(rows, cols, sm_count):
     """``(grid, block, rows_per_split)`` of ``gradient_column_sums`` for a (rows, cols) dY.
 
-    Rows are split over grid.y blocks when the column tiles alone leave SMs idle, keeping at
-    least ``COLSUM_MIN_ROWS_PER_SPLIT`` rows in each split; no split is empty.
+    A block has ``COLSUM_LANES * COLSUM_ROW_LANES`` threads: ``block.x`` along the columns
+    (``COLSUM_LANES``, fewer for narrow outputs, see ``_lanes``), ``block.y`` (a power of two)
+    along the rows. Rows are split over grid.y blocks when the column tiles alone leave SMs
+    idle, keeping at least ``COLSUM_MIN_ROWS_PER_SPLIT`` rows in each split; no split is empty.
     """
-    col_tiles = math.ceil(cols / COLSUM_LANES)
+    lanes = _lanes(cols, COLSUM_LANES)
+    col_tiles = math.ceil(cols / lanes)
     target_splits = (COLSUM_BLOCKS_PER_SM * sm_count) // col_tiles
     splits = max(1, min(rows // COLSUM_MIN_ROWS_PER_SPLIT, target_splits, MAX_GRID_Y))
     rows_per_split = max(1, math.ceil(rows / splits))
     splits = max(1, math.ceil(rows / rows_per_split))
-    return (col_tiles, splits, 1), (COLSUM_LANES, COLSUM_ROW_LANES, 1), rows_per_split
+    block = (lanes, COLSUM_LANES * COLSUM_ROW_LANES // lanes, 1)
+    return (col_tiles, splits, 1), block, rows_per_split
 
 
 def element_strides(array):
     """Strides of an array in elements (None if a stride is not a whole number of elements)."""
-    if any(stride % array.itemsize for stride in array.strides):
+    itemsize = array.itemsize
+    if any(stride % itemsize for stride in array.strides):
         return None
-    return tuple(stride // array.itemsize for stride in array.strides)
+    return tuple(stride // itemsize for stride in array.strides)
+
+
+def matrix_steps(array):
+    """``(row_step, col_step)`` of a 2-D array in elements, or None if a stride is not a whole
+    number of elements (``element_strides`` for the per-call path: no generators)."""
+    row_stride, col_stride = array.strides
+    itemsize = array.itemsize
+    if row_stride % itemsize or col_stride % itemsize:
+        return None
+    return row_stride // itemsize, col_stride // itemsize
