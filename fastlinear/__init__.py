@@ -19,6 +19,7 @@ from fastlinear._dispatch import (
 )
 from fastlinear.functional import linear_backward, linear_forward
 from fastlinear.layer import Linear
+from fastlinear.sequential import Sequential
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "ENV_VAR",
     "BackendUnavailableError",
     "Linear",
+    "Sequential",
     "available_backends",
     "current_backend",
     "linear_backward",

@@ -129,7 +129,7 @@ def test_training_step_and_fused_cases(tmp_path, capsys):
             "--block-time", "0.0002", "--pause", "0", "--no-torch", "--no-progress",
             "--json", str(json_path), "--plot", str(tmp_path / "bench.png")]
     out = run_bench(args, capsys)
-    assert "Training step of the demo's MLP 64-128-64-10" in out
+    assert "Full training step of the MLP 64-128-64-10" in out
     assert "Fused linear + ReLU" in out and "no plot" in out
     report = json.loads(json_path.read_text())
     assert report["cases"] == []
@@ -137,8 +137,10 @@ def test_training_step_and_fused_cases(tmp_path, capsys):
     assert steps["layer_sizes"] == list(demo.LAYER_SIZES)
     (case,) = steps["cases"]
     rows = {row["label"]: row for row in case["rows"]}
-    assert {"NumPy", "fastlinear[numpy]"} <= set(rows)
+    assert {"NumPy", "NumPy per layer", "fastlinear[numpy]"} <= set(rows)
     assert rows["NumPy"]["vs_numpy"] == pytest.approx(1.0)
+    if "fastlinear[numba]" in rows:
+        assert rows["GEMMs @njit"]["vs_floor"] == pytest.approx(1.0)
     assert all(row["pass"] == "step" and row["gflops"] > 0 for row in rows.values())
     assert [(c["case"], c["rows"][0]["pass"]) for c in report["fused_relu"]] == [
         ("32x64x128 step", "step"), ("1024x1024x1024 forward", "forward")]
@@ -147,25 +149,45 @@ def test_training_step_and_fused_cases(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_training_step_baselines_compute_the_same_gradients(dtype):
-    """NumPy by hand, PyTorch autograd and the demo's MLP agree, so the case compares like with
-    like: the same weights and the same math."""
-    model = demo.MLP(demo.LAYER_SIZES, dtype, "numpy", rng=3)
-    rng = np.random.default_rng(4)
-    X = rng.standard_normal((5, demo.LAYER_SIZES[0])).astype(dtype)
-    dlogits = rng.standard_normal((5, demo.LAYER_SIZES[-1])).astype(dtype)
-    params = [(layer.W, layer.b) for layer in model.layers]
-    logits, grads = training.numpy_mlp_step(X, params, dlogits)
-    np.testing.assert_allclose(model.forward(X), logits, rtol=1e-5, atol=1e-5)
-    model.backward(dlogits)
-    for layer, (dW, db) in zip(reversed(model.layers), grads, strict=True):
-        np.testing.assert_allclose(layer.dW, dW, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(layer.db, db, rtol=1e-4, atol=1e-5)
-    torch = pytest.importorskip("torch")
-    torch_grads = training.torch_mlp_step(torch, X, params, dlogits)()
-    for index, (dW, db) in enumerate(reversed(grads)):
-        np.testing.assert_allclose(torch_grads[2 * index].numpy().T, dW, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(torch_grads[2 * index + 1].numpy(), db, rtol=1e-4, atol=1e-5)
+def test_training_step_contenders_compute_the_same_steps(dtype):
+    """Every contender of the training-step case trains the same network the same way
+    (Sequential's NumPy reference is the yardstick), so the case compares like with like."""
+    sizes, tol = (6, 8, 5, 3), 2e-5 if dtype == "float32" else 1e-12
+    params = training.initial_parameters(sizes, dtype, seed=3)
+    X, y = training.batch_of(sizes, 7, dtype, seed=3)
+    net = training.sequential(params, "numpy")
+    reference = [net.train_step(X, y, loss="softmax_cross_entropy", lr=training.LEARNING_RATE,
+                                momentum=training.MOMENTUM) for _ in range(3)]
+    lean, (arena, _) = training.lean_numpy_step(X, y, params)
+    notebook, layers = training.notebook_step(X, y, params)
+    steps = {"lean": lean, "notebook": notebook}
+    torch = importlib.import_module("torch") if importlib.util.find_spec("torch") else None
+    if torch is not None:
+        steps["torch"], model = training.torch_step(torch, X, y, params)
+    jax_contender = training.jax_step(X, y, params)
+    if jax_contender is not None:
+        steps["jax"], state = jax_contender
+    for name, step in steps.items():
+        losses_seen = [step() for _ in range(3)]
+        np.testing.assert_allclose(losses_seen, reference, rtol=tol, err_msg=name)
+    np.testing.assert_allclose(arena, net._params, rtol=tol, atol=tol)
+    for layer, mine in zip(layers, net.layers, strict=True):
+        np.testing.assert_allclose(layer.W, mine.W, rtol=tol, atol=tol)
+    if torch is not None:
+        np.testing.assert_allclose(model[0].weight.detach().numpy().T, net.layers[0].W,
+                                   rtol=tol, atol=tol)
+    if jax_contender is not None:
+        np.testing.assert_allclose(np.asarray(state[0][0][0]), net.layers[0].W, rtol=10 * tol,
+                                   atol=10 * tol)
+
+
+def test_gemm_floor_runs_the_steps_products():
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("the floor is timed with the numba backend only")
+    sizes = (4, 6, 3)
+    params = training.initial_parameters(sizes, "float64", seed=5)
+    X, _ = training.batch_of(sizes, 5, "float64", seed=5)
+    training.gemm_floor(X, params)()  # runs; its products are Sequential's (tests/test_sequential)
 
 
 def test_step_flops_count_every_product():

@@ -19,6 +19,10 @@ NUMPY_LABEL = "NumPy"
 TORCH_LABEL = "torch"
 GEMM_LABEL = "GEMM A@B"
 GPU_GEMM_LABEL = "cuBLAS A@B"
+# The training step's: the notebook's per-layer NumPy, JAX, the step's GEMMs alone (its floor).
+NOTEBOOK_LABEL = "NumPy per layer"
+JAX_LABEL = "jax.jit"
+FLOOR_LABEL = "GEMMs @njit"
 CEILING_LABELS = (GEMM_LABEL, GPU_GEMM_LABEL)
 
 

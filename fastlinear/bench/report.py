@@ -4,7 +4,14 @@ import math
 
 import numpy as np
 
-from fastlinear.bench.contenders import GEMM_LABEL, GPU_GEMM_LABEL, NUMPY_LABEL, TORCH_LABEL
+from fastlinear.bench.contenders import (
+    FLOOR_LABEL,
+    GEMM_LABEL,
+    GPU_GEMM_LABEL,
+    JAX_LABEL,
+    NUMPY_LABEL,
+    TORCH_LABEL,
+)
 
 PASSES = ("forward", "backward")
 
@@ -64,6 +71,8 @@ def _row(case, contender, medians):
         "vs_gemm": (_speedup(medians, ceiling, contender)
                     if contender.pass_name == "forward" else None),
         "backward_over_forward": None,
+        "vs_jax": _speedup(medians, JAX_LABEL, contender),
+        "vs_floor": _speedup(medians, FLOOR_LABEL, contender),
     }
     if contender.pass_name == "backward" and (contender.label, "forward") in medians:
         row["backward_over_forward"] = own / medians[contender.label, "forward"]
@@ -113,11 +122,14 @@ TABLES = {
                       ("bwd/fwd", 7, lambda r: format_ratio(r["backward_over_forward"])),
                       ("alloc/out", 9, _alloc)], ("backward",)),
     "training": (
-        "Training step of the demo's MLP {sizes} (ReLU), forward + backward through every layer, "
-        "no optimizer   (backends: the demo's MLP of fused Linear layers; NumPy: "
-        "np.maximum(X @ W + b, 0) and its backward by hand; torch: nn.Linear + nn.ReLU, "
-        "autograd; 2·N·D·M flops per layer forward, 4·N·D·M backward)",
-        "batch", COMMON_COLUMNS, ("step",)),
+        "Full training step of the MLP {sizes} (ReLU, softmax cross-entropy, SGD momentum 0.9)   "
+        "(backends: Sequential.train_step; NumPy: the leanest NumPy step, in place; NumPy per "
+        "layer: the notebook's layer classes; torch: nn.Sequential + CrossEntropyLoss + "
+        "optim.SGD, eager; jax.jit: the step jitted; GEMMs @njit: the step's products alone from "
+        "one @njit call, the floor; GFLOP/s of the products: 2·N·D·M per layer forward, 4·N·D·M "
+        "backward)",
+        "batch", [*COMMON_COLUMNS, ("xjax", 6, lambda r: format_ratio(r["vs_jax"])),
+                  ("xGEMMs", 6, lambda r: format_ratio(r["vs_floor"]))], ("step",)),
     "fused": (
         "Fused linear + ReLU   (step: forward + backward, 6·N·D·M flops; forward: 2·N·D·M; "
         "backends: Linear(activation='relu'); NumPy: np.maximum(X @ W + b, 0) and its backward "
@@ -126,8 +138,10 @@ TABLES = {
 }
 FOOTNOTE = (
     "xNumPy, xtorch, xGEMM: speed-ups, the other's median time / this one's (> 1 is faster; "
-    "xGEMM is also the fraction of the GEMM ceiling reached). bwd/fwd: this contender's backward "
-    "time / its forward time. ±IQR: interquartile range of the rounds / median. alloc/Y, "
+    "xGEMM is also the fraction of the GEMM ceiling reached; xjax against jax.jit; xGEMMs: the "
+    "step's GEMMs alone / this step, the fraction of the floor reached). bwd/fwd: this "
+    "contender's backward time / its forward time. ±IQR: interquartile range of the rounds / "
+    "median. alloc/Y, "
     "alloc/out: peak bytes tracemalloc saw allocated during one call / bytes of the outputs (Y; "
     "dX + dW + db); 1.00 = nothing but the outputs, n/a = not traceable (torch, GPU); "
     "Numba-compiled code's own allocations are invisible to it.")

@@ -1,0 +1,287 @@
+"""A whole network's forward, backward or training step in one ``@njit`` call (numba backend).
+
+``Sequential`` keeps its layers' parameters in flat arenas; this module's ``network_call`` walks
+them with the layout table ``layout`` (one row per layer: ``D, M, W offset, b offset or -1,
+activation code``) and a flat workspace that holds, per layer ``i`` at offset ``3 * N * (M_0 +
+... + M_{i-1})``, three (N, M_i) blocks: the output ``H_i``, the pre-activation ``Z_i`` (written
+only for the GELUs, whose derivatives need it) and the gradient ``dH_i`` with respect to
+``H_i``, which the backward pass turns into ``G_i = dH_i * act'`` in place.
+
+The products are NumPy's BLAS gemm (``_numba_blas``), called directly: every matrix here is
+C-contiguous, so each product's transposes and leading dimensions are known (``_product``) and
+no layout is inspected at run time or compiled for. Biases, activations, loss, its
+gradient, the bias sums and the SGD update are loops here, so a step crosses the Python
+boundary once. float32 is accumulated in float32, as by the BLAS and the NumPy reference; the
+loss value is summed in float64.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from fastlinear.backends._numba_activations import (
+    GELU,
+    GELU_TANH,
+    NONE,
+    RELU,
+    SIGMOID,
+    TANH,
+    activate,
+    activation_grad,
+)
+from fastlinear.backends._numba_blas import _gemm
+
+__all__ = ["FORWARD", "BACKWARD", "STEP", "network_call"]
+
+# What network_call does (its ``mode``).
+FORWARD, BACKWARD, STEP = 0, 1, 2
+# Loss codes: as fastlinear.losses.LOSS_CODES.
+CROSS_ENTROPY, MSE = 0, 1
+
+
+@njit(cache=True)
+def _block(work, offset, rows, cols):
+    """The (rows, cols) C-contiguous matrix at ``work[offset:]``."""
+    return work[offset:offset + rows * cols].reshape((rows, cols))
+
+
+_N, _T = ord("N"), ord("T")
+
+
+@njit(cache=True)
+def _product(gemm, int_bits, A, transpose_a, B, transpose_b, C, beta):
+    """Row-major ``C = op(A) @ op(B) + beta C`` for C-contiguous ``A``, ``B``, ``C``; ``op``
+    transposes where asked. Row-major ``C`` is column-major ``C.T = op(B).T @ op(A).T``, and a
+    row-major matrix is its transpose in column-major: gemm with B first, ``'N'`` where no
+    transpose is asked."""
+    rows, cols = C.shape
+    inner = A.shape[0] if transpose_a else A.shape[1]
+    _gemm(gemm, int_bits, _T if transpose_b else _N, _T if transpose_a else _N, cols, rows,
+          inner, 1.0, B, B.shape[1], A, A.shape[1], beta, C, cols)
+
+
+@njit(cache=True)
+def _layer_forward(gemm, int_bits, A, W, b, H, Z, code):
+    """``H = act(A @ W + b)``; ``Z = A @ W + b`` for the GELUs. Bias rows first, then gemm with
+    ``beta=1`` adds the product; each row, still in cache, is then activated."""
+    beta = 0.0
+    if b.shape[0] > 0:
+        beta = 1.0
+        for n in range(H.shape[0]):
+            row = H[n]
+            for j in range(H.shape[1]):
+                row[j] = b[j]
+    _product(gemm, int_bits, A, False, W, False, H, beta)
+    keeps_z = code == GELU or code == GELU_TANH
+    for n in range(H.shape[0]):
+        if keeps_z:
+            _copy(H[n], Z[n])
+        activate(code, H[n])
+
+
+@njit(cache=True)
+def _copy(source, target):
+    """``target[:] = source`` for two vectors of one length (a loop: no array expression to
+    compile)."""
+    for j in range(source.shape[0]):
+        target[j] = source[j]
+
+
+@njit(cache=True)
+def _activation_grad_in_place(code, g, saved):
+    """``g *= act'`` for one row, ``g`` holding ``dy`` on entry (``_numba_activations``'s
+    formulas). ReLU, tanh and sigmoid have their own loops here: the shared
+    ``activation_grad(code, dy, saved, g)`` called with ``dy`` and ``g`` the same row ran
+    several times slower inside the step (a loop over two arguments that may alias)."""
+    real = g.dtype.type
+    zero, one = real(0.0), real(1.0)
+    if code == RELU:
+        for j in range(g.shape[0]):
+            if saved[j] <= zero:  # NaN outputs pass the gradient, as torch's threshold_backward
+                g[j] = zero
+    elif code == TANH:
+        for j in range(g.shape[0]):
+            y = saved[j]
+            g[j] = g[j] * (one - y * y)
+    elif code == SIGMOID:
+        for j in range(g.shape[0]):
+            y = saved[j]
+            g[j] = g[j] * (y * (one - y))
+    elif code != NONE:
+        activation_grad(code, g, saved, g)
+
+
+@njit(cache=True)
+def _cross_entropy(logits, labels, dlogits):
+    """Mean softmax cross-entropy of ``logits`` (N, C) against ``labels``; its gradient
+    ``(softmax - onehot) / N`` into ``dlogits``."""
+    rows, classes = logits.shape
+    real = logits.dtype.type
+    inv_rows = real(1.0 / rows)
+    total = 0.0
+    for n in range(rows):
+        z, g = logits[n], dlogits[n]
+        top = z[0]
+        for j in range(1, classes):
+            if z[j] > top or math.isnan(z[j]):
+                top = z[j]
+        norm = real(0.0)
+        for j in range(classes):
+            g[j] = math.exp(z[j] - top)
+            norm += g[j]
+        total += float(top) + math.log(float(norm)) - float(z[labels[n]])
+        scale = inv_rows / norm
+        for j in range(classes):
+            g[j] *= scale
+        g[labels[n]] -= inv_rows
+    return total / rows
+
+
+@njit(cache=True)
+def _mse(outputs, targets, doutputs):
+    """Mean of ``(outputs - targets)**2`` over all elements; its gradient into ``doutputs``."""
+    rows, cols = outputs.shape
+    scale = outputs.dtype.type(2.0 / (rows * cols))
+    total = 0.0
+    for n in range(rows):
+        for j in range(cols):
+            diff = outputs[n, j] - targets[n, j]
+            total += float(diff) * float(diff)
+            doutputs[n, j] = diff * scale
+    return total / (rows * cols)
+
+
+@njit(cache=True)
+def _sgd(params, velocity, grads, lr, momentum):
+    """``torch.optim.SGD``: ``v = momentum v + g; p -= lr v`` (``p -= lr g`` without momentum)."""
+    real = params.dtype.type
+    rate, keep = real(lr), real(momentum)
+    if momentum == 0.0:
+        for k in range(params.shape[0]):
+            params[k] -= rate * grads[k]
+    else:
+        for k in range(params.shape[0]):
+            v = keep * velocity[k] + grads[k]
+            velocity[k] = v
+            params[k] -= rate * v
+
+
+@njit(cache=True)
+def _first_bad_label(labels, classes):
+    """Index of the first label outside ``[0, classes)``, or -1."""
+    for n in range(labels.shape[0]):
+        if labels[n] < 0 or labels[n] >= classes:
+            return n
+    return -1
+
+
+@njit(cache=True)
+def _offsets(layout, rows):
+    """Offset of each layer's three workspace blocks."""
+    offsets = np.empty(layout.shape[0], np.int64)
+    position = 0
+    for i in range(layout.shape[0]):
+        offsets[i] = position
+        position += 3 * rows * layout[i, 1]
+    return offsets
+
+
+@njit(cache=True)
+def _parameters(params, layout, i):
+    """Layer ``i``'s ``W`` (D, M) and ``b`` (M,) (empty without a bias) in ``params``."""
+    D, M, w_at, b_at = layout[i, 0], layout[i, 1], layout[i, 2], layout[i, 3]
+    W = _block(params, w_at, D, M)
+    b = params[b_at:b_at + M] if b_at >= 0 else params[0:0]
+    return W, b
+
+
+@njit(cache=True)
+def _forward_all(gemm, int_bits, layout, params, X, work, offsets):
+    """Every layer's forward pass; returns the last layer's output block."""
+    rows = X.shape[0]
+    A = X
+    for i in range(layout.shape[0]):
+        M = layout[i, 1]
+        W, b = _parameters(params, layout, i)
+        H = _block(work, offsets[i], rows, M)
+        Z = _block(work, offsets[i] + rows * M, rows, M)
+        _layer_forward(gemm, int_bits, A, W, b, H, Z, layout[i, 4])
+        A = H
+    return A
+
+
+@njit(cache=True)
+def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX):
+    """Every layer's gradients from ``dH`` of the last layer (in its workspace block); ``dX``
+    (N, D_0) receives the input's gradient unless it has no rows."""
+    rows = X.shape[0]
+    for i in range(layout.shape[0] - 1, -1, -1):
+        M, code, b_at = layout[i, 1], layout[i, 4], layout[i, 3]
+        W, _ = _parameters(params, layout, i)
+        H = _block(work, offsets[i], rows, M)
+        saved = _block(work, offsets[i] + rows * M, rows, M) if (
+            code == GELU or code == GELU_TANH) else H
+        G = _block(work, offsets[i] + 2 * rows * M, rows, M)
+        db = grads[b_at:b_at + M] if b_at >= 0 else grads[0:0]
+        for n in range(rows):
+            row = G[n]
+            _activation_grad_in_place(code, row, saved[n])
+            if b_at < 0:
+                continue
+            if n == 0:  # db = G.sum(0), each row added while it is in cache
+                _copy(row, db)
+            else:
+                for j in range(M):
+                    db[j] += row[j]
+        dW = _block(grads, layout[i, 2], layout[i, 0], M)
+        if i > 0:
+            A = _block(work, offsets[i - 1], rows, layout[i - 1, 1])
+            _product(gemm, int_bits, A, True, G, False, dW, 0.0)
+            dA = _block(work, offsets[i - 1] + 2 * rows * layout[i - 1, 1], rows,
+                        layout[i - 1, 1])
+            _product(gemm, int_bits, G, False, W, True, dA, 0.0)
+        else:
+            _product(gemm, int_bits, X, True, G, False, dW, 0.0)
+            if dX.shape[0] > 0:
+                _product(gemm, int_bits, G, False, W, True, dX, 0.0)
+
+
+@njit(cache=True)
+def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work, outer, labels,
+                 dX, loss_code, lr, momentum):
+    """One native call on the arenas; ``mode`` says which:
+
+    * ``FORWARD``: ``outer`` (N, M_last) receives the network's output; returns 0.0.
+    * ``BACKWARD``: from ``outer`` = the output's gradient and the workspace of the last
+      forward, every layer's ``dW``/``db`` into ``grads`` and ``dX``; returns 0.0.
+    * ``STEP``: forward, the loss (``labels`` for cross-entropy, ``outer`` = targets for MSE)
+      and its gradient, backward, then the SGD update of ``params`` and ``velocity``; returns
+      the loss. A label out of range returns ``-(1 + its index)`` before anything is written.
+    """
+    rows = X.shape[0]
+    last = layout.shape[0] - 1
+    classes = layout[last, 1]
+    if mode == STEP and loss_code == CROSS_ENTROPY:
+        bad = _first_bad_label(labels, classes)
+        if bad >= 0:
+            return -1.0 - bad
+    offsets = _offsets(layout, rows)
+    dlast = _block(work, offsets[last] + 2 * rows * classes, rows, classes)
+    if mode == BACKWARD:
+        for n in range(rows):
+            _copy(outer[n], dlast[n])
+        _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX)
+        return 0.0
+    output = _forward_all(gemm, int_bits, layout, params, X, work, offsets)
+    if mode == FORWARD:
+        for n in range(rows):
+            _copy(output[n], outer[n])
+        return 0.0
+    if loss_code == CROSS_ENTROPY:
+        loss = _cross_entropy(output, labels, dlast)
+    else:
+        loss = _mse(output, outer, dlast)
+    _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX)
+    _sgd(params, velocity, grads, lr, momentum)
+    return loss

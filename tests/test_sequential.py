@@ -1,0 +1,356 @@
+"""``fastlinear.Sequential``: every backend against PyTorch (nn.Sequential + loss + SGD with
+momentum) step by step, property tests over sizes, activations and batches, bad input (which must
+change nothing) and the layers' views of the arenas."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlinear
+from fastlinear import Linear, Sequential, losses
+from tests.helpers import to_numpy
+
+torch = pytest.importorskip("torch")
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "tanh", "sigmoid")
+# Agreement with PyTorch in float64 over a few steps: rounding of both sides, amplified through
+# the layers and steps, relative to the largest element of the compared array.
+TOLERANCE = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-11}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_layers(sizes, activations, dtype, seed, bias=True, backend=None):
+    """Linear layers with He-scaled weights and nonzero biases (values of both signs)."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for (d, m), activation in zip(zip(sizes[:-1], sizes[1:], strict=True), activations,
+                                  strict=True):
+        layer = Linear(d, m, bias=bias, dtype=dtype, activation=activation, backend=backend)
+        xp = np if backend != "cupy" else __import__("cupy")
+        layer.W = xp.asarray((rng.standard_normal((d, m)) * np.sqrt(2 / d)).astype(dtype))
+        if bias:
+            layer.b = xp.asarray((rng.standard_normal(m) * 0.3).astype(dtype))
+        layers.append(layer)
+    return layers
+
+
+def torch_model(layers):
+    """The same network in float64 PyTorch (``nn.Linear`` holds ``W.T``)."""
+    modules = []
+    for layer in layers:
+        linear = torch.nn.Linear(layer.in_features, layer.out_features,
+                                 bias=layer.b is not None, dtype=torch.float64)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(to_numpy(layer.W).astype(np.float64).T))
+            if layer.b is not None:
+                linear.bias.copy_(torch.from_numpy(to_numpy(layer.b).astype(np.float64)))
+        modules.append(linear)
+        activation = {"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(),
+                      "sigmoid": torch.nn.Sigmoid(), "gelu": torch.nn.GELU(),
+                      "gelu_tanh": torch.nn.GELU(approximate="tanh")}.get(layer.activation)
+        if activation is not None:
+            modules.append(activation)
+    return torch.nn.Sequential(*modules)
+
+
+def assert_near(actual, expected, dtype, what):
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(np.asarray(to_numpy(actual), np.float64), expected, rtol=0,
+                               atol=TOLERANCE[np.dtype(dtype)] * scale, err_msg=what)
+
+
+def batch(rng, loss, N, sizes, dtype):
+    X = rng.standard_normal((N, sizes[0])).astype(dtype)
+    if loss == "mse":
+        return X, rng.standard_normal((N, sizes[-1])).astype(dtype)
+    return X, rng.integers(0, sizes[-1], N)
+
+
+def compare_steps(layers, backend, loss, momentum, steps, N, seed, lr=0.1):
+    """Train ``layers`` through Sequential and a PyTorch copy side by side; compare every step's
+    loss, every layer's W, b, dW, db and the velocity."""
+    dtype = layers[0].dtype
+    sizes = (layers[0].in_features, *(layer.out_features for layer in layers))
+    model = torch_model(layers)
+    net = Sequential(*layers, backend=backend)
+    criterion = torch.nn.CrossEntropyLoss() if loss != "mse" else torch.nn.MSELoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    rng = np.random.default_rng(seed)
+    xp = np if backend != "cupy" else __import__("cupy")
+    for step in range(steps):
+        X, y = batch(rng, loss, N, sizes, dtype)
+        value = net.train_step(xp.asarray(X), xp.asarray(y), loss=loss, lr=lr, momentum=momentum)
+        optimizer.zero_grad()
+        target = torch.from_numpy(y if loss != "mse" else y.astype(np.float64))
+        expected = criterion(model(torch.from_numpy(X.astype(np.float64))), target)
+        expected.backward()
+        optimizer.step()
+        assert type(value) is float
+        assert_near(value, expected.item(), dtype, f"loss at step {step}")
+        for index, (layer, linear) in enumerate(zip(layers, linears, strict=True)):
+            where = f"layer {index} after step {step}"
+            assert_near(layer.dW, linear.weight.grad.numpy().T, dtype, f"dW of {where}")
+            assert_near(layer.W, linear.weight.detach().numpy().T, dtype, f"W of {where}")
+            if layer.b is not None:
+                assert_near(layer.db, linear.bias.grad.numpy(), dtype, f"db of {where}")
+                assert_near(layer.b, linear.bias.detach().numpy(), dtype, f"b of {where}")
+            if momentum:
+                buffer = optimizer.state[linear.weight]["momentum_buffer"]
+                assert_near(net.velocity[index][0], buffer.numpy().T, dtype, f"vW of {where}")
+    return net
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("loss", losses.LOSSES)
+def test_train_step_matches_torch(backend, dtype, loss):
+    layers = make_layers((5, 7, 6, 4), ("gelu", "sigmoid", None), dtype, seed=1,
+                         backend=backend)
+    compare_steps(layers, backend, loss, momentum=0.9, steps=4, N=9, seed=2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_activation_without_momentum(backend, bias):
+    layers = make_layers((3, 8, 5, 6, 4, 5, 3, 2), ACTIVATIONS + (None,), np.float64, seed=3,
+                         bias=bias, backend=backend)
+    compare_steps(layers, backend, "softmax_cross_entropy", momentum=0.0, steps=3, N=6, seed=4)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(1, 9), min_size=2, max_size=5),
+       activations=st.lists(st.sampled_from(ACTIVATIONS), min_size=4, max_size=4),
+       bias=st.booleans(), N=st.sampled_from([1, 2, 3, 7, 17]),
+       loss=st.sampled_from(losses.LOSSES), momentum=st.sampled_from([0.0, 0.5, 0.9]),
+       seed=st.integers(0, 2**16))
+def test_any_network_matches_torch(sizes, activations, bias, N, loss, momentum, seed):
+    """Sizes from 1 up, every activation, bias or not, batches from one row, on every CPU
+    backend (numba and numpy), float64."""
+    for backend in ("numpy", "numba"):
+        if fastlinear.available_backends()[backend] is not None:
+            continue
+        layers = make_layers(sizes, activations[:len(sizes) - 1], np.float64, seed, bias=bias)
+        compare_steps(layers, backend, loss, momentum, steps=2, N=N, seed=seed + 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_and_backward_match_torch_autograd(backend, dtype):
+    layers = make_layers((6, 5, 4), ("tanh", "gelu_tanh"), dtype, seed=5, backend=backend)
+    model = torch_model(layers)
+    net = Sequential(*layers, backend=backend)
+    rng = np.random.default_rng(6)
+    X, dY = rng.standard_normal((7, 6)).astype(dtype), rng.standard_normal((7, 4)).astype(dtype)
+    xp = np if backend != "cupy" else __import__("cupy")
+    X_t = torch.from_numpy(X.astype(np.float64)).requires_grad_(True)
+    Y_t = model(X_t)
+    Y_t.backward(torch.from_numpy(dY.astype(np.float64)))
+    Y = net.forward(xp.asarray(X))
+    assert Y.dtype == dtype and Y.shape == (7, 4)
+    assert_near(Y, Y_t.detach().numpy(), dtype, "forward")
+    dX = net.backward(xp.asarray(dY))
+    assert_near(dX, X_t.grad.numpy(), dtype, "dX")
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    for layer, linear in zip(layers, linears, strict=True):
+        assert_near(layer.dW, linear.weight.grad.numpy().T, dtype, "dW")
+        assert_near(layer.db, linear.bias.grad.numpy(), dtype, "db")
+
+
+# --- the layers' views and assignments -------------------------------------------------------
+
+
+def test_layers_are_the_trained_layers_and_assignments_are_used(backend):
+    """After a step the user's layers hold the new values; a ``layer.W = ...`` or an in-place
+    edit between steps is what the next step uses (PyTorch gets the same edits)."""
+    if backend == "cupy":
+        pytest.skip("the cupy case is covered by the step comparisons")
+    layers = make_layers((4, 6, 3), ("relu", None), np.float64, seed=7)
+    net = compare_steps(layers, backend, "softmax_cross_entropy", 0.9, steps=1, N=5, seed=8)
+    first = layers[0]
+    assert np.shares_memory(first.W, net._params) and np.shares_memory(first.dW, net._grads)
+    replacement = np.random.default_rng(9).standard_normal((4, 6))
+    first.W = replacement.copy()
+    layers[1].b *= 2.0  # in place, through the view
+    model = torch_model(layers)
+    net.train_step(np.ones((2, 4)), np.array([0, 2]), loss="softmax_cross_entropy", lr=0.1)
+    assert np.shares_memory(first.W, net._params), "the layer points at the arena again"
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion(model(torch.ones((2, 4), dtype=torch.float64)), torch.tensor([0, 2])).backward()
+    optimizer.step()
+    np.testing.assert_allclose(first.W, model[0].weight.detach().numpy().T, atol=1e-12)
+    np.testing.assert_allclose(layers[1].b, model[2].bias.detach().numpy(), atol=1e-12)
+
+
+def test_an_assigned_activation_is_used():
+    layers = make_layers((3, 4, 2), ("relu", None), np.float64, seed=10)
+    net = Sequential(*layers, backend="numpy")
+    X = np.random.default_rng(11).standard_normal((5, 3))
+    layers[0].activation = "tanh"
+    expected = np.tanh(X @ layers[0].W + layers[0].b) @ layers[1].W + layers[1].b
+    np.testing.assert_allclose(net.forward(X), expected, atol=1e-12)
+    if fastlinear.available_backends()["numba"] is None:
+        np.testing.assert_allclose(Sequential(*layers, backend="numba").forward(X), expected,
+                                   atol=1e-12)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def snapshot(net):
+    return [a.copy() for a in (net._params, net._velocity, net._grads)]
+
+
+BAD_STEPS = [
+    ("wrong feature count", dict(X=np.ones((3, 5))), ValueError, "features"),
+    ("1-D X", dict(X=np.ones(4)), ValueError, "2-D"),
+    ("empty batch", dict(X=np.ones((0, 4)), y=np.zeros(0, int)), ValueError, "empty"),
+    ("label too large", dict(y=np.array([0, 3, 1])), ValueError, "label 3 at row 1"),
+    ("negative label", dict(y=np.array([0, 1, -1])), ValueError, "label -1 at row 2"),
+    ("float labels", dict(y=np.array([0.0, 1.0, 2.0])), TypeError, "integer"),
+    ("labels of wrong shape", dict(y=np.array([[0, 1, 2]])), ValueError, "shape (3,)"),
+    ("too few labels", dict(y=np.array([0, 1])), ValueError, "shape (3,)"),
+    ("mse targets of wrong shape", dict(loss="mse", y=np.ones((3, 2))), ValueError,
+     "y has 2 columns (targets) but the network expects 3"),
+    ("unknown loss", dict(loss="hinge"), ValueError, "unknown loss 'hinge'"),
+    ("NaN lr", dict(lr=float("nan")), ValueError, "lr must be finite"),
+    ("negative lr", dict(lr=-0.1), ValueError, "lr must be finite and >= 0"),
+    ("negative momentum", dict(momentum=-0.5), ValueError, "momentum must be finite"),
+    ("lr not a number", dict(lr="0.1"), TypeError, "lr must be a real number"),
+    ("complex X", dict(X=np.ones((3, 4), complex)), TypeError, "dtype complex128"),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "error", "message"), BAD_STEPS,
+                         ids=[case[0] for case in BAD_STEPS])
+def test_a_bad_step_raises_and_changes_nothing(backend, what, change, error, message):
+    if backend == "cupy":
+        pytest.skip("input checks are shared; the cupy backend's arrays are covered elsewhere")
+    layers = make_layers((4, 5, 3), ("relu", None), np.float32, seed=12)
+    net = Sequential(*layers, backend=backend)
+    good = dict(X=np.ones((3, 4), np.float32), y=np.array([0, 1, 2]),
+                loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    net.train_step(**good)  # nonzero velocity and gradients to keep
+    before = snapshot(net)
+    arguments = {**good, **change}
+    X, y = arguments.pop("X"), arguments.pop("y")
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        net.train_step(X, y, **arguments)
+    for old, new in zip(before, snapshot(net), strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert net.train_step(**good) > 0  # still trains
+
+
+def test_a_bad_assignment_raises_and_changes_nothing(backend):
+    if backend == "cupy":
+        pytest.skip("checked on the CPU backends")
+    layers = make_layers((4, 5, 3), ("relu", None), np.float64, seed=13)
+    net = Sequential(*layers, backend=backend)
+    before = snapshot(net)
+    layers[1].W = np.ones((5, 3))  # a good assignment beside a bad one: neither is copied
+    layers[0].W = np.ones((4, 6))
+    with pytest.raises(ValueError, match=r"layer 0's W has shape \(4, 6\) but the network was "
+                                         r"built with \(4, 5\)"):
+        net.train_step(np.ones((2, 4)), np.array([0, 1]), loss="softmax_cross_entropy", lr=0.1)
+    for old, new in zip(before, snapshot(net), strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert layers[1].W.shape == (5, 3), "the user's value is kept for the next call"
+    layers[0].W, layers[0].b = np.ones((4, 5)), None
+    with pytest.raises(ValueError, match="layer 0 now has no bias"):
+        net.forward(np.ones((2, 4)))
+
+
+def test_construction_checks():
+    with pytest.raises(TypeError, match=r"one dtype .*\['float32', 'float64'\]"):
+        Sequential(Linear(2, 3, dtype=np.float32), Linear(3, 2, dtype=np.float64))
+    with pytest.raises(ValueError, match="layer 0 has 3 outputs but layer 1 expects 4 inputs"):
+        Sequential(Linear(2, 3), Linear(4, 2))
+    with pytest.raises(ValueError, match="at least one"):
+        Sequential()
+    with pytest.raises(TypeError, match="layer 1 is a str"):
+        Sequential(Linear(2, 3), "relu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        Sequential(Linear(2, 3), backend="fortran")
+    with pytest.raises(RuntimeError, match="before forward"):
+        Sequential(Linear(2, 3)).backward(np.ones((1, 3)))
+
+
+def test_backend_chosen_as_everywhere(monkeypatch):
+    """``use_backend`` and FASTLINEAR_BACKEND decide when ``backend=`` is not given."""
+    calls = []
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=14))
+    original = net._layered_forward
+
+    def spy(backend, X):
+        calls.append(backend)
+        return original(backend, X)
+
+    monkeypatch.setattr(net, "_layered_forward", spy)
+    with fastlinear.use_backend("numpy"):
+        net.forward(np.ones((1, 3)))
+    monkeypatch.setenv(fastlinear.ENV_VAR, "numpy")
+    net.forward(np.ones((1, 3)))
+    assert calls == ["numpy", "numpy"]
+
+
+def test_second_process_compiles_nothing(tmp_path):
+    """The compiled step is cached on disk: a process after the first loads it."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    code = textwrap.dedent("""
+        import numpy as np, fastlinear
+        from fastlinear.backends import _numba_network
+        layers = [fastlinear.Linear(3, 4, activation="relu", dtype=np.float32),
+                  fastlinear.Linear(4, 2, dtype=np.float32)]
+        net = fastlinear.Sequential(*layers, backend="numba")
+        net.train_step(np.ones((2, 3), np.float32), np.array([0, 1]),
+                       loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+        stats = _numba_network.network_call.stats
+        print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+    """)
+    environ = {**os.environ, "PYTHONPATH": REPO}
+    runs = [subprocess.run([sys.executable, "-c", code], env=environ, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]
+    hits, misses = map(int, runs[1])
+    assert (hits, misses) == (1, 0), runs
+
+
+def test_import_does_not_load_numba():
+    code = "import sys, fastlinear; print('numba' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_auto_counts_a_step_as_many_layer_calls(monkeypatch):
+    """While ``auto`` serves with numpy before loading numba, a network call counts toward its
+    break-even rule as ``STEP_WEIGHT_IN_CALLS`` layer calls."""
+    from fastlinear import _dispatch, sequential
+    from fastlinear.backends import numpy as numpy_backend
+
+    monkeypatch.setattr(_dispatch, "_auto_choice", {})
+    monkeypatch.setattr(_dispatch, "_interim_choice", {"numpy": numpy_backend})
+    monkeypatch.setattr(_dispatch, "_interim", _dispatch._CallCount())
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=15))
+    net.train_step(np.ones((2, 3)), np.array([0, 1]), loss="softmax_cross_entropy", lr=0.1)
+    assert _dispatch._interim.calls == sequential.STEP_WEIGHT_IN_CALLS
+
+
+@pytest.mark.parametrize("loss", losses.LOSSES)
+def test_layer_by_layer_path_matches_torch(loss, monkeypatch):
+    """The path the cupy backend takes (layer calls through fastlinear.functional), run here
+    through the numba layer kernels: the same steps as PyTorch."""
+    from fastlinear import sequential
+
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    monkeypatch.setattr(sequential, "NATIVE_STEP_BACKENDS", frozenset())
+    layers = make_layers((4, 6, 5, 3), ("gelu", "relu", None), np.float64, seed=16)
+    net = compare_steps(layers, "numba", loss, momentum=0.9, steps=3, N=5, seed=17)
+    assert net._work.size == 0, "the compiled step was not used"
