@@ -76,8 +76,8 @@ def _as_bias_parameter(value: Any, W: Any) -> Any:
     elif isinstance(value, np.generic):
         value = np.asarray(value)
     if M is None or _arrays.library(value) not in ("numpy", "cupy") or value.size != 1 \
-            or value.ndim > 1:
-        return value
+            or value.ndim > 1 or value.shape == (M,):
+        return value  # an (M,) array is kept as given, also with M = 1 (it may be a view)
     if _arrays.library(value) == "numpy":  # on the device where the layer keeps W
         return _arrays.namespace(W).full(M, value.item(), dtype=value.dtype)
     return _arrays.namespace(value).full(M, value.reshape(()), dtype=value.dtype)

@@ -72,11 +72,12 @@ def test_scalar_bias_is_stored_as_an_array_and_trains(value, dtype):
     np.testing.assert_allclose(layer.b, float(np.asarray(value).ravel()[0]) - 0.1 * N)
 
 
-def test_assigned_bias_arrays_are_kept_as_given():
-    layer = fastlinear.Linear(D, M, rng=0)
-    b = np.arange(M, dtype=np.float64)
+@pytest.mark.parametrize("out_features", [M, 1])
+def test_assigned_bias_arrays_are_kept_as_given(out_features):
+    layer = fastlinear.Linear(D, out_features, rng=0)
+    b = np.arange(out_features, dtype=np.float64)
     layer.b = b
-    assert layer.b is b
+    assert layer.b is b  # also a one-element (1,) bias of one output: a view stays a view
     layer.b = None
     assert layer.b is None and len(layer.parameters()) == 1
 
