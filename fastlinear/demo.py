@@ -129,9 +129,10 @@ def main(argv=None):
 
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
-    X_train, X_test, y_train, y_test = load_digits_split(dtype, args.seed)
+    # the network first: a backend that cannot run says so before the data set is loaded
     net = fastlinear.Sequential(*MLP(LAYER_SIZES, dtype, args.backend, rng).layers,
                                 backend=args.backend)
+    X_train, X_test, y_train, y_test = load_digits_split(dtype, args.seed)
     backend = args.backend or fastlinear.current_backend()
     print(f"fastlinear {fastlinear.__version__} demo: digits, {len(X_train)} train / "
           f"{len(X_test)} test samples, MLP {'-'.join(map(str, LAYER_SIZES))}, {dtype.name}, "
