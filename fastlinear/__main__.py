@@ -1,12 +1,26 @@
-"""Command line: ``python -m fastlinear info | check | demo | bench | tune`` (``--help``: each)."""
+"""Command line: python -m fastlinear {info,check,demo,bench,tune} (--help on each)."""
 
-import argparse
 import sys
+
+from fastlinear import _cli
+
+DESCRIPTION = """\
+fastlinear's command line:
+
+  info   what this machine offers: backends (available or why not), which one calls use now,
+         versions, thread pools, GPUs; paste it into a bug report
+  check  run every available backend against the NumPy reference (after installing an extra)
+  demo   train a small MLP on scikit-learn's digits (the main job)
+  bench  time every backend side by side and plot it
+  tune   measure this machine's thresholds and store its profile (backends read it at load)
+
+FASTLINEAR_BACKEND=numpy|numba|cupy|auto picks the backend of every call (default auto; read
+once per process)."""
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastlinear", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _cli.Parser(prog="python -m fastlinear", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("info", help="backends, their availability, versions, threads, devices",
                         add_help=False)
     commands.add_parser("check", help="every available backend against the NumPy reference",
@@ -26,7 +40,7 @@ def main(argv=None):
         from fastlinear.tune import main as command
     else:
         from fastlinear.bench import main as command
-    return command(rest)
+    return _cli.run(f"python -m fastlinear {args.command}", command, rest)
 
 
 if __name__ == "__main__":

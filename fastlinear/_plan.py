@@ -58,8 +58,8 @@ def check_rows(x: Any, name: str, width: int, what: str) -> Any:
         raise ValueError(f"{name} must be (N, {width}), (*, {width}) or one sample ({width},), "
                          f"got a 0-d array")
     if x.shape[-1] != width:
-        raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
-                         f"(shape {x.shape})")
+        raise ValueError(f"{name} has {_arrays.count(x.shape[-1], what)} but "
+                         f"{_arrays.count(width, 'were')} expected (shape {x.shape})")
     # an explicit row count: reshape(-1, 0) is ambiguous when a dimension is 0
     return x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), width)
 
@@ -88,7 +88,8 @@ def check_backend(module: Any, libraries: list[tuple[str, str]], dtype: np.dtype
     if dtype not in module.DTYPES:
         names = ", ".join(d.name for d in module.DTYPES)
         raise TypeError(f"the call computes in {dtype} (NumPy's result dtype of its operands); "
-                        f"the {module.NAME!r} backend computes in {names}")
+                        f"the {module.NAME!r} backend computes in {names}"
+                        f"{_arrays.dtype_hint(dtype)}")
 
 
 # -- buffers ----------------------------------------------------------------------------------
@@ -130,7 +131,9 @@ def _check_out(buf: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, lib
         raise TypeError(f"{name} must be a {library} array like the result, "
                         f"got {_arrays.type_name(buf)}")
     if native.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {native.dtype}")
+        raise TypeError(f"{name} must have dtype {dtype}, got {native.dtype}: the call computes "
+                        f"in {dtype} (NumPy's result dtype of its operands) and writes {name} in "
+                        f"it; pass a {dtype} buffer, or operands that promote to {native.dtype}")
     if native.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {native.shape}")
     if not native.flags.c_contiguous:
@@ -200,6 +203,8 @@ def _convert(W: Any, arrays: tuple[tuple[str, Any], ...], backend: str | None,
     check_backend(module, [(_library(x), f"{name} as a {_arrays.type_name(x)}")
                            for name, x in operands if hasattr(x, "dtype")], dtype)
     _arrays.check_weight(W)
+    if casting != "safe":
+        _arrays.check_casts(operands, dtype, casting)
     cast = [x if x is None or not hasattr(x, "dtype") else _arrays.cast(x, name, dtype, casting)
             for (name, _), x in zip(arrays, natives, strict=True)]
     return _Call(module, dtype, _arrays.cast(W, "W", dtype, casting), cast, data_back,

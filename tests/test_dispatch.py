@@ -1,6 +1,7 @@
 """Backend resolution: argument > use_backend context > FASTLINEAR_BACKEND > auto; clear errors."""
 
 import os
+import signal
 import threading
 
 import numpy as np
@@ -112,6 +113,7 @@ def test_forked_child_reads_the_variable_again(fakes, monkeypatch):
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its own read of the variable
+        signal.alarm(30)  # a hung child dies instead of hanging the test
         os.write(write, fastlinear.current_backend().encode())
         os._exit(0)
     os.close(write)
