@@ -107,7 +107,7 @@ def layer_contenders(N, D, M, dtype):
     Y_rank1 = np.empty_like(Y)
     rank1_forward(X, W, b, Y_rank1)
     assert np.allclose(Y, Y_rank1, rtol=1e-3, atol=1e-3)
-    skinny = _numba_layer.compiled(("skinny_backward", np.dtype(dtype), True, True, True))
+    skinny = _numba_layer.compile_function(("skinny_backward", np.dtype(dtype), True, True, True))
     relu = 1  # _numba_activations.RELU
 
     def numpy_backward():
@@ -119,7 +119,8 @@ def layer_contenders(N, D, M, dtype):
                            dW=None, db=None, activation="relu", saved=Y)
 
     blas = _numba_blas.blas_routines(np.dtype(dtype))
-    backward_function = _numba_layer.compiled(("backward", np.dtype(dtype), True, True, True))
+    backward_function = _numba_layer.compile_function(
+        ("backward", np.dtype(dtype), True, True, True))
 
     def blas_backward_dX_by(rows):
         def run():

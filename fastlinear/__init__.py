@@ -14,6 +14,7 @@ from fastlinear._dispatch import (
     BackendUnavailableError,
     available_backends,
     current_backend,
+    set_backend,
     use_backend,
     warm_up,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "current_backend",
     "linear_backward",
     "linear_forward",
+    "set_backend",
     "use_backend",
     "warm_up",
 ]

@@ -1,4 +1,4 @@
-"""Command line: python -m fastlinear {info,check,demo,bench} (--help on each)."""
+"""Command line: python -m fastlinear {info,check,demo,bench,tune} (--help on each)."""
 
 import sys
 
@@ -12,8 +12,10 @@ fastlinear's command line:
   check  run every available backend against the NumPy reference (after installing an extra)
   demo   train a small MLP on scikit-learn's digits (the main job)
   bench  time every backend side by side and plot it
+  tune   measure this machine's thresholds and store its profile (backends read it at load)
 
-FASTLINEAR_BACKEND=numpy|numba|cupy|auto picks the backend of every call (default auto)."""
+FASTLINEAR_BACKEND=numpy|numba|cupy|auto picks the backend of every call (default auto; read
+once per process)."""
 
 
 def main(argv=None):
@@ -25,6 +27,8 @@ def main(argv=None):
                         add_help=False)
     commands.add_parser("demo", help="train a small MLP on scikit-learn's digits", add_help=False)
     commands.add_parser("bench", help="side-by-side benchmark of every backend", add_help=False)
+    commands.add_parser("tune", help="measure this machine's thresholds and store its profile",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from fastlinear.info import main as command
@@ -32,6 +36,8 @@ def main(argv=None):
         from fastlinear.check import main as command
     elif args.command == "demo":
         from fastlinear.demo import main as command
+    elif args.command == "tune":
+        from fastlinear.tune import main as command
     else:
         from fastlinear.bench import main as command
     return _cli.run(f"python -m fastlinear {args.command}", command, rest)

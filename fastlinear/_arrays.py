@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["library", "to_native", "result_dtype", "cast", "namespace", "as_bias", "check_weight",
-           "check_backend_dtype", "on_device_of", "empty_like_device"]
+           "on_device_of", "empty_like_device"]
 
 # DLPack device types (dlpack.h). Host memory: kDLCPU (1) and CUDA's pinned host memory,
 # kDLCUDAHost (3), which NumPy reads and cupy.from_dlpack refuses. CUDA memory: kDLCUDA (2) and
@@ -218,14 +218,6 @@ def check_weight(W):
     """``W`` must be a matrix ``(in_features, out_features)``."""
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (in_features, out_features), got shape {W.shape}")
-
-
-def check_backend_dtype(dtype, module):
-    """The call's dtype must be one the backend ``module`` computes in."""
-    if dtype not in module.DTYPES:
-        names = ", ".join(d.name for d in module.DTYPES)
-        raise TypeError(f"the call computes in {dtype} (NumPy's result dtype of its operands); "
-                        f"the {module.NAME!r} backend computes in {names}{dtype_hint(dtype)}")
 
 
 def dtype_hint(dtype: np.dtype) -> str:

@@ -14,31 +14,31 @@ Graph shape
 * The feature axis (the last one) is rechunked to one chunk: a task needs its rows' whole
   feature vectors to multiply by the whole ``W`` it holds anyway, and row chunks are the
   unit that the products split along. Row chunks are kept as they come.
-* forward: one task per row chunk calls ``fastlinear.linear_forward`` on the worker; ``Y`` has
+* forward: one task per row chunk plans and runs the forward on the worker (``_plan``, as
+  ``fastlinear.linear_forward`` does); ``Y`` has
   ``X``'s row chunks. With ``return_saved`` and a GELU (which saves the pre-activation ``Z``)
   the task returns ``(Y, Z)`` and two cheap tasks per chunk pick them apart.
-* backward: one task per row chunk calls ``fastlinear.linear_backward`` and returns
+* backward: one task per row chunk plans and runs the backward and returns
   ``(dX_i, dW_i, db_i)``; ``dX`` is the row-blockwise pick of ``dX_i``, ``dW`` and ``db`` are
   dask's tree reduction (``sum`` with ``split_every``) of the partial products ``dW_i`` and
   ``db_i``, so ``dask.compute(dX, dW, db)`` runs every chunk task once.
 
 The backend
 -----------
-Workers are other processes, often on other machines: the client's ``use_backend`` context and
-``FASTLINEAR_BACKEND`` do not reach them. The client resolves the backend to a concrete name
-(argument > context > environment > ``auto``; ``auto`` picks what it would pick here for the
-chunks' array library) and passes that name to every task as an argument. A worker that cannot
-run it raises ``BackendUnavailableError`` naming the worker and its reason.
+Workers are other processes, often on other machines: the client's ``use_backend`` context,
+``set_backend`` and ``FASTLINEAR_BACKEND`` do not reach them. The client resolves the backend to
+a concrete name (argument > context > default > ``auto``; ``auto`` picks what it would pick here
+for the chunks' array library) and passes that name to every task as an argument. A worker
+that cannot run it raises ``BackendUnavailableError`` naming the worker and its reason.
 """
 
 import contextlib
-import importlib
 import math
 import uuid
 
 import numpy as np
 
-from fastlinear import _arrays, _dispatch, activations
+from fastlinear import _arrays, _dispatch, _plan, activations
 
 __all__ = ["is_dask", "linear_forward", "linear_backward"]
 
@@ -105,24 +105,23 @@ def _in_dtype(arrays, dtype, casting):
 
 
 def _concrete_backend(backend, chunk_library, dtype):
-    """The backend name every task gets: argument > context > environment > auto, as here.
+    """The backend name every task gets: argument > context > default > auto, as here.
 
     ``auto`` picks what it would pick in this process for ``chunk_library``; if nothing can run
     here for it (CuPy chunks on a client without a GPU), the first choice of ``auto``, which the
     workers may have. Array library and dtype are checked against the backend's declarations,
     which need no import of its optional library.
     """
-    name = _dispatch.requested_backend(backend)
+    registry = _dispatch.registry
+    name = registry.requested(backend)
     if name == _dispatch.AUTO:
         try:
-            name = _dispatch.resolve(name, chunk_library).NAME
+            name = registry.resolve(name, chunk_library).NAME
         except _dispatch.BackendUnavailableError:
-            name = _dispatch.AUTO_ORDER.get(chunk_library, ("numpy",))[0]
-    module = importlib.import_module(_dispatch.BACKENDS[name])
-    if chunk_library not in module.ARRAY_LIBRARIES:
-        raise TypeError(f"the {name!r} backend takes {' or '.join(module.ARRAY_LIBRARIES)} "
-                        f"arrays, got dask chunks of {chunk_library} arrays")
-    _arrays.check_backend_dtype(dtype, module)
+            name = registry.auto_order.get(chunk_library, ("numpy",))[0]
+    module = registry.declared(name)
+    _plan.check_backend(module, [(chunk_library, f"dask chunks of {chunk_library} arrays")],
+                        dtype)
     return name
 
 
@@ -164,21 +163,18 @@ def _naming_the_worker():
 
 
 def _forward_chunk(X, W, b, *, backend, activation, return_saved):
-    """Run on a worker: ``linear_forward`` of one row chunk (``(Y, Z)`` with return_saved)."""
-    from fastlinear.functional import linear_forward
-
+    """Run on a worker: the planned forward of one row chunk (``(Y, Z)`` with return_saved)."""
     with _naming_the_worker():
-        return linear_forward(X, W, b, activation=activation, backend=backend,
-                              return_saved=return_saved)
+        run, args = _plan.forward(X, W, b, activation, backend, None, return_saved, "safe")
+        return run(*args)
 
 
 def _backward_chunk(dY, X, saved, W, *, backend, activation, has_bias, need_dX):
-    """Run on a worker: ``(dX_i, dW_i, db_i)`` of one row chunk."""
-    from fastlinear.functional import linear_backward
-
+    """Run on a worker: ``(dX_i, dW_i, db_i)`` of one row chunk, planned there."""
     with _naming_the_worker():
-        return linear_backward(dY, X, W, activation=activation, saved=saved, has_bias=has_bias,
-                               need_dX=need_dX, backend=backend)
+        run, args = _plan.backward(dY, X, W, activation, saved, has_bias, need_dX, backend,
+                                   False, None, None, None, "safe")
+        return run(*args)
 
 
 def _pick(results, index, lead_ndim=0):
@@ -246,14 +242,11 @@ def _backward_operands(da, dY, X, W, activation, saved, backend, casting):
     D, M = W.shape
     X = _check_batch(X, "X", D, "features", da)
     dY = _check_batch(dY, "dY", M, "columns", da)
-    if dY.shape != (*X.shape[:-1], M):
-        raise ValueError(f"dY must have the shape of the forward output {(*X.shape[:-1], M)} "
-                         f"(X has shape {X.shape}, W {W.shape}), got {dY.shape}")
+    _plan.check_upstream(dY, X, M, "dY")
     batch = [("dY", dY), ("X", X)]
     if activation is not None:
         saved = _check_batch(saved, "saved", M, "columns", da)
-        if saved.shape != dY.shape:
-            raise ValueError(f"saved must have dY's shape {dY.shape}, got {saved.shape}")
+        _plan.check_upstream(saved, X, M, "saved")
         batch.append(("saved", saved))
     libraries = {_arrays.library(x._meta) for _, x in batch}
     if len(libraries) > 1:

@@ -1,13 +1,13 @@
 """Background loading for ``auto``: a backend imports and loads its kernels in a daemon thread.
 
 The fastest CPU backend (numba) costs about half a second to import and to load its compiled
-kernels from Numba's cache; NumPy costs nothing. So ``auto`` (``_dispatch._choose_auto``) serves
+kernels from Numba's cache; NumPy costs nothing. So ``auto`` (``_dispatch.Registry``) serves
 a program's first calls with numpy, starts that load here once the program has made enough calls
 for it to pay (or at ``fastlinear.warm_up()``), and serves the calls made meanwhile with numpy
-too. The dispatcher owns every cache and the choice; this module owns the thread, its steps, and
-what happens to them around ``fork`` and at interpreter exit.
+too. The registry owns every cache and the choice; its ``Loader`` owns the threads, their
+steps, and what happens to them around ``fork`` and at interpreter exit.
 
-* Steps: the import (the dispatcher's ``_load``, so a failure is cached as the backend's reason
+* Steps: the import (the registry's ``load``, so a failure is cached as the backend's reason
   exactly as in a synchronous load), then one tiny call per kernel of a training step, for each
   dtype. The thread is "loading" until the last step is done; only then does ``auto`` switch.
 * Fork: a child forked during a step would inherit locks held by a thread it does not have (the
@@ -17,7 +17,7 @@ what happens to them around ``fork`` and at interpreter exit.
   the backend at once and loads the remaining kernels at their first calls.
 * Exit: the thread is a daemon, so the interpreter does not wait for it; it starts no new step
   once exit has begun.
-* Failures: nothing raised in the thread is lost: the dispatcher's ``on_failure`` turns it into
+* Failures: nothing raised in the thread is lost: the registry's ``on_failure`` turns it into
   the reason the backend is unavailable.
 """
 
@@ -27,6 +27,9 @@ import atexit
 import functools
 import os
 import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,15 +38,14 @@ BACKGROUND = "background"
 SYNC = "sync"
 MODES = (BACKGROUND, SYNC)
 
-_lock = threading.Lock()  # guards _threads and _finished
-_threads: dict[str, threading.Thread] = {}  # backend name -> the thread that loads or loaded it
-_finished: set[str] = set()  # names whose thread ran to its end (in this process or before a fork)
 _step_lock = threading.Lock()  # held by the thread during each step; fork waits for it
 _exiting = threading.Event()
+_loaders: weakref.WeakSet[Loader] = weakref.WeakSet()  # every Loader, for the fork hook
 
 
-def mode():
-    """``FASTLINEAR_AUTO_LOAD``, read at each call: ``"background"`` (the default) or ``"sync"``."""
+def mode() -> str:
+    """``FASTLINEAR_AUTO_LOAD``: ``"background"`` (the default) or ``"sync"`` (the registry reads
+    it once, at its first ``auto`` choice)."""
     raw = os.environ.get(ENV_VAR, "")
     value = raw.strip().lower() or BACKGROUND
     if value not in MODES:
@@ -76,53 +78,79 @@ def warm_up_calls(module):
     return calls
 
 
-def _run(name, load, on_failure):
-    """The thread's body: ``load(name)``, then the warm-up calls; errors go to ``on_failure``."""
-    try:
-        with _step_lock:
-            module = load(name)
-        for call in warm_up_calls(module):
-            if _exiting.is_set():
-                return
-            with _step_lock:
-                call()
-    except BaseException as exc:  # noqa: BLE001 (handed on: it becomes the reason)
-        on_failure(name, exc)
-    finally:
-        with _lock:
-            _finished.add(name)
-
-
-def start(name, load, on_failure):
-    """Start loading backend ``name`` in a daemon thread, unless one has run or runs already.
+class Loader:
+    """The background loads of one registry: a thread per backend, started at most once.
 
     ``load(name)`` imports the backend and raises if it cannot run; then the warm-up calls run.
-    Whatever either raises is passed to ``on_failure(name, exc)``, in the thread. Returns
-    whether a thread is loading ``name`` now (False once exit has begun: load synchronously).
+    Whatever either raises is passed to ``on_failure(name, exc)``, in the thread.
     """
-    with _lock:
-        if name not in _threads and not _exiting.is_set():
-            _register_hooks()
-            thread = threading.Thread(target=_run, args=(name, load, on_failure),
-                                      name=f"fastlinear-load-{name}", daemon=True)
-            _threads[name] = thread  # before it starts, so that loading() is never behind
-            try:
-                thread.start()
-            except RuntimeError:  # no new threads (at exit, or at a resource limit)
-                del _threads[name]
-    return loading(name)
 
+    def __init__(self, load: Callable[[str], Any],
+                 on_failure: Callable[[str, BaseException], None]) -> None:
+        self._load, self._on_failure = load, on_failure
+        self._lock = threading.Lock()  # guards _threads and _finished
+        self._threads: dict[str, threading.Thread] = {}  # name -> the thread that loads it
+        self._finished: set[str] = set()  # names whose thread ran to its end
+        _loaders.add(self)
 
-def loading(name):
-    """Whether a thread is loading backend ``name`` now (its warm-up calls included)."""
-    return name in _threads and name not in _finished
+    def _run(self, name: str) -> None:
+        """The thread's body: the load, then the warm-up calls, each one step."""
+        try:
+            with _step_lock:
+                module = self._load(name)
+            for call in warm_up_calls(module):
+                if _exiting.is_set():
+                    return
+                with _step_lock:
+                    call()
+        except BaseException as exc:  # noqa: BLE001 (handed on: it becomes the reason)
+            self._on_failure(name, exc)
+        finally:
+            with self._lock:
+                self._finished.add(name)
 
+    def start(self, name: str) -> bool:
+        """Start loading backend ``name`` in a daemon thread, unless one has run or runs already.
 
-def wait(name):
-    """Wait until the thread loading backend ``name``, if there is one, has finished."""
-    thread = _threads.get(name)
-    if thread is not None and thread is not threading.current_thread():
-        thread.join()
+        Returns whether a thread is loading ``name`` now (False once exit has begun: the caller
+        loads synchronously).
+        """
+        with self._lock:
+            if name not in self._threads and not _exiting.is_set():
+                _register_hooks()
+                thread = threading.Thread(target=self._run, args=(name,),
+                                          name=f"fastlinear-load-{name}", daemon=True)
+                self._threads[name] = thread  # before it starts: loading() is never behind
+                try:
+                    thread.start()
+                except RuntimeError:  # no new threads (at exit, or at a resource limit)
+                    del self._threads[name]
+        return self.loading(name)
+
+    def loading(self, name: str) -> bool:
+        """Whether a thread is loading backend ``name`` now (its warm-up calls included)."""
+        return name in self._threads and name not in self._finished
+
+    def started(self) -> bool:
+        """Whether any load thread was started (in this process)."""
+        return bool(self._threads)
+
+    def wait(self, name: str) -> None:
+        """Wait until the thread loading backend ``name``, if there is one, has finished."""
+        thread = self._threads.get(name)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def join_all(self, timeout: float | None = None) -> None:
+        """Wait for every load thread (tests: none is left behind)."""
+        for thread in list(self._threads.values()):
+            thread.join(timeout)
+
+    def _after_fork_in_child(self) -> None:
+        """The child has no loading thread: forget those that had not finished."""
+        self._lock = threading.Lock()
+        for name in [name for name in self._threads if name not in self._finished]:
+            del self._threads[name]  # its thread is the parent's: start again when asked
 
 
 _hooks_registered: list[bool] = []  # [True] once _register_hooks ran
@@ -156,8 +184,6 @@ def _after_fork_in_parent():
 
 def _after_fork_in_child():
     """The child has no loading thread; its locks may have been held by the parent's threads."""
-    global _lock
     _step_lock.release()  # this thread acquired it in _before_fork
-    _lock = threading.Lock()
-    for name in [name for name in _threads if name not in _finished]:
-        del _threads[name]  # its thread is the parent's: start again when asked
+    for loader in list(_loaders):
+        loader._after_fork_in_child()

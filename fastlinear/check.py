@@ -142,7 +142,7 @@ def _device(name):
 
 def _array_module(name):
     """The backend module ``name`` and the array library it computes on."""
-    return _dispatch._load(name), _dispatch.array_module(name)
+    return _dispatch.load_backend(name), _dispatch.array_module(name)
 
 
 def _progress(cases, label):

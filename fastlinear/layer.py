@@ -29,7 +29,7 @@ def _check_served(dtype: np.dtype, backend: str | None) -> None:
     serving, others = [], []
     for name in names:
         reason = _dispatch.unavailable_reason(name)
-        if reason is None and dtype in _dispatch._load(name).DTYPES:
+        if reason is None and dtype in _dispatch.load_backend(name).DTYPES:
             serving.append(name)
         elif reason is not None:
             others.append(f"{name}: {reason}")
@@ -51,10 +51,8 @@ def _check_served(dtype: np.dtype, backend: str | None) -> None:
 def _backend_dtypes(name: str) -> tuple:
     """The dtypes backend ``name`` computes in, read from its module (importable without its
     library)."""
-    import importlib
-
     try:
-        return tuple(importlib.import_module(_dispatch.BACKENDS[name]).DTYPES)
+        return tuple(_dispatch.registry.declared(name).DTYPES)
     except Exception:  # a module that cannot even be imported computes nothing here
         return ()
 

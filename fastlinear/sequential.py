@@ -44,11 +44,10 @@ _BLAS_THREADS_MIN_WORK = 1 << 23
 
 def _resolve(backend: str | None, library: str) -> Any:
     """The backend module of one network call: fastlinear's usual resolution, with ``auto``
-    counting the call as ``STEP_WEIGHT_IN_CALLS`` layer calls (the only coupling to
-    ``_dispatch``'s internals, kept here)."""
-    module = _dispatch.resolve(backend, library)
-    if library in _dispatch._interim_choice and library not in _dispatch._auto_choice:
-        _dispatch._interim.calls += STEP_WEIGHT_IN_CALLS - 1
+    counting the call as ``STEP_WEIGHT_IN_CALLS`` layer calls."""
+    registry = _dispatch.registry
+    module = registry.resolve(backend, library)
+    registry.count_calls(library, STEP_WEIGHT_IN_CALLS - 1)
     return module
 
 

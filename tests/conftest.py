@@ -4,12 +4,18 @@ Shared helpers (tolerances, inputs, references) live in ``tests.helpers``.
 """
 
 import collections
+import os
 
 import numpy as np
 import pytest
 
+# The tests pin the backends' default thresholds: a tuning profile in this user's cache
+# directory (python -m fastlinear tune) must not change which paths they take. Set before any
+# backend is imported; tests/test_tune.py turns it back on where it tests the profile.
+os.environ["FASTLINEAR_TUNE"] = "off"
+
 import fastlinear
-from tests.helpers import BACKEND_NAMES, backend_param
+from tests.helpers import BACKEND_NAMES, backend_param, install_registry
 
 
 @pytest.fixture(params=[backend_param(name) for name in BACKEND_NAMES])
@@ -19,9 +25,11 @@ def backend(request):
 
 
 @pytest.fixture(autouse=True)
-def _clean_backend_env(monkeypatch):
-    """Tests start with no FASTLINEAR_BACKEND from the caller's shell."""
+def _fresh_registry(monkeypatch):
+    """Tests start with no FASTLINEAR_BACKEND from the caller's shell, and a backend registry of
+    their own (what one test loads or chooses does not decide another's)."""
     monkeypatch.delenv(fastlinear.ENV_VAR, raising=False)
+    return install_registry(monkeypatch)
 
 
 @pytest.fixture

@@ -10,6 +10,24 @@ BACKEND_NAMES = tuple(fastlinear.BACKENDS)
 CPU_DTYPES = (np.float32, np.float64)
 
 
+def install_registry(monkeypatch, **options):
+    """A fresh backend registry, ``_dispatch.Registry(**options)``, for the rest of the test:
+    nothing loaded, nothing chosen, the environment not read yet."""
+    fresh = _dispatch.Registry(**options)
+    monkeypatch.setattr(_dispatch, "registry", fresh)
+    return fresh
+
+
+def set_backend_variable(monkeypatch, value):
+    """Set ``FASTLINEAR_BACKEND`` (unset it for ``None``) and have the registry read it again at
+    the next call, as a new process would (it reads it once per process)."""
+    if value is None:
+        monkeypatch.delenv(fastlinear.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(fastlinear.ENV_VAR, value)
+    fastlinear.set_backend(None)
+
+
 def backend_param(name):
     """A pytest param for backend ``name`` that skips, with the reason, where it cannot run."""
     reason = _dispatch.unavailable_reason(name)

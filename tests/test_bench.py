@@ -16,6 +16,7 @@ from fastlinear import _cli, _dispatch, bench, demo
 from fastlinear.backends import numpy as numpy_backend
 from fastlinear.bench import report, training
 from fastlinear.bench.timing import Case, Contender
+from tests.helpers import install_registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny and fast: no pauses, short blocks, two rounds.
@@ -102,9 +103,7 @@ def second_backend(monkeypatch):
     module.NAME = "echo"
     module.unavailable_reason = lambda: None
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(_dispatch.BACKENDS, "echo", module.__name__)
-    monkeypatch.setattr(_dispatch, "VALID_NAMES", (*_dispatch.VALID_NAMES, "echo"))
-    monkeypatch.setattr(_dispatch, "_modules", dict(_dispatch._modules))
+    install_registry(monkeypatch, backends={**_dispatch.BACKENDS, "echo": module.__name__})
     return "echo"
 
 
@@ -207,7 +206,7 @@ def test_a_backend_without_activations_is_left_out_of_those_cases(second_backend
                                                                    tmp_path, capsys):
     """A backend that raises NotImplementedError for a case (the GPU backend before its fused
     activations) loses its rows there, with a note; the run goes on."""
-    def forward(X, W, b, out, *, activation=None, preactivation=None):
+    def forward(X, W, b, out, activation=None, preactivation=None):
         if activation is not None:
             raise NotImplementedError("echo: no activations")
         return numpy_backend.forward(X, W, b, out)
@@ -310,6 +309,22 @@ def test_asv_check_finds_no_problems():
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No problems found" in result.stdout
+
+
+def test_overhead_table_times_every_way_against_the_plain_expression(capsys):
+    from fastlinear.bench import overhead
+
+    table = overhead.measure(overhead.rows((4, 8, 8), "float64"), rounds=2, block_time=0.0005)
+    labels = {(row.label, row.pass_name) for row in table}
+    for pass_name in ("forward", "backward"):
+        assert {("functional", pass_name), ("Linear", pass_name),
+                ("default, before auto's switch", pass_name)} <= labels
+    for row in table:
+        assert len(row.times) == len(row.differences) == 2 and min(row.times) > 0
+    lines = overhead.format_table(table)
+    assert lines[1].split()[:2] == ["call", "pass"] and len(lines) == 2 + len(table)
+    assert bench.main(["--overhead", "--quick"]) == 0
+    assert "budget" in capsys.readouterr().out
 
 
 def test_plot_draws_markers_with_iqr_whiskers_on_one_y_range(tmp_path, monkeypatch):

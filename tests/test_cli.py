@@ -1,5 +1,6 @@
 """The command line: ``python -m fastlinear info`` and the demo (the project's main job)."""
 
+import importlib
 import subprocess
 import sys
 
@@ -113,11 +114,15 @@ def test_unknown_backend_option_is_one_line_and_exit_2(capsys):
 
 
 def test_unavailable_backend_is_one_line_and_exit_1(monkeypatch, capsys):
-    from fastlinear import _dispatch
+    from tests.helpers import install_registry
 
-    monkeypatch.setitem(_dispatch._unavailable, "cupy", "backend 'cupy' is not available: "
-                        "no GPU in this test; pip install \"fastlinear[cuda]\"")
-    monkeypatch.delitem(_dispatch._modules, "cupy", raising=False)
+    class NoGPU:
+        @staticmethod
+        def unavailable_reason():
+            return 'no GPU in this test; pip install "fastlinear[cuda]"'
+
+    install_registry(monkeypatch, import_module=lambda path: (
+        NoGPU if path.endswith(".cupy") else importlib.import_module(path)))
     assert cli.main(["demo", "--backend", "cupy", "--epochs", "1"]) == 1
     assert "pip install" in _one_line(capsys.readouterr().err)
     assert cli.main(["check", "--backend", "cupy"]) == 1

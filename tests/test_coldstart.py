@@ -16,6 +16,7 @@ import pytest
 
 import fastlinear
 from fastlinear import _dispatch, _warmup
+from tests.helpers import install_registry
 
 TIMEOUT = 60  # seconds; a deadlock fails the test instead of hanging CI
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,20 +68,14 @@ class FakeBackends:
 
 @pytest.fixture
 def fakes(monkeypatch):
-    """Fresh dispatcher and loader state, over fake backends: nothing is loaded yet."""
-    fake = FakeBackends()
-    for name, value in (("_modules", {}), ("_unavailable", {}), ("_auto_choice", {}),
-                        ("_interim_choice", {}), ("_interim", _dispatch._CallCount()),
-                        ("_load_locks", {})):
-        monkeypatch.setattr(_dispatch, name, value)
-    monkeypatch.setattr(_warmup, "_threads", {})
-    monkeypatch.setattr(_warmup, "_finished", set())
-    monkeypatch.setattr(_dispatch.importlib, "import_module", fake.import_module)
+    """A fresh registry over fake backends: nothing is loaded yet."""
     monkeypatch.delenv(_warmup.ENV_VAR, raising=False)
+    fake = FakeBackends()
+    fake.registry = install_registry(monkeypatch, import_module=fake.import_module)
+    fake.loader = fake.registry.loader
     yield fake
     fake.release.set()  # never leave a loading thread behind
-    for thread in list(_warmup._threads.values()):
-        thread.join(TIMEOUT)
+    fake.loader.join_all(TIMEOUT)
 
 
 X = np.linspace(-1, 1, 6).reshape(2, 3)
@@ -97,21 +92,21 @@ def test_first_calls_use_numpy_and_import_nothing(fakes):
     for _ in range(3):
         np.testing.assert_allclose(fastlinear.linear_forward(X, W), X @ W)
     assert user_calls(fakes.modules["numpy"]) == ["forward"] * 3
-    assert fakes.importing == set() and not _warmup.loading("numba")
+    assert fakes.importing == set() and not fakes.loader.loading("numba")
     assert fastlinear.current_backend() == "numpy"
 
 
 def test_load_starts_after_the_threshold_and_auto_switches_when_ready(fakes, monkeypatch):
-    monkeypatch.setattr(_dispatch, "AUTO_LOAD_AFTER_CALLS", 5)
+    fakes.registry.load_after_calls = 5
     for _ in range(5):
         fastlinear.linear_forward(X, W)
-    assert not _warmup.loading("numba")
+    assert not fakes.loader.loading("numba")
     fastlinear.linear_forward(X, W)  # the call that reaches the threshold starts the load
-    assert _warmup.loading("numba")
+    assert fakes.loader.loading("numba")
     fastlinear.linear_forward(X, W)  # served by numpy while numba loads
     assert user_calls(fakes.modules["numpy"]) == ["forward"] * 7
     fakes.release.set()
-    _warmup.wait("numba")
+    fakes.loader.wait("numba")
     fastlinear.linear_forward(X, W)
     assert user_calls(fakes.modules["numba"]) == ["forward"]
     assert fastlinear.current_backend() == "numba"
@@ -131,16 +126,16 @@ def test_warm_up_loads_now_and_waits(fakes):
 
 def test_warm_up_without_waiting_starts_the_load(fakes):
     assert fastlinear.warm_up(wait=False) == "numpy"
-    assert _warmup.loading("numba")
+    assert fakes.loader.loading("numba")
     fakes.release.set()
-    _warmup.wait("numba")
+    fakes.loader.wait("numba")
     assert fastlinear.current_backend() == "numba"
 
 
 def test_switch_is_race_free_between_threads(fakes, monkeypatch):
     """Threads calling through auto while numba loads: each call runs on one backend, gets the
     right result, and once a thread has seen numba it never goes back to numpy."""
-    monkeypatch.setattr(_dispatch, "AUTO_LOAD_AFTER_CALLS", 0)
+    fakes.registry.load_after_calls = 0
     threads, calls_each = 8, 60
     barrier = threading.Barrier(threads + 1, timeout=TIMEOUT)
     seen = [[] for _ in range(threads)]
@@ -166,7 +161,7 @@ def test_switch_is_race_free_between_threads(fakes, monkeypatch):
         thread.join(TIMEOUT)
         assert not thread.is_alive(), "a thread is still running: deadlock?"
     assert not errors, errors[0]
-    _warmup.wait("numba")
+    fakes.loader.wait("numba")
     served = len(user_calls(fakes.modules["numpy"])) + len(user_calls(fakes.modules["numba"]))
     assert served == threads * calls_each  # every call ran on exactly one backend
     for names in seen:
@@ -187,7 +182,7 @@ def test_named_backend_loads_in_the_calling_thread(fakes, monkeypatch, how):
         monkeypatch.setenv(fastlinear.ENV_VAR, "numba")
         fastlinear.linear_forward(X, W)
     assert user_calls(fakes.modules["numba"]) == ["forward"]
-    assert _warmup._threads == {}  # no thread took part
+    assert not fakes.loader.started()  # no thread took part
 
 
 def test_named_backend_waits_for_the_background_load(fakes):
@@ -217,7 +212,9 @@ def test_failed_background_import_is_the_reason(fakes):
     assert "failed to import" in reason and "llvmlite" in reason
     with pytest.raises(fastlinear.BackendUnavailableError, match="llvmlite"):
         fastlinear.linear_forward(X, W, backend="numba")
-    assert _dispatch._auto_choice["numpy"].NAME == "numpy"  # auto stays on numpy for good
+    fastlinear.linear_forward(X, W)  # auto stays on numpy for good: no second load
+    assert user_calls(fakes.modules["numpy"])[-1:] == ["forward"]
+    assert fastlinear.current_backend() == "numpy" and not fakes.loader.loading("numba")
 
 
 def test_failed_warm_up_call_is_the_reason(fakes):
@@ -236,7 +233,7 @@ def test_sync_mode_loads_in_the_first_call(fakes, monkeypatch):
     monkeypatch.setenv(_warmup.ENV_VAR, " Sync ")
     fastlinear.linear_forward(X, W)
     assert user_calls(fakes.modules["numba"]) == ["forward"]
-    assert _warmup._threads == {}
+    assert not fakes.loader.started()
 
 
 def test_unknown_mode_lists_the_valid_ones(fakes, monkeypatch):
@@ -325,7 +322,40 @@ def test_exit_while_loading_in_the_background(delay):
 
 def test_asking_for_the_current_backend_is_not_a_call(fakes):
     fastlinear.linear_forward(np.ones((2, 3)), np.ones((3, 4)))  # auto's first, interim choice
-    calls = _dispatch._interim.calls
+    calls = fakes.registry.interim_calls
     for _ in range(5):
         assert fastlinear.current_backend() == "numpy"
-    assert _dispatch._interim.calls == calls
+    assert fakes.registry.interim_calls == calls
+
+
+def test_current_backend_is_what_the_next_auto_call_uses(fakes):
+    """Issue 18, bug 2: a call naming numba loads it, but auto keeps its interim choice until
+    its calls are spent; current_backend says so, and the next call agrees."""
+    fakes.gated.clear()
+    fastlinear.linear_forward(X, W)  # auto's interim choice: numpy
+    fastlinear.linear_forward(X, W, backend="numba")  # loads numba in this thread
+    assert fastlinear.current_backend() == "numpy"
+    fastlinear.linear_forward(X, W)
+    assert user_calls(fakes.modules["numpy"]) == ["forward"] * 2
+    fakes.registry.load_after_calls = fakes.registry.interim_calls + 1  # the next call switches
+    assert fastlinear.current_backend() == "numba"
+    fastlinear.linear_forward(X, W)
+    assert user_calls(fakes.modules["numba"]) == ["forward"] * 2  # the named call and this one
+
+
+def test_auto_takes_a_backend_loaded_before_its_first_call(fakes):
+    fakes.gated.clear()
+    fastlinear.linear_forward(X, W, backend="numba")
+    assert fastlinear.current_backend() == "numba"
+    fastlinear.linear_forward(X, W)
+    assert user_calls(fakes.modules["numba"]) == ["forward"] * 2
+    assert not fakes.loader.started()
+
+
+def test_a_call_that_weighs_several_counts_them_toward_the_switch(fakes):
+    fastlinear.linear_forward(X, W)  # auto's interim choice serves numpy arrays
+    before = fakes.registry.interim_calls
+    fakes.registry.count_calls("numpy", 9)
+    assert fakes.registry.interim_calls == before + 9
+    fakes.registry.count_calls("cupy", 9)  # no interim choice for CuPy arrays: nothing counted
+    assert fakes.registry.interim_calls == before + 9

@@ -8,6 +8,7 @@ checked by an emulation of cuBLAS's column-major GEMM on NumPy buffers).
 
 import ctypes
 import dataclasses
+import importlib
 import math
 import pathlib
 import sys
@@ -32,7 +33,7 @@ from tests.gpu_emulation import (
     flat_from_first_element,
     make_layout,
 )
-from tests.helpers import assert_close, make_inputs, reference64
+from tests.helpers import assert_close, install_registry, make_inputs, reference64
 
 GPU_REASON = _dispatch.unavailable_reason("cupy")
 requires_gpu = pytest.mark.skipif(GPU_REASON is not None,
@@ -143,8 +144,7 @@ def test_reason_says_no_cuda_device(monkeypatch):
 def cupy_unavailable(monkeypatch):
     """Make the cupy backend report no device, on any machine."""
     monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: "no CUDA device: (test)")
-    for cache in ("_modules", "_unavailable", "_auto_choice"):
-        monkeypatch.setattr(_dispatch, cache, {})
+    install_registry(monkeypatch)
 
 
 def test_env_var_cupy_without_device_raises(cupy_unavailable, monkeypatch):
@@ -176,7 +176,7 @@ def test_auto_never_picks_cupy_for_numpy_arrays():
 
 def test_auto_without_device_has_no_backend_for_cupy_arrays(cupy_unavailable):
     with pytest.raises(fastlinear.BackendUnavailableError, match="cupy arrays"):
-        _dispatch.resolve("auto", "cupy")
+        _dispatch.registry.resolve("auto", "cupy")
 
 
 # --- pure helpers (no GPU needed) --------------------------------------------------------------
@@ -438,14 +438,16 @@ def test_gelu_forward_saving_z_on_another_device(two_devices, monkeypatch):
 
     seen = {}
 
-    def forward(X, W, b, out, *, activation=None, preactivation=None):
+    def forward(X, W, b, out, activation=None, preactivation=None):
         seen.update(X=X.device_id, b=b.device_id, Z=preactivation.device_id)
         preactivation[...] = 0.5
         return _TwoDeviceCupy.full((X.shape[0], W.shape[1]), 1.0, X.dtype)
 
     fake = types.SimpleNamespace(NAME="cupy", DTYPES=cupy_backend.DTYPES,
-                                 ARRAY_LIBRARIES=("cupy",), forward=forward)
-    monkeypatch.setitem(_dispatch._modules, "cupy", fake)
+                                 ARRAY_LIBRARIES=("cupy",), forward=forward,
+                                 unavailable_reason=lambda: None)
+    install_registry(monkeypatch, import_module=lambda path: (
+        fake if path == _dispatch.BACKENDS["cupy"] else importlib.import_module(path)))
     X, W = two_devices(1, np.ones((2, 3), np.float32)), two_devices(1, np.ones((3, 4), np.float32))
     b = two_devices(1, np.float32(0.5).reshape(1))
     Y, Z = fastlinear.linear_forward(X, W, b, activation="gelu", backend="cupy",
@@ -784,14 +786,14 @@ def _views(base):
 
 
 def test_overlap_check_on_cupy_arrays_is_numpys_bounds_check(monkeypatch):
-    from fastlinear import functional
+    from fastlinear import _plan
 
     monkeypatch.setitem(sys.modules, "cupy", None)  # the check must not import CuPy
     views = _views(np.zeros((10, 6)))
     for name_a, a in views.items():
         for name_b, b in views.items():
             expected = np.may_share_memory(a, b)
-            got = functional._shares_memory(_FakeCupyArray(a), _FakeCupyArray(b))
+            got = _plan._shares_memory(_FakeCupyArray(a), _FakeCupyArray(b))
             assert got == expected, (name_a, name_b)
 
 

@@ -1,5 +1,7 @@
 """Backend resolution: argument > use_backend context > FASTLINEAR_BACKEND > auto; clear errors."""
 
+import os
+import signal
 import threading
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 import fastlinear
 from fastlinear import _dispatch
+from tests.helpers import install_registry, set_backend_variable
 
 X = np.ones((2, 3))
 W = np.ones((3, 4))
@@ -31,11 +34,13 @@ class Recorder:
 
 @pytest.fixture
 def fakes(monkeypatch):
-    """Replace every backend by a recorder, so resolution is observable without numba/cupy."""
+    """A registry whose backends are recorders, all loaded, so resolution is observable without
+    numba/cupy."""
     recorders = {name: Recorder(name) for name in _dispatch.BACKENDS}
-    monkeypatch.setattr(_dispatch, "_modules", dict(recorders))
-    monkeypatch.setattr(_dispatch, "_unavailable", {})
-    monkeypatch.setattr(_dispatch, "_auto_choice", {})
+    by_path = {path: recorders[name] for name, path in _dispatch.BACKENDS.items()}
+    registry = install_registry(monkeypatch, import_module=by_path.__getitem__)
+    for name in recorders:
+        registry.load(name)
     return recorders
 
 
@@ -49,7 +54,7 @@ def used(fakes):
 def test_precedence_argument_context_environment_auto(fakes, monkeypatch):
     fastlinear.linear_forward(X, W)
     assert used(fakes) == [_dispatch.AUTO_ORDER["numpy"][0]]
-    monkeypatch.setenv(fastlinear.ENV_VAR, "numpy")
+    set_backend_variable(monkeypatch, "numpy")
     fastlinear.linear_forward(X, W)
     assert used(fakes) == ["numpy"]
     with fastlinear.use_backend("cupy"):
@@ -61,16 +66,66 @@ def test_precedence_argument_context_environment_auto(fakes, monkeypatch):
     assert used(fakes) == ["numpy"]
 
 
-def test_environment_variable_is_read_at_call_time(fakes, monkeypatch):
-    for name in ("numba", "numpy", "cupy"):
-        monkeypatch.setenv(fastlinear.ENV_VAR, name)
+def test_environment_variable_is_read_once_at_first_use(fakes, monkeypatch):
+    """As NumPy and Numba read theirs: a change after the first call is not seen until
+    ``set_backend(None)`` asks for the variable again."""
+    monkeypatch.setenv(fastlinear.ENV_VAR, "numba")
+    fastlinear.linear_forward(X, W)
+    assert used(fakes) == ["numba"]
+    monkeypatch.setenv(fastlinear.ENV_VAR, "cupy")
+    fastlinear.linear_forward(X, W)
+    assert used(fakes) == ["numba"]
+    fastlinear.set_backend(None)
+    fastlinear.linear_forward(X, W)
+    assert used(fakes) == ["cupy"]
+
+
+def test_set_backend_is_the_process_default(fakes, monkeypatch):
+    set_backend_variable(monkeypatch, "numba")
+    fastlinear.set_backend("cupy")  # over the variable
+    fastlinear.linear_forward(X, W)
+    assert used(fakes) == ["cupy"]
+    with fastlinear.use_backend("numpy"):  # the context over the default
         fastlinear.linear_forward(X, W)
-        assert used(fakes) == [name]
+    assert used(fakes) == ["numpy"]
+    fastlinear.linear_forward(X, W, backend="numpy")  # the argument over both
+    assert used(fakes) == ["numpy"]
+    assert fastlinear.current_backend() == "cupy"
+    fastlinear.set_backend(None)  # back to the variable
+    assert fastlinear.current_backend() == "numba"
+
+
+def test_set_backend_refuses_what_cannot_run_and_keeps_the_default(monkeypatch):
+    registry = install_registry(monkeypatch, backends={**_dispatch.BACKENDS,
+                                                       "missing": "fastlinear_no_such_module"})
+    with pytest.raises(fastlinear.BackendUnavailableError, match="missing"):
+        fastlinear.set_backend("missing")
+    with pytest.raises(ValueError, match="expected one of"):
+        fastlinear.set_backend("bogus")
+    assert registry.default() == "auto"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_child_reads_the_variable_again(fakes, monkeypatch):
+    set_backend_variable(monkeypatch, "numpy")
+    assert fastlinear.current_backend() == "numpy"  # read here, in the parent
+    monkeypatch.setenv(fastlinear.ENV_VAR, "numba")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own read of the variable
+        signal.alarm(30)  # a hung child dies instead of hanging the test
+        os.write(write, fastlinear.current_backend().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == "numba"
+    assert fastlinear.current_backend() == "numpy"  # the parent keeps its own
 
 
 @pytest.mark.parametrize("raw", [" NumPy ", "NUMPY", "numpy\n"])
 def test_names_ignore_case_and_surrounding_space(fakes, monkeypatch, raw):
-    monkeypatch.setenv(fastlinear.ENV_VAR, raw)
+    set_backend_variable(monkeypatch, raw)
     fastlinear.linear_forward(X, W)
     assert used(fakes) == ["numpy"]
     fastlinear.linear_forward(X, W, backend=raw)
@@ -79,7 +134,7 @@ def test_names_ignore_case_and_surrounding_space(fakes, monkeypatch, raw):
 
 @pytest.mark.parametrize("raw", ["", "   "])
 def test_blank_environment_variable_means_unset(fakes, monkeypatch, raw):
-    monkeypatch.setenv(fastlinear.ENV_VAR, raw)
+    set_backend_variable(monkeypatch, raw)
     assert _dispatch.requested_backend() == "auto"
 
 
@@ -92,8 +147,10 @@ def test_unknown_names_list_the_valid_ones(bad, monkeypatch):
         with fastlinear.use_backend(bad):
             pass
     if bad.strip():
-        monkeypatch.setenv(fastlinear.ENV_VAR, bad)
+        set_backend_variable(monkeypatch, bad)
         with pytest.raises(ValueError, match="FASTLINEAR_BACKEND value"):
+            fastlinear.linear_forward(X, W)
+        with pytest.raises(ValueError, match="FASTLINEAR_BACKEND value"):  # not cached
             fastlinear.linear_forward(X, W)
 
 
@@ -110,9 +167,7 @@ def test_unavailable_backend_by_name_raises_with_reason(monkeypatch):
         def unavailable_reason():
             return 'numba is not installed: pip install "fastlinear[numba]"'
 
-    monkeypatch.setattr(_dispatch, "_modules", {})
-    monkeypatch.setattr(_dispatch, "_unavailable", {})
-    monkeypatch.setattr(_dispatch.importlib, "import_module", lambda path: Missing)
+    install_registry(monkeypatch, import_module=lambda path: Missing)
     for call in (
         lambda: fastlinear.linear_forward(X, W, backend="numba"),
         lambda: fastlinear.use_backend("numba").__enter__(),
@@ -120,23 +175,25 @@ def test_unavailable_backend_by_name_raises_with_reason(monkeypatch):
         with pytest.raises(fastlinear.BackendUnavailableError,
                            match=r"backend 'numba' is not available: .*fastlinear\[numba\]"):
             call()
-    monkeypatch.setenv(fastlinear.ENV_VAR, "numba")
+    set_backend_variable(monkeypatch, "numba")
     with pytest.raises(fastlinear.BackendUnavailableError, match="fastlinear\\[numba\\]"):
         fastlinear.linear_forward(X, W)
 
 
 def test_auto_skips_unavailable_backends(monkeypatch):
     """With only the reference available, auto still works and picks it (no silent errors)."""
-    real_load = _dispatch._load
+    class Missing:
+        @staticmethod
+        def unavailable_reason():
+            return "test"
 
-    def only_numpy(name):
-        if name != "numpy":
-            raise fastlinear.BackendUnavailableError(f"backend {name!r} is not available: test")
-        return real_load(name)
+    def only_numpy(path):
+        return Missing if path != _dispatch.BACKENDS["numpy"] else real_import(path)
 
-    monkeypatch.setattr(_dispatch, "_load", only_numpy)
-    monkeypatch.setattr(_dispatch, "_auto_choice", {})
+    real_import = __import__("importlib").import_module
+    install_registry(monkeypatch, import_module=only_numpy)
     assert fastlinear.current_backend() == "numpy"
+    assert fastlinear.warm_up() == "numpy"
     np.testing.assert_allclose(fastlinear.linear_forward(X, W), X @ W)
 
 
@@ -210,12 +267,12 @@ def test_unavailable_backend_from_every_source(monkeypatch, spelling):
                 pass
         with pytest.raises(fastlinear.BackendUnavailableError, match=match):
             fastlinear.Linear(3, 2, backend=raw)
-        monkeypatch.setenv(fastlinear.ENV_VAR, raw)
+        set_backend_variable(monkeypatch, raw)
         with pytest.raises(fastlinear.BackendUnavailableError, match=match):
             fastlinear.linear_forward(X, W)
         with pytest.raises(fastlinear.BackendUnavailableError, match=match):
             fastlinear.Linear(3, 2).forward(X)
-        monkeypatch.delenv(fastlinear.ENV_VAR)
+        set_backend_variable(monkeypatch, None)
 
 @pytest.mark.parametrize("bad", ["", " ", "numpy2", "cuda", "NUM PY"])
 def test_layer_with_unknown_backend_name(bad):
@@ -224,7 +281,7 @@ def test_layer_with_unknown_backend_name(bad):
 
 def test_bad_environment_value_fails_the_layer_call_not_silently(monkeypatch):
     layer = fastlinear.Linear(3, 2, rng=0)
-    monkeypatch.setenv(fastlinear.ENV_VAR, "Tensorflow ")
+    set_backend_variable(monkeypatch, "Tensorflow ")
     with pytest.raises(ValueError, match=r"unknown FASTLINEAR_BACKEND value 'Tensorflow '"):
         layer.forward(X)
     assert layer.X is None

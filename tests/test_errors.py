@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastlinear
-from fastlinear import functional
+from fastlinear import _plan
 from tests.helpers import SMALL, backward_small, forward_small, to_numpy
 
 rng = np.random.default_rng(6)
@@ -239,7 +239,8 @@ def test_backward_outputs_larger_than_memory(backend, N, D, M, need_dX, match):
 
 def test_only_outputs_fastlinear_allocates_are_counted(backend, monkeypatch):
     """Given buffers, and gradients not asked for, do not count against the memory limit."""
-    monkeypatch.setattr(functional, "HOST_MEMORY_BYTES", 8 * 8)  # room for 8 float64
+    monkeypatch.setattr(_plan, "HOST_MEMORY_BYTES", 8 * 8)  # room for 8 float64
+    monkeypatch.setattr(_plan, "PLAIN_MAX_ELEMENTS", 8 * 8 // 16)  # derived from it at import
     with pytest.raises(MemoryError, match=r"Y \(5, 2\) would need 7.451e-08 GiB, more than "
                                           r"the 5.96e-08 GiB"):
         forward(backend, X=np.ones((5, 3)))
@@ -304,8 +305,8 @@ def test_size_check_runs_in_a_subprocess_without_sysconf():
         "import os, numpy as np\n"
         "del os.sysconf\n"
         "import fastlinear\n"
-        "from fastlinear import functional\n"
-        "assert functional.HOST_MEMORY_BYTES == np.iinfo(np.intp).max\n"
+        "from fastlinear import _plan\n"
+        "assert _plan.HOST_MEMORY_BYTES == np.iinfo(np.intp).max\n"
         "x = np.broadcast_to(1.0, (2**59, 1))\n"
         "try:\n"
         "    fastlinear.linear_forward(x, np.ones((1, 2)), backend='numpy')\n"

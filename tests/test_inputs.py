@@ -22,7 +22,7 @@ forward, backward = forward_small, backward_small
 
 
 def backend_dtypes(backend):
-    return _dispatch._load(backend).DTYPES
+    return _dispatch.load_backend(backend).DTYPES
 
 
 def pair(dtype=np.float64, seed=3):
@@ -352,7 +352,7 @@ def test_foreign_array_types_are_type_errors(backend, make, match):
 @pytest.mark.parametrize("name", ["X", "W", "b"])
 def test_cupy_array_given_to_a_cpu_backend(backend, name):
     """A (fake) CuPy array for a NumPy-only backend is a TypeError naming both sides."""
-    module = _dispatch._load(backend)
+    module = _dispatch.load_backend(backend)
     if "cupy" in module.ARRAY_LIBRARIES:
         pytest.skip(f"the {backend} backend takes CuPy arrays")
     with pytest.raises(TypeError, match=rf"the '{backend}' backend takes numpy arrays, "
@@ -361,7 +361,7 @@ def test_cupy_array_given_to_a_cpu_backend(backend, name):
 
 def test_real_cupy_array_given_to_a_cpu_backend(backend):
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    if "cupy" in _dispatch._load(backend).ARRAY_LIBRARIES:
+    if "cupy" in _dispatch.load_backend(backend).ARRAY_LIBRARIES:
         pytest.skip(f"the {backend} backend takes CuPy arrays")
     with pytest.raises(TypeError, match=rf"the '{backend}' backend takes numpy arrays"):
         forward(backend, X=cupy.asarray(X))

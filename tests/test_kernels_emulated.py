@@ -8,6 +8,7 @@ every activation on every path against ``fastlinear.activations``' NumPy referen
 covered here: CuPy and cuBLAS themselves, NVRTC, and blocks running concurrently.
 """
 
+import importlib
 import types
 
 import numpy as np
@@ -26,7 +27,7 @@ from tests.gpu_emulation import (
     build_host_kernels,
     make_layout,
 )
-from tests.helpers import make_inputs, reference64
+from tests.helpers import install_registry, make_inputs, reference64
 
 DTYPES = (np.float16, np.float32, np.float64)
 
@@ -412,7 +413,9 @@ def test_check_command_passes_the_emulated_kernels_in_float16(backend, monkeypat
     (which no CPU backend exercises) hold for them, so a failure on the GPU means a fault."""
     from fastlinear import _dispatch, check
 
-    monkeypatch.setitem(_dispatch._modules, "cupy", backend)
+    monkeypatch.setattr(backend, "unavailable_reason", lambda: None)  # it runs, emulated
+    install_registry(monkeypatch, import_module=lambda path: (
+        backend if path == _dispatch.BACKENDS["cupy"] else importlib.import_module(path)))
     monkeypatch.setattr(check, "_array_module", lambda name: (backend, np))
     monkeypatch.setattr(check, "_device", lambda name: "emulated")
     monkeypatch.setattr(check, "SHAPES", check.SHAPES[:2])  # small_batch and tiled, not cuBLAS
@@ -432,5 +435,7 @@ def test_sanitizer_smoke_script_runs_on_the_emulated_kernels(backend, rng, monke
     monkeypatch.setattr(smoke, "SHAPES", smoke.SHAPES[1:])
     monkeypatch.setattr(smoke, "ACTIVATION_NAMES", (None, "gelu"))
     assert smoke.own_kernel_launches(np, rng) == 1 * 2 * 2 * 5
-    monkeypatch.setitem(_dispatch._modules, "cupy", backend)
+    monkeypatch.setattr(backend, "unavailable_reason", lambda: None)  # it runs, emulated
+    install_registry(monkeypatch, import_module=lambda path: (
+        backend if path == _dispatch.BACKENDS["cupy"] else importlib.import_module(path)))
     assert smoke.public_calls(np, rng) > 0

@@ -413,10 +413,10 @@ def test_cached_kernels_load_in_a_new_process(rng):
     X, W, b, dY = make_inputs(rng, 3, 4, 5, np.float64)
     run_both(X, W, b, dY)  # compiled (or loaded) in this process: the cache files exist now
     out = run_python(
-        "import numpy as np, fastlinear; from fastlinear.backends import _numba_layer;"
+        "import numpy as np, fastlinear; from fastlinear.backends import numba as nb;"
         "X = np.ones((3, 4)); W = np.ones((4, 5)); b = np.ones(5);"
         "fastlinear.linear_forward(X, W, b, backend='numba');"
-        "kernel = _numba_layer.compiled(('forward', np.dtype(np.float64), True, False));"
+        "kernel, _ = nb._plans[('forward', np.dtype(np.float64), True, False)];"
         "print(sum(kernel.stats.cache_misses.values()), sum(kernel.stats.cache_hits.values()))")
     misses, hits = map(int, out.split())
     assert misses == 0 and hits >= 1
@@ -435,6 +435,22 @@ def test_blas_threads_follow_numba_threads(rng):
         numba.set_num_threads(before)
     run_both(X, W, b, dY)
     assert all(c.get_num_threads() == before for c in controllers())
+
+
+def test_blas_thread_limit_set_by_the_user_is_kept(rng):
+    """Issue 18, bug 4: threadpoolctl's limit is the user's; large calls do not undo it."""
+    from threadpoolctl import threadpool_limits
+
+    from fastlinear.backends._numba_blas import blas_thread_controllers as controllers
+
+    X, W, b, dY = make_inputs(rng, 256, 256, 128, np.float64)  # 2**23 multiply-adds
+    outside = [c.get_num_threads() for c in controllers()]
+    with threadpool_limits(limits=1, user_api="blas"):
+        run_both(X, W, b, dY)
+        assert [c.get_num_threads() for c in controllers()] == [1] * len(controllers())
+    assert [c.get_num_threads() for c in controllers()] == outside  # threadpoolctl restored it
+    run_both(X, W, b, dY)
+    assert [c.get_num_threads() for c in controllers()] == outside
 
 
 @pytest.mark.parametrize("N", [1, 64])

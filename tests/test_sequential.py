@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import fastlinear
 from fastlinear import Linear, Sequential, losses
-from tests.helpers import to_numpy
+from tests.helpers import install_registry, to_numpy
 
 torch = pytest.importorskip("torch")
 
@@ -331,15 +331,15 @@ def test_import_does_not_load_numba():
 def test_auto_counts_a_step_as_many_layer_calls(monkeypatch):
     """While ``auto`` serves with numpy before loading numba, a network call counts toward its
     break-even rule as ``STEP_WEIGHT_IN_CALLS`` layer calls."""
-    from fastlinear import _dispatch, sequential
-    from fastlinear.backends import numpy as numpy_backend
+    from fastlinear import sequential
 
-    monkeypatch.setattr(_dispatch, "_auto_choice", {})
-    monkeypatch.setattr(_dispatch, "_interim_choice", {"numpy": numpy_backend})
-    monkeypatch.setattr(_dispatch, "_interim", _dispatch._CallCount())
+    registry = install_registry(monkeypatch)
+    fastlinear.linear_forward(np.ones((2, 3)), np.ones((3, 2)))  # auto serves numpy meanwhile
+    assert fastlinear.current_backend() == "numpy"
+    before = registry.interim_calls
     net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=15))
     net.train_step(np.ones((2, 3)), np.array([0, 1]), loss="softmax_cross_entropy", lr=0.1)
-    assert _dispatch._interim.calls == sequential.STEP_WEIGHT_IN_CALLS
+    assert registry.interim_calls - before == sequential.STEP_WEIGHT_IN_CALLS
 
 
 @pytest.mark.parametrize("loss", losses.LOSSES)

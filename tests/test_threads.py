@@ -14,7 +14,13 @@ import pytest
 
 import fastlinear
 from fastlinear import _dispatch
-from tests.helpers import assert_close, make_inputs, reference64
+from tests.helpers import (
+    assert_close,
+    install_registry,
+    make_inputs,
+    reference64,
+    set_backend_variable,
+)
 
 THREADS = 8
 ITERATIONS = 5
@@ -22,7 +28,7 @@ TIMEOUT = 60  # seconds; a deadlock fails the test instead of hanging CI
 
 
 def cpu_backend(backend):
-    module = _dispatch._load(backend)
+    module = _dispatch.load_backend(backend)
     if module.ARRAY_LIBRARIES[0] != "numpy":
         pytest.skip(f"{backend} is not a CPU backend")
     return backend
@@ -167,17 +173,17 @@ class Recorder:
 def recorders(monkeypatch):
     """Every registered backend replaced by a recorder, all "available"."""
     fakes = {name: Recorder(name) for name in _dispatch.BACKENDS}
-    monkeypatch.setattr(_dispatch, "_modules", dict(fakes))
-    for cache in ("_unavailable", "_auto_choice"):  # later dispatchers cache these too
-        if hasattr(_dispatch, cache):
-            monkeypatch.setattr(_dispatch, cache, {})
+    by_path = {path: fakes[name] for name, path in _dispatch.BACKENDS.items()}
+    registry = install_registry(monkeypatch, import_module=by_path.__getitem__)
+    for name in fakes:
+        registry.load(name)
     return fakes
 
 
 def test_use_backend_does_not_leak_between_threads(recorders, monkeypatch):
     """Each thread picks its own backend (or none) at the same time; each sees only its own."""
     choices = [*_dispatch.BACKENDS, None]  # None: no context, so FASTLINEAR_BACKEND decides
-    monkeypatch.setenv(fastlinear.ENV_VAR, "numpy")
+    set_backend_variable(monkeypatch, "numpy")
     X, W = np.ones((2, 3)), np.ones((3, 4))
     expected = {f"worker-{i}": choices[i % len(choices)] or "numpy" for i in range(THREADS)}
     seen = {thread: [] for thread in expected}

@@ -116,7 +116,7 @@ def test_float16_layer_on_a_named_cpu_backend_is_refused():
 
 
 def test_float16_call_says_what_to_do(backend):
-    if np.dtype(np.float16) in fastlinear._dispatch._load(backend).DTYPES:
+    if np.dtype(np.float16) in fastlinear._dispatch.load_backend(backend).DTYPES:
         pytest.skip(f"{backend} computes in float16")
     with pytest.raises(TypeError, match=r"astype\(np\.float32\), or compute on the GPU with the "
                                         r"cupy backend"):

@@ -41,7 +41,10 @@ class Backend(Protocol):
         first call."""
         ...
 
-    def forward(self, X: Array, W: Array, b: Array | None, out: Array | None, *,
+    # The parameters may be passed by position, in this order: a planned call runs as
+    # ``function(*args)`` (keywords cost more than a small layer's checks).
+
+    def forward(self, X: Array, W: Array, b: Array | None, out: Array | None,
                 activation: str | None = None, preactivation: Array | None = None) -> Array:
         """``Y = act(X @ W + b)`` for ``X`` (N, D), ``W`` (D, M), ``b`` (M,) or None.
 
@@ -52,7 +55,7 @@ class Backend(Protocol):
         """
         ...
 
-    def backward(self, dY: Array, X: Array, W: Array, *, has_bias: bool, need_dX: bool,
+    def backward(self, dY: Array, X: Array, W: Array, has_bias: bool, need_dX: bool,
                  accumulate: bool, dX: Array | None, dW: Array | None, db: Array | None,
                  activation: str | None = None, saved: Array | None = None,
                  ) -> tuple[Array | None, Array, Array | None]:

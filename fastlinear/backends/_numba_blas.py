@@ -99,12 +99,26 @@ def blas_thread_controllers():
             if os.path.abspath(controller.filepath).startswith((owner + os.sep, owner + ".libs"))]
 
 
+# BLAS library path -> (the thread count this module set, the count it found before): a count
+# that still reads as set here may be changed again; any other count is someone else's.
+_set_here: dict[str, tuple[int, int]] = {}
+
+
 def match_blas_threads():
-    """Give the BLAS as many threads as Numba may use (no more: no oversubscription)."""
+    """Give the BLAS no more threads than Numba may use (no oversubscription), and never more
+    than a limit someone else set (``threadpoolctl.threadpool_limits``, say): that is theirs.
+
+    A count this function lowered may rise again, up to what it was before, when Numba's rises.
+    """
     wanted = numba.get_num_threads()
     for controller in blas_thread_controllers():
-        if controller.get_num_threads() != wanted:
-            controller.set_num_threads(wanted)
+        current = controller.get_num_threads()
+        mine = _set_here.get(controller.filepath)
+        ceiling = mine[1] if mine is not None and mine[0] == current else current
+        target = min(wanted, ceiling)
+        if target != current:
+            controller.set_num_threads(target)
+            _set_here[controller.filepath] = (target, ceiling)
 
 
 def _blas_codegen(kinds, dtype):

@@ -7,8 +7,6 @@ whatever layouts come, instead of one per layout mix. ``cache=True``: a new proc
 from Numba's cache.
 """
 
-import threading
-
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -21,7 +19,7 @@ from fastlinear.backends._numba_blas import (
     row_times_matrix,
 )
 
-__all__ = ["compiled"]
+__all__ = ["compile_function"]
 
 
 @njit(cache=True)
@@ -254,21 +252,9 @@ def _signature(name, dtype, present):
     return types.void(*arrays)
 
 
-# (name, dtype, *which optional arrays are present) -> Numba dispatcher
-_compiled: dict[tuple, object] = {}
-_compile_lock = threading.Lock()
-
-
-def compiled(key):
-    """The compiled function for ``key`` = ``(name, dtype, *present)``: compiled (or loaded from
-    Numba's cache) once per process."""
-    function = _compiled.get(key)
-    if function is not None:
-        return function
-    with _compile_lock:
-        if key not in _compiled:
-            name, dtype, *present = key
-            python_function, options = _FUNCTIONS[name]
-            _compiled[key] = njit(_signature(name, dtype, present), cache=True,
-                                  **options)(python_function)
-    return _compiled[key]
+def compile_function(key):
+    """A new compiled function for ``key`` = ``(name, dtype, *present)`` (``present`` flags the
+    optional arrays), compiled or loaded from Numba's cache; the backend keeps it."""
+    name, dtype, *present = key
+    python_function, options = _FUNCTIONS[name]
+    return njit(_signature(name, dtype, present), cache=True, **options)(python_function)

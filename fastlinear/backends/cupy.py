@@ -99,8 +99,30 @@ def _probe():
 @functools.cache
 def unavailable_reason():
     """None when CuPy compiles a kernel and opens cuBLAS on a CUDA device, else the reason
-    (cached after one call)."""
-    return _probe()
+    (cached after one call). Where it can run, this machine's tuning profile (the forward path
+    thresholds ``python -m fastlinear tune`` measured on this GPU) is put in force."""
+    reason = _probe()
+    if reason is None:
+        from fastlinear import _profile
+
+        cupy_launch.apply_thresholds(_profile.read_section(NAME, profile_key, PROFILE_SCHEMA))
+    return reason
+
+
+# The tuning profile's cupy section: the forward path rule's thresholds (cupy_launch).
+PROFILE_SCHEMA = dict.fromkeys(cupy_launch.current_thresholds(), int)
+
+
+def profile_key():
+    """What the thresholds depend on: the GPU, CUDA and library versions."""
+    import cupy
+
+    from fastlinear import _profile
+
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"]
+    return {"gpu": name.decode() if isinstance(name, bytes) else name,
+            "cuda": cupy.cuda.runtime.runtimeGetVersion(), "cupy": cupy.__version__,
+            "fastlinear": _profile.library_version("fastlinear")}
 
 
 @contextlib.contextmanager
@@ -559,7 +581,7 @@ _FORWARD_NAMES = ("X", "W", "b", "out", "preactivation")
 _BACKWARD_NAMES = ("dY", "X", "W", "saved", "dX", "dW", "db")
 
 
-def forward(X, W, b, out, *, activation=None, preactivation=None):
+def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` on the GPU; see ``fastlinear.backends`` and this module's docstring.
 
     NumPy inputs are copied to the device; ``Y`` (and ``preactivation``) come back in the
@@ -582,7 +604,7 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
         return _result(Y, _is_host(X), out)
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
              saved=None):
     """Gradients through ``act`` on the GPU: ``G = dY * act'(saved)``, ``dX = G @ W.T``,
     ``dW = X.T @ G``, ``db = G.sum(0)``; see ``fastlinear.backends`` and the module doc.

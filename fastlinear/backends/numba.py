@@ -15,9 +15,10 @@ Method, by shape:
 * Backward, N <= ``SKINNY_ROWS`` and ``W`` not tiny: memory-bound, so one ``prange`` function
   walks the rows of ``W`` and ``dW`` together, once.
 
-The BLAS is NumPy's own (see ``_numba_blas``). It runs with ``numba.get_num_threads()`` threads,
-set through threadpoolctl when it differs. BLAS calls and ``prange`` functions never run at the
-same time within a call, so they do not oversubscribe the cores.
+The BLAS is NumPy's own (see ``_numba_blas``). Large calls lower its threads to
+``numba.get_num_threads()`` through threadpoolctl, and never raise them above a limit the user
+set. BLAS calls and ``prange`` functions never run at the same time within a call, so they do
+not oversubscribe the cores.
 
 float32 products and sums are accumulated in float32, as by the BLAS and the NumPy reference.
 
@@ -30,7 +31,6 @@ import math
 import os
 import threading
 import time
-import types
 
 import numpy as np
 
@@ -46,10 +46,15 @@ SKINNY_MIN_WEIGHTS = 1 << 17
 # The setting persists, so smaller calls follow it too once one large call has run.
 _BLAS_THREADS_MIN_WORK = 1 << 23
 # Backward calls of at most this many multiply-adds, with rows of at least this length, compute
-# dX = G @ W.T as register-blocked dot products of rows (_numba_layer._rows_dot_rows): faster
-# there than OpenBLAS's gemm with a transposed operand (benchmarks/small_layers.py).
-ROWS_DOT_ROWS_MAX_WORK = 1 << 18
+# dX = G @ W.T as register-blocked dot products of rows (_numba_layer._rows_dot_rows). It beat
+# OpenBLAS's gemm with a transposed operand on an AVX-512 machine and lost on an AVX2-only Zen 3
+# (0.82-0.87x NumPy), so it is off unless ``python -m fastlinear tune`` measured it to pay here.
+ROWS_DOT_ROWS_MAX_WORK = 0
 ROWS_DOT_ROWS_MIN_M = 96
+# Shape classes (``shape_class``) where ``tune`` measured NumPy's own expression faster than
+# this backend's kernels on this machine: calls of those classes run the NumPy reference.
+NUMPY_CLASSES: frozenset[str] = frozenset()
+_numpy_keys: frozenset[tuple] = frozenset()  # the same as _class_key tuples, for the calls
 # OpenBLAS's workers spin-wait for about this long after each call; a prange function started
 # in that window shares the cores with them and runs slower than on one thread. So the skinny
 # backward runs on the calling thread alone this soon after a skinny forward (a training step).
@@ -73,11 +78,62 @@ try:
     import numba
 
     from fastlinear.backends import _numba_blas, _numba_layer
+    from fastlinear.backends import numpy as _reference
     from fastlinear.backends._numba_activations import activation_code
 except ImportError as exc:  # the dispatcher imports this module to ask whether it can run
     _IMPORT_ERROR = exc
 else:
     _IMPORT_ERROR = _missing_dependency()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuning profile (fastlinear._profile): this machine's thresholds, read at import.
+
+PROFILE_SCHEMA = {"rows_dot_rows_max_work": int, "rows_dot_rows_min_m": int,
+                  "skinny_min_weights": int, "numpy_classes": list}
+
+
+def profile_key():
+    """What the thresholds depend on: the CPU, the BLAS the kernels call, library versions."""
+    from fastlinear import _profile
+
+    blas = [{"api": c.internal_api, "version": c.version, "architecture": c.architecture}
+            for c in _numba_blas.blas_thread_controllers()]
+    return {**_profile.cpu_key(), "blas": blas, "numpy": np.__version__,
+            "numba": numba.__version__, "fastlinear": _profile.library_version("fastlinear")}
+
+
+def apply_profile(values):
+    """Put measured thresholds in force (names of ``PROFILE_SCHEMA``; the rest keep theirs)."""
+    global ROWS_DOT_ROWS_MAX_WORK, ROWS_DOT_ROWS_MIN_M, SKINNY_MIN_WEIGHTS, NUMPY_CLASSES
+    global _numpy_keys
+    ROWS_DOT_ROWS_MAX_WORK = values.get("rows_dot_rows_max_work", ROWS_DOT_ROWS_MAX_WORK)
+    ROWS_DOT_ROWS_MIN_M = values.get("rows_dot_rows_min_m", ROWS_DOT_ROWS_MIN_M)
+    SKINNY_MIN_WEIGHTS = values.get("skinny_min_weights", SKINNY_MIN_WEIGHTS)
+    classes = frozenset(str(name) for name in values.get("numpy_classes", NUMPY_CLASSES))
+    keys = set()
+    for name in classes:
+        pass_name, path, dtype_name, bits = name.split(":")
+        keys.add((pass_name, path, np.dtype(dtype_name).char, int(bits)))
+    NUMPY_CLASSES, _numpy_keys = classes, frozenset(keys)
+
+
+def _class_key(pass_name, N, D, M, dtype):
+    """``(pass, path, dtype char, bit length of the multiply-adds)``: calls of one path within a
+    factor of two of work share a class."""
+    if pass_name == "forward":
+        path = "gemv" if N == 1 else "gemm"
+    elif 0 < N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS:
+        path = "skinny"
+    else:
+        path = "gemm"
+    return pass_name, path, np.dtype(dtype).char, (N * D * M).bit_length()
+
+
+def shape_class(pass_name, N, D, M, dtype):
+    """``"pass:path:dtype:size"``, the class of a call as the profile names it."""
+    pass_name, path, char, bits = _class_key(pass_name, N, D, M, dtype)
+    return f"{pass_name}:{path}:{np.dtype(char).name}:{bits}"
 
 
 def unavailable_reason():
@@ -89,19 +145,33 @@ def unavailable_reason():
             f'pip install "fastlinear[numba]")')
 
 
-# compiled-function key -> (compiled function, the BLAS routines it calls for that dtype)
-_plans: dict = {}
+# The one cache of what runs: key = (function name, dtype, *which optional arrays are present)
+# -> (compiled function, the BLAS routines it calls for that dtype).
+_plans: dict[tuple, tuple] = {}
+_plans_lock = threading.Lock()
 
 
 def _plan(key):
-    """What a call of ``key`` = ``(name, dtype, *present)`` runs, found once per process."""
-    plan = (_numba_layer.compiled(key), _numba_blas.blas_routines(key[1]))
-    _plans[key] = plan
+    """What a call of ``key`` runs: compiled (or loaded from Numba's cache) once per process."""
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is None:
+            plan = (_numba_layer.compile_function(key), _numba_blas.blas_routines(key[1]))
+            _plans[key] = plan
     return plan
 
 
-# When this backend's last skinny-sized forward ended (time.perf_counter()).
-_recent = types.SimpleNamespace(skinny_forward_end=-math.inf)
+class _ProcessState:
+    """What this backend remembers between calls in this process."""
+
+    def __init__(self):
+        self.skinny_forward_end = -math.inf  # when the last skinny forward ended (perf_counter)
+        # The process in which GNU OpenMP, if it starts, starts: this one, or None when it had
+        # already started when this module was imported (then it may have started in a parent).
+        self.openmp_owner = None
+
+
+_state = _ProcessState()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,15 +189,10 @@ def _threading_layer():
         return None
 
 
-# The process in which GNU OpenMP, if it starts, starts: this one, or ``None`` when it had
-# already started when this module was imported (then it may have started in a parent).
-_openmp_owner = types.SimpleNamespace(pid=None)
-
-
 def _note_openmp_owner():
     """Record this process as the future owner of GNU OpenMP, unless it has started already."""
     if _threading_layer() != "omp":
-        _openmp_owner.pid = os.getpid()
+        _state.openmp_owner = os.getpid()
 
 
 def _parallel_usable():
@@ -136,7 +201,7 @@ def _parallel_usable():
 
     The callers then take the BLAS path (OpenBLAS is fork-safe).
     """
-    return _threading_layer() != "omp" or _openmp_owner.pid == os.getpid()
+    return _threading_layer() != "omp" or _state.openmp_owner == os.getpid()
 
 
 def _run_on_one_thread(function, *args):
@@ -159,6 +224,9 @@ def _run_parallel(function, *args):
 
 
 if _IMPORT_ERROR is None:
+    from fastlinear import _profile
+
+    apply_profile(_profile.read_section(NAME, profile_key, PROFILE_SCHEMA))
     _note_openmp_owner()
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_note_openmp_owner)
@@ -168,10 +236,12 @@ if _IMPORT_ERROR is None:
 # Entry points.
 
 
-def forward(X, W, b, out, *, activation=None, preactivation=None):
+def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
     # Written for the per-call overhead at tiny shapes: one dict lookup finds what to call.
     dtype = W.dtype
+    if _numpy_keys and _class_key("forward", *X.shape, W.shape[1], dtype) in _numpy_keys:
+        return _reference.forward(X, W, b, out, activation, preactivation)
     key = ("forward", dtype, b is not None, preactivation is not None)
     function, blas = _plans.get(key) or _plan(key)
     N, D = X.shape
@@ -183,16 +253,19 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
     function(blas.gemm, blas.gemv, blas.int_bits, X, W, b, out, activation_code(activation),
              preactivation)
     if N <= SKINNY_ROWS and D * M >= SKINNY_MIN_WEIGHTS:
-        _recent.skinny_forward_end = time.perf_counter()
+        _state.skinny_forward_end = time.perf_counter()
     return out
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
              saved=None):
     """Gradients from ``dY``, through the activation; see ``fastlinear.backends``."""
     N, D = X.shape
     M = W.shape[1]
     dtype = W.dtype
+    if _numpy_keys and _class_key("backward", N, D, M, dtype) in _numpy_keys:
+        return _reference.backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
+                                   activation, saved)
     if not need_dX:
         dX = None
     elif dX is None:
@@ -213,7 +286,7 @@ def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=
         key = ("skinny_backward", dtype, need_dX, has_bias, has_saved)
         function, _ = _plans.get(key) or _plan(key)
         args = (dY, X, W, dX, dW, db, accumulate, code, saved)
-        if time.perf_counter() - _recent.skinny_forward_end < BLAS_SPIN_SECONDS:
+        if time.perf_counter() - _state.skinny_forward_end < BLAS_SPIN_SECONDS:
             _run_on_one_thread(function, *args)
         else:
             _run_parallel(function, *args)

@@ -19,9 +19,11 @@ def unavailable_reason():
     return None
 
 
-def forward(X, W, b, out, *, activation=None, preactivation=None):
+def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
-    Y = np.matmul(X, W, out=out)
+    # the operator where no buffer is given: np.matmul's keyword handling costs more than the
+    # product at small layers
+    Y = X @ W if out is None else np.matmul(X, W, out=out)
     if b is not None:
         Y += b  # NumPy's matmul has no beta=1 (accumulate) form
     if activation is not None:
@@ -31,17 +33,22 @@ def forward(X, W, b, out, *, activation=None, preactivation=None):
     return Y
 
 
-def backward(dY, X, W, *, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
+def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
              saved=None):
     """Gradients from ``dY``, through the activation; see ``fastlinear.backends``."""
     G = dY if activation is None else activations.grad(activation, dY, saved)
-    dX = np.matmul(G, W.T, out=dX) if need_dX else None
+    if need_dX:
+        dX = G @ W.T if dX is None else np.matmul(G, W.T, out=dX)
+    else:
+        dX = None
     if accumulate:
         dW += X.T @ G
-        if has_bias:
-            db += G.sum(axis=0)
     else:
-        dW = np.matmul(X.T, G, out=dW)
-        if has_bias:
-            db = np.sum(G, axis=0, out=db)
-    return dX, dW, (db if has_bias else None)
+        dW = X.T @ G if dW is None else np.matmul(X.T, G, out=dW)
+    if not has_bias:
+        return dX, dW, None
+    if accumulate:
+        db += G.sum(0)
+    else:
+        db = G.sum(0) if db is None else G.sum(0, out=db)
+    return dX, dW, db

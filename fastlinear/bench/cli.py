@@ -11,7 +11,7 @@ import numpy as np
 
 import fastlinear
 from fastlinear import _cli, info
-from fastlinear.bench import contenders, grid, report, timing, training
+from fastlinear.bench import contenders, grid, overhead, report, timing, training
 from fastlinear.bench.plot import plot
 from fastlinear.demo import LAYER_SIZES
 
@@ -92,6 +92,9 @@ def build_parser():
         help="write every sample, median and ratio, with the header, as JSON")
     add("--seed", type=int, default=0, help="seed of the random inputs; default 0")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--overhead", action="store_true",
+        help="only the overhead table: what fastlinear adds to a 32x64x64 float32 call beside "
+             "the plain NumPy expression, against its budget (about 30 s; --quick: 5 s)")
     return parser
 
 
@@ -269,5 +272,8 @@ def main(argv=None):
     """``python -m fastlinear bench [options]``; ``--help`` lists them."""
     argv = sys.argv[1:] if argv is None else list(argv)
     options = resolve_options(build_parser().parse_args(argv))
+    if options.overhead:
+        print("\n".join(overhead.run(rounds=5 if options.quick else 30)))
+        return 0
     run_benchmark(options, argv)
     return 0

@@ -1,0 +1,280 @@
+"""``python -m fastlinear tune``: measure this machine's crossovers and store them as its profile.
+
+Thresholds hand-set on one machine misfire on another (a register-blocked kernel that pays with
+AVX-512 loses on an AVX2-only CPU), so, as FFTW's wisdom and cuDNN's benchmark mode do, the
+numbers are measured where they run, once, and remembered per machine (``fastlinear._profile``):
+
+* numba, the small-dX path: ``dX = G @ W.T`` as register-blocked dot products against the BLAS,
+  at small backward calls; stored only where it wins at every probe.
+* numba, the skinny path: the fused one-sweep backward for N <= ``SKINNY_ROWS`` rows against
+  the BLAS path, over growing weight counts: the smallest count from which it wins.
+* numba against NumPy per shape class: at every shape of the bench's grid, each pass and dtype,
+  the backend's kernels against the plain NumPy expression; a class where NumPy is faster runs
+  the NumPy reference from then on.
+* cupy (with CuPy and a GPU): the forward path thresholds, from the forced-path table.
+
+Each comparison interleaves its contenders (A B A B ...) and takes medians of wall-clock
+blocks. Finally every grid shape is timed again with the profile in force, and the table of
+ratios printed. ``--quick`` (tests, CI) times three shapes briefly and stores nothing unless
+``--profile PATH`` names where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastlinear import _dispatch, _profile
+from fastlinear.bench import grid
+
+__all__ = ["main", "tune_numba", "ratio_table"]
+
+# Small backward calls where the register-blocked dX path would run (work <= 2**18, M >= 96).
+ROWS_PROBES = ((32, 64, 128), (16, 128, 128), (8, 64, 256), (32, 32, 256))
+# Skinny backward probes: N = SKINNY_ROWS rows, D = M, weight counts from 2**14 to 2**22.
+SKINNY_SIDES = (128, 256, 512, 1024, 2048)
+# NumPy must be faster by this factor before a class is handed to it (noise is not a reason).
+HAND_OVER = 1.02
+
+
+# Seconds one comparison may take: large shapes get fewer rounds (never fewer than 3).
+COMPARISON_BUDGET = 3.0
+
+
+def _median_seconds(calls: list[Callable[[], Any]], rounds: int,
+                    block_time: float) -> list[float]:
+    """Median seconds per call of each of ``calls``, timed in interleaved blocks."""
+    for call in calls:  # warm up (compile, caches), then size the blocks
+        call()
+    counts, round_seconds = [], 0.0
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        seconds = max(time.perf_counter() - start, 1e-7)
+        counts.append(max(1, int(block_time / seconds)))
+        round_seconds += counts[-1] * seconds
+    rounds = max(3, min(rounds, int(COMPARISON_BUDGET / round_seconds)))
+    samples: list[list[float]] = [[] for _ in calls]
+    for round_index in range(rounds):
+        order = list(range(len(calls)))
+        if round_index % 2:
+            order.reverse()
+        for i in order:
+            start = time.perf_counter()
+            for _ in range(counts[i]):
+                calls[i]()
+            samples[i].append((time.perf_counter() - start) / counts[i])
+    return [statistics.median(s) for s in samples]
+
+
+def _inputs(shape: tuple[int, int, int], dtype: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    N, D, M = shape
+    return {name: rng.standard_normal(size).astype(dtype)
+            for name, size in (("X", (N, D)), ("W", (D, M)), ("b", (M,)), ("dY", (N, M)))}
+
+
+def _numba_call(module: Any, pass_name: str, a: dict[str, np.ndarray]) -> Callable[[], Any]:
+    X, W, b, dY = a["X"], a["W"], a["b"], a["dY"]
+    if pass_name == "forward":
+        return lambda: module.forward(X, W, b, None)
+    return lambda: module.backward(dY, X, W, True, True, False, None, None, None)
+
+
+def _plain_call(pass_name: str, a: dict[str, np.ndarray]) -> Callable[[], Any]:
+    X, W, b, dY = a["X"], a["W"], a["b"], a["dY"]
+    if pass_name == "forward":
+        return lambda: X @ W + b
+    return lambda: (dY @ W.T, X.T @ dY, dY.sum(0))
+
+
+@contextmanager
+def _thresholds(module: Any, **values: Any) -> Iterator[None]:
+    """The numba backend's module thresholds set to ``values`` within the block."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _rows_dot_rows_pays(module: Any, dtypes: tuple[str, ...], rounds: int,
+                        block_time: float) -> bool:
+    """Whether the register-blocked dX path beats the BLAS at every probe and dtype."""
+    for shape in ROWS_PROBES:
+        for dtype in dtypes:
+            a = _inputs(shape, dtype)
+            backward = _numba_call(module, "backward", a)
+
+            def with_rows(backward: Callable[[], Any] = backward) -> Any:
+                with _thresholds(module, ROWS_DOT_ROWS_MAX_WORK=1 << 18, ROWS_DOT_ROWS_MIN_M=96):
+                    return backward()
+
+            by_rows, by_blas = _median_seconds([with_rows, backward], rounds, block_time)
+            if by_rows >= by_blas:
+                return False
+    return True
+
+
+def _skinny_min_weights(module: Any, rounds: int, block_time: float) -> int:
+    """The smallest weight count from which the skinny backward wins at every larger probe."""
+    wins = []
+    for side in SKINNY_SIDES:
+        a = _inputs((module.SKINNY_ROWS, side, side), "float32")
+        backward = _numba_call(module, "backward", a)
+
+        def skinny_path(backward: Callable[[], Any] = backward) -> Any:
+            with _thresholds(module, SKINNY_MIN_WEIGHTS=1):
+                return backward()
+
+        def blas_path(backward: Callable[[], Any] = backward) -> Any:
+            with _thresholds(module, SKINNY_MIN_WEIGHTS=1 << 62):
+                return backward()
+
+        skinny, blas = _median_seconds([skinny_path, blas_path], rounds, block_time)
+        wins.append(skinny < blas)
+    first = len(wins)
+    while first > 0 and wins[first - 1]:
+        first -= 1
+    return SKINNY_SIDES[first] ** 2 if first < len(SKINNY_SIDES) else 1 << 62
+
+
+def _numpy_classes(module: Any, shapes: tuple[tuple[int, int, int], ...],
+                   dtypes: tuple[str, ...], rounds: int, block_time: float) -> list[str]:
+    """Shape classes where the plain NumPy expression beat the backend's kernels."""
+    classes = []
+    for shape in shapes:
+        for dtype in dtypes:
+            a = _inputs(shape, dtype)
+            for pass_name in ("forward", "backward"):
+                mine, plain = _median_seconds(
+                    [_numba_call(module, pass_name, a), _plain_call(pass_name, a)], rounds,
+                    block_time)
+                if mine > plain * HAND_OVER:
+                    classes.append(module.shape_class(pass_name, *shape, dtype))
+    return sorted(set(classes))
+
+
+def tune_numba(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...],
+               rounds: int, block_time: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure the numba backend's thresholds; return them (``PROFILE_SCHEMA``'s names)."""
+    module = _dispatch.load_backend("numba")
+    module.apply_profile({"rows_dot_rows_max_work": 0, "numpy_classes": []})  # measure bare
+    rows = _rows_dot_rows_pays(module, dtypes, rounds, block_time)
+    log(f"numba small-dX register-blocked path: {'pays' if rows else 'does not pay'} here")
+    skinny = _skinny_min_weights(module, rounds, block_time)
+    log(f"numba skinny backward from {skinny} weights" if skinny < 1 << 62
+        else "numba skinny backward: never (the BLAS path wins)")
+    module.apply_profile({"rows_dot_rows_max_work": (1 << 18) if rows else 0,
+                          "skinny_min_weights": skinny})
+    classes = _numpy_classes(module, shapes, dtypes, rounds, block_time)
+    log(f"shape classes handed to NumPy: {', '.join(classes) or 'none'}")
+    values = {"rows_dot_rows_max_work": (1 << 18) if rows else 0, "rows_dot_rows_min_m": 96,
+              "skinny_min_weights": skinny, "numpy_classes": classes}
+    module.apply_profile(values)  # in force for the rest of this process
+    return values
+
+
+def tune_cupy(log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(key, thresholds)`` measured on the GPU (``cupy_tune``'s forced-path table), or
+    ``None`` where the cupy backend cannot run here."""
+    if _dispatch.unavailable_reason("cupy") is not None:
+        return None
+    from fastlinear.backends import cupy_launch, cupy_tune
+
+    module = _dispatch.load_backend("cupy")
+    values = cupy_tune.measure_thresholds()
+    cupy_launch.apply_thresholds(values)
+    log(f"cupy path thresholds: {values}")
+    return module.profile_key(), values
+
+
+def ratio_table(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...],
+                rounds: int, block_time: float) -> list[str]:
+    """numba's time over the plain NumPy expression's, at every shape, pass and dtype, with the
+    profile in force: ``plain / numba`` (above 1: numba faster)."""
+    module = _dispatch.load_backend("numba")
+    lines = [f"{'shape':16} {'dtype':8} {'pass':8} {'numba ms':>9} {'numpy ms':>9} "
+             f"{'numpy/numba':>11}  class"]
+    for shape in shapes:
+        for dtype in dtypes:
+            a = _inputs(shape, dtype)
+            for pass_name in ("forward", "backward"):
+                mine, plain = _median_seconds(
+                    [_numba_call(module, pass_name, a), _plain_call(pass_name, a)], rounds,
+                    block_time)
+                kind = module.shape_class(pass_name, *shape, dtype)
+                handed = " (NumPy)" if kind in module.NUMPY_CLASSES else ""
+                lines.append(f"{grid.shape_text(shape):16} {dtype:8} {pass_name:8} "
+                             f"{mine * 1e3:9.4f} {plain * 1e3:9.4f} {plain / mine:11.3f}  "
+                             f"{kind}{handed}")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastlinear tune",
+        description="Measure this machine's crossovers (numba's small-dX and skinny paths, "
+                    "numba against NumPy per shape class, the cupy path thresholds on a GPU) "
+                    "and store them as the profile the backends read when they load. "
+                    "FASTLINEAR_TUNE=off ignores any profile.")
+    parser.add_argument("--quick", action="store_true",
+                        help="three shapes, few rounds (seconds, for tests and CI); stores "
+                             "nothing unless --profile names a file")
+    parser.add_argument("--profile", metavar="PATH", default=None,
+                        help=f"the profile to write; default {_profile.profile_path()}")
+    parser.add_argument("--table", metavar="PATH", default=None,
+                        help="also write the final ratio table to this text file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastlinear tune [--quick] [--profile PATH] [--table PATH]``."""
+    options = build_parser().parse_args(argv)
+    reason = _dispatch.unavailable_reason("numba")
+    if reason is not None:
+        print(f"tune: nothing to measure on the CPU: {reason}", file=sys.stderr)
+        return 1
+    shapes = grid.QUICK_SHAPES if options.quick else grid.DEFAULT_SHAPES
+    rounds, block_time = (3, 0.005) if options.quick else (15, 0.03)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    started = time.perf_counter()
+    values = tune_numba(shapes, grid.DTYPES, rounds, block_time, log)
+    path = None
+    if not options.quick or options.profile:
+        module = _dispatch.load_backend("numba")
+        path = _profile.write_section("numba", module.profile_key(), values,
+                                      Path(options.profile) if options.profile else None)
+    cupy = tune_cupy(log)
+    if cupy is not None and path is not None:
+        _profile.write_section("cupy", cupy[0], cupy[1], path)
+    table = ratio_table(shapes, grid.DTYPES, rounds, block_time)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = _profile.cpu_key()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    header = [f"fastlinear tune, {stamp}, {time.perf_counter() - started:.0f} s",
+              f"machine: {cpu['cpu']} ({os.cpu_count()} cores; ISA {' '.join(cpu['isa'])}); "
+              f"load average at the end {' '.join(f'{x:.1f}' for x in load)}",
+              "ratios: medians of interleaved wall-clock blocks, numba backend's function "
+              "against the plain NumPy expression, the profile in force",
+              f"profile: {path if path is not None else 'not stored (--quick)'}"]
+    print("\n".join(header + table))
+    if options.table:
+        Path(options.table).write_text("\n".join(header + table) + "\n", encoding="utf-8")
+    return 0

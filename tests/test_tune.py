@@ -1,0 +1,244 @@
+"""The tuning profile (fastlinear._profile) and ``python -m fastlinear tune``."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import fastlinear
+from fastlinear import _profile
+from tests.helpers import backend_param
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = {"limit": int, "names": list}
+
+
+@pytest.fixture(autouse=True)
+def _profiles_on(monkeypatch):
+    """conftest turns profiles off for every other test."""
+    monkeypatch.delenv(_profile.ENV_VAR, raising=False)
+
+
+def key():
+    return {"cpu": "test", "isa": ["avx2"]}
+
+
+def test_a_written_section_reads_back_under_its_key(tmp_path):
+    path = tmp_path / "profile.json"
+    _profile.write_section("numba", key(), {"limit": 7, "names": ["a"]}, path)
+    assert _profile.read_section("numba", key, SCHEMA, path) == {"limit": 7, "names": ["a"]}
+    assert json.loads(path.read_text())["format"] == _profile.FORMAT  # plain JSON
+
+
+def test_sections_are_kept_side_by_side(tmp_path):
+    path = tmp_path / "profile.json"
+    _profile.write_section("numba", key(), {"limit": 1}, path)
+    _profile.write_section("cupy", {"gpu": "x"}, {"limit": 2}, path)
+    assert _profile.read_section("numba", key, SCHEMA, path) == {"limit": 1}
+    assert _profile.read_section("cupy", lambda: {"gpu": "x"}, SCHEMA, path) == {"limit": 2}
+
+
+def test_a_foreign_or_stale_section_is_ignored_silently(tmp_path):
+    path = tmp_path / "profile.json"
+    _profile.write_section("numba", key(), {"limit": 7}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _profile.read_section("numba", lambda: {**key(), "cpu": "other"}, SCHEMA,
+                                     path) == {}
+        assert _profile.read_section("cupy", key, SCHEMA, path) == {}
+        assert _profile.read_section("numba", key, SCHEMA, tmp_path / "absent.json") == {}
+
+
+def test_tune_off_ignores_the_profile(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    _profile.write_section("numba", key(), {"limit": 7}, path)
+    monkeypatch.setenv(_profile.ENV_VAR, "off")
+    assert _profile.read_section("numba", key, SCHEMA, path) == {}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "edited", "bad value", "unknown"])
+def test_a_corrupt_or_edited_profile_is_ignored_with_one_warning(tmp_path, damage):
+    path = tmp_path / f"{damage.replace(' ', '-')}.json"
+    _profile.write_section("numba", key(), {"limit": 7}, path)
+    text = path.read_text()
+    data = json.loads(text)
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "not json":
+        path.write_text("pickle would run code here")
+    elif damage == "edited":
+        data["sections"]["numba"]["values"]["limit"] = 8
+        path.write_text(json.dumps(data))
+    else:  # a checksum that matches, values that do not fit the schema
+        values = {"limit": "7"} if damage == "bad value" else {"limit": 7, "other": 1}
+        data["sections"]["numba"]["values"] = values
+        data["checksum"] = _profile._checksum(data["sections"])
+        path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="ignoring the fastlinear tuning profile") as caught:
+        assert _profile.read_section("numba", key, SCHEMA, path) == {}
+        assert _profile.read_section("numba", key, SCHEMA, path) == {}
+    assert len(caught) == 1
+
+
+def test_concurrent_writers_never_leave_a_half_written_file(tmp_path):
+    """Two processes rewrite the profile over and over while this one reads it: every read
+    sees a whole, valid profile (temporary file, then rename)."""
+    path = tmp_path / "profile.json"
+    _profile.write_section("numba", key(), {"limit": 0, "names": []}, path)
+    writer = textwrap.dedent(f"""
+        from pathlib import Path
+        from fastlinear import _profile
+        for i in range(150):
+            _profile.write_section("numba", {key()!r}, {{"limit": i, "names": ["x"] * 2000}},
+                                   Path({str(path)!r}))
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, "-c", writer], env=env) for _ in range(2)]
+    reads = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a torn file would warn
+        while any(p.poll() is None for p in procs):
+            values = _profile.read_section("numba", key, SCHEMA, path)
+            assert set(values) == {"limit", "names"}
+            reads += 1
+    assert all(p.wait(60) == 0 for p in procs)
+    assert reads > 0
+    assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporary left
+
+
+def test_profile_path_is_in_the_user_cache_directory(monkeypatch, tmp_path):
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert _profile.profile_path() == tmp_path / "fastlinear" / _profile.FILE_NAME
+    assert _profile.profile_path().name == _profile.FILE_NAME
+
+
+def test_cpu_key_names_the_model_and_isa():
+    cpu = _profile.cpu_key()
+    assert cpu["cpu"] and isinstance(cpu["isa"], list)
+
+
+numba_param = backend_param("numba")
+
+
+@pytest.mark.parametrize("name", [numba_param])
+def test_numba_reads_its_section_at_load_and_hands_classes_to_numpy(name, tmp_path):
+    """A fresh process with a profile for this machine takes its values; with another key, or
+    under FASTLINEAR_TUNE=off, the safe defaults (the small-dX path off)."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from fastlinear import _profile
+        from fastlinear.backends import numba as nb
+        print(nb.ROWS_DOT_ROWS_MAX_WORK, sorted(nb.NUMPY_CLASSES))
+        X, W, b = np.ones((3, 4)), np.ones((4, 5)), np.ones(5)
+        assert np.allclose(nb.forward(X, W, b, None), X @ W + b)
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop(_profile.ENV_VAR, None)
+
+    def run(**extra):
+        done = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split(maxsplit=1)
+
+    assert run() == ["0", "[]\n"]  # no profile: the safe default
+    from fastlinear.backends import numba as nb
+
+    kind = nb.shape_class("forward", 3, 4, 5, np.float64)
+    path = tmp_path / "fastlinear" / _profile.FILE_NAME
+    _profile.write_section("numba", nb.profile_key(),
+                           {"rows_dot_rows_max_work": 1 << 18, "numpy_classes": [kind]}, path)
+    assert run() == [str(1 << 18), f"['{kind}']\n"]
+    assert run(FASTLINEAR_TUNE="off") == ["0", "[]\n"]
+    _profile.write_section("numba", {**nb.profile_key(), "numba": "0.0"},
+                           {"rows_dot_rows_max_work": 1 << 18}, path)
+    assert run() == ["0", "[]\n"]  # measured under another numba: stale
+
+
+@pytest.mark.parametrize("name", [numba_param])
+def test_a_handed_over_class_computes_the_same(name, monkeypatch, rng):
+    from fastlinear.backends import numba as nb
+
+    X, W, b, dY = (rng.standard_normal(s) for s in ((6, 5), (5, 4), (4,), (6, 4)))
+    expected = (fastlinear.linear_forward(X, W, b, backend="numba"),
+                fastlinear.linear_backward(dY, X, W, backend="numba"))
+    for attribute in ("NUMPY_CLASSES", "_numpy_keys"):
+        monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
+    nb.apply_profile({"numpy_classes": [nb.shape_class("forward", 6, 5, 4, X.dtype),
+                                        nb.shape_class("backward", 6, 5, 4, X.dtype)]})
+    reference = sys.modules["fastlinear.backends.numpy"]
+    monkeypatch.setattr(reference, "forward", counting(reference.forward))
+    monkeypatch.setattr(reference, "backward", counting(reference.backward))
+    np.testing.assert_allclose(fastlinear.linear_forward(X, W, b, backend="numba"),
+                               expected[0], rtol=1e-12)
+    for got, want in zip(fastlinear.linear_backward(dY, X, W, backend="numba"), expected[1],
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert reference.forward.calls == reference.backward.calls == 1  # NumPy's code ran
+
+
+def counting(function):
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return function(*args, **kwargs)
+
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize("name", [numba_param])
+def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, capsys):
+    from fastlinear import tune
+    from fastlinear.backends import numba as nb
+    from fastlinear.bench import grid
+
+    monkeypatch.setattr(grid, "QUICK_SHAPES", ((8, 16, 16), (1, 64, 64)))
+    monkeypatch.setattr(grid, "DTYPES", ("float32",))
+    monkeypatch.setattr(tune, "ROWS_PROBES", ((8, 16, 128),))
+    monkeypatch.setattr(tune, "SKINNY_SIDES", (64, 128))
+    for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "SKINNY_MIN_WEIGHTS", "NUMPY_CLASSES",
+                      "_numpy_keys"):
+        monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
+    path = tmp_path / "profile.json"
+    table = tmp_path / "table.txt"
+    assert fastlinear.tune.main(["--quick", "--profile", str(path), "--table", str(table)]) == 0
+    out = capsys.readouterr().out
+    values = _profile.read_section("numba", nb.profile_key, nb.PROFILE_SCHEMA, path)
+    assert set(values) == set(nb.PROFILE_SCHEMA)
+    assert values["rows_dot_rows_max_work"] in (0, 1 << 18)
+    assert "8x16x16" in out and "numpy/numba" in table.read_text()
+
+
+def test_cupy_puts_its_section_in_force_when_it_loads(tmp_path, monkeypatch):
+    """No GPU needed: the device probe and key are stood in for; the thresholds that
+    cupy_tune would measure come from the profile when the backend loads."""
+    from fastlinear.backends import cupy as cupy_backend
+    from fastlinear.backends import cupy_launch
+
+    path = tmp_path / "profile.json"
+    gpu = {"gpu": "test GPU", "cuda": 13000}
+    measured = {"small_batch_max_rows": 4, "own_kernel_max_inner": 512, "tiled_max_work": 1024}
+    _profile.write_section("cupy", gpu, measured, path)
+    monkeypatch.setattr(_profile, "profile_path", lambda: path)
+    monkeypatch.setattr(cupy_backend, "_probe", lambda: None)
+    monkeypatch.setattr(cupy_backend, "profile_key", lambda: gpu)
+    cupy_backend.unavailable_reason.cache_clear()
+    try:
+        assert cupy_backend.unavailable_reason() is None
+        assert cupy_launch.current_thresholds() == measured
+        cupy_backend.unavailable_reason.cache_clear()
+        monkeypatch.setattr(cupy_backend, "profile_key", lambda: {**gpu, "gpu": "another"})
+        cupy_backend.unavailable_reason()
+        defaults = dataclasses.asdict(cupy_launch.DEFAULT_THRESHOLDS)
+        assert defaults != measured
+        assert cupy_launch.current_thresholds() == defaults  # a foreign section: the defaults
+    finally:
+        cupy_launch.apply_thresholds(None)
+        cupy_backend.unavailable_reason.cache_clear()
