@@ -44,9 +44,11 @@ _BLAS_THREADS_MIN_WORK = 1 << 23
 # A numba train_step of at least this many multiply-adds (batch rows x the network's
 # multiply-adds per row), with Numba allowed two threads or more, splits its batch rows in two:
 # each half runs forward and backward on its own thread with one BLAS thread, the halves'
-# gradients are summed (first half + second, always) and the update runs once. Measured in
+# gradients are summed (first half + second, always) and the update runs once. Handing the half
+# to the worker thread and setting the BLAS threads cost ~75 us on the loaded 2-core machine:
+# 64-128-64-10 at batch 32 (0.5M) ran ~140 us slower split, at batch 128 (2.2M) faster; see
 # benchmarks/results/training_step_rowsplit_2026-11-29.txt.
-ROW_SPLIT_MIN_WORK = 1 << 23
+ROW_SPLIT_MIN_WORK = 1 << 21
 
 
 def _resolve(backend: str | None, library: str) -> Any:
@@ -64,6 +66,11 @@ class _Native(NamedTuple):
     network: Any  # fastlinear.backends._numba_network
     network_call: Any
     threads: Any  # numba.get_num_threads
+
+
+def _split_threads() -> int:
+    """How many threads the numba backend may use (Numba's count, the backend's policy)."""
+    return int(_native_module().threads())
 
 
 @functools.cache
@@ -391,7 +398,7 @@ class Sequential:
             if self._layers_changed():
                 self._sync_layers()
             split = X.shape[0] >= 2 and X.shape[0] * self._macs_per_row >= ROW_SPLIT_MIN_WORK
-            if split and _native_module().threads() >= 2:
+            if split and _split_threads() >= 2:
                 value = self._native_split_step(X, targets, labels, code, rate, keep)
             else:
                 value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
