@@ -45,10 +45,11 @@ _BLAS_THREADS_MIN_WORK = 1 << 23
 # multiply-adds per row), with Numba allowed two threads or more, splits its batch rows in two:
 # each half runs forward and backward on its own thread with one BLAS thread, the halves'
 # gradients are summed (first half + second, always) and the update runs once. Handing the half
-# to the worker thread and setting the BLAS threads cost ~75 us on the loaded 2-core machine:
-# 64-128-64-10 at batch 32 (0.5M) ran ~140 us slower split, at batch 128 (2.2M) faster; see
-# benchmarks/results/training_step_rowsplit_2026-11-29.txt.
-ROW_SPLIT_MIN_WORK = 1 << 21
+# to the worker thread and setting the BLAS threads cost ~75 us. Measured on the loaded 2-core
+# machine (benchmarks/results/training_step_rowsplit_2026-11-29.txt), minimums of interleaved
+# rounds: 784-512-256-10 at batch 128 (68M) split ~= one call, medians 2.3x faster; at batch 16
+# (8.6M) and 64-128-64-10 at batch 128/256 (2-4M) split 1.2-1.7x slower.
+ROW_SPLIT_MIN_WORK = 1 << 25
 
 
 def _resolve(backend: str | None, library: str) -> Any:
