@@ -1,7 +1,8 @@
 """Full-batch gradient descent on a dataset larger than a dask worker's memory, with fastlinear.
 
-The example writes a linear-regression data set to disk as .npy chunks (by default 1.27 GB of
-float32 data, more than twice one worker's 512 MiB memory limit), starts a
+The example writes a linear-regression data set to disk as .npy chunks (by default 1.27 GB =
+1.18 GiB of float32 data, more than twice one worker's 512 MiB memory limit, in the system's
+temporary folder, where a second run finds and reuses it), starts a
 ``distributed.LocalCluster`` of 2 worker processes, and trains a ``fastlinear.Linear`` layer on
 all rows at every step. Each step is one dask graph: every row chunk is read from disk, goes
 through ``layer.forward`` and ``layer.backward`` on a worker, and only the (D, M) gradients and
@@ -24,15 +25,20 @@ import argparse
 import json
 import pathlib
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+# In the system's temporary folder, not the working directory (a checkout stays clean).
+DEFAULT_DATA = pathlib.Path(tempfile.gettempdir()) / "fastlinear-dask-data"
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="fastlinear-dask-data", type=pathlib.Path,
-                        help="directory of the .npy chunks (written if absent or different)")
+    parser.add_argument("--data", default=DEFAULT_DATA, type=pathlib.Path,
+                        help="directory of the .npy chunks, written if absent or different "
+                             "(default: %(default)s)")
     parser.add_argument("--rows", type=int, default=2_400_000, help="rows N of the data set")
     parser.add_argument("--features", type=int, default=128, help="in_features D")
     parser.add_argument("--outputs", type=int, default=4, help="out_features M")
@@ -124,7 +130,7 @@ def main(argv=None):
     description = write_dataset(args.data, args.rows, args.features, args.outputs,
                                  args.chunk_rows, args.seed)
     X, T = load_dataset(args.data, description)
-    size = (X.nbytes + T.nbytes) / 2**30
+    nbytes = X.nbytes + T.nbytes
     if args.scheduler:
         cluster, client = None, Client(args.scheduler)
         where = f"scheduler {args.scheduler}"
@@ -137,7 +143,8 @@ def main(argv=None):
         client = Client(cluster)
         where = f"LocalCluster of {args.workers} worker processes, {args.memory_limit} each"
     print(f"data: {X.shape[0]} x {X.shape[1]} features -> {T.shape[1]} outputs, float32, "
-          f"{size:.2f} GiB on disk in {X.numblocks[0]} chunks ({args.data})")
+          f"{nbytes / 1e9:.2f} GB = {nbytes / 2**30:.2f} GiB on disk in {X.numblocks[0]} chunks "
+          f"({args.data})")
     print(f"on: {where}; backend {args.backend}")
     try:
         start = time.perf_counter()

@@ -66,6 +66,13 @@ def to_numpy(x: Any) -> Any:
     return x.get() if library(x) == "cupy" else np.asarray(x)
 
 
+def count(n: int, plural: str) -> str:
+    """``count(1, "features")`` -> ``"1 feature"``, ``count(3, "were")`` -> ``"3 were"``."""
+    if n != 1:
+        return f"{n} {plural}"
+    return f"{n} {'was' if plural == 'were' else plural.removesuffix('s')}"
+
+
 def is_scalar(x: object) -> bool:
     """A Python number (not a NumPy scalar, which NumPy types strongly)."""
     return isinstance(x, numbers.Number) and not isinstance(x, np.generic)
@@ -147,6 +154,9 @@ def result_dtype(operands: list[tuple[str, Any]]) -> np.dtype:
     bool) and complex, object or string data raise a ``TypeError`` that names the operands.
     """
     for name, x in operands:
+        if not hasattr(x, "dtype") and not isinstance(x, (int, float, complex)):
+            raise TypeError(f"{name} is a {type_name(x)}, which NumPy cannot compute with; pass "
+                            f"a float (float({name})), a NumPy scalar or an array")
         kind = x.dtype.kind if hasattr(x, "dtype") else ("c" if isinstance(x, complex) else "f")
         if kind not in "biuf":
             raise TypeError(f"{name} has dtype {getattr(x, 'dtype', type(x).__name__)}; "
@@ -157,6 +167,40 @@ def result_dtype(operands: list[tuple[str, Any]]) -> np.dtype:
         raise TypeError(f"{what} promote to {dtype}, but fastlinear computes in floating point: "
                         f"convert one operand, e.g. W.astype('float32')")
     return dtype.newbyteorder("=")
+
+
+def _convertible(x: Any, dtype: np.dtype, casting: str) -> bool:
+    return (x.dtype == dtype and x.dtype.isnative) or bool(
+        np.can_cast(x.dtype, dtype, casting=casting))  # type: ignore[arg-type]
+
+
+def check_casts(operands: list[tuple[str, Any]], dtype: np.dtype, casting: str) -> None:
+    """Raise, naming the operand to convert, if ``casting`` forbids converting an operand to the
+    call's ``dtype``.
+
+    ``operands`` are ``(name, array or scalar)`` pairs including ``("W", W)``. The parameters
+    (``W``, then ``b``) set the dtype the caller meant: the operand of another dtype is the one
+    to convert, also when it is the parameters that the call would have to convert (a float32
+    layer fed float64 ``X`` names ``X``, not ``b``).
+    """
+    arrays = [(name, x) for name, x in operands if hasattr(x, "dtype")]
+    refused = [name for name, x in arrays if not _convertible(x, dtype, casting)]
+    if not refused:
+        return
+    target = dict(arrays)["W"].dtype
+    differ = [(name, x) for name, x in arrays if name not in ("W", "b") and x.dtype != target]
+    differ = differ or [(name, x) for name, x in arrays if name != "W" and x.dtype != target]
+    if not differ:  # W itself: nothing else to blame
+        differ = [("W", dict(arrays)["W"])]
+        target = dtype
+    name, x = differ[0]
+    fix = f"convert with {name}.astype({target.newbyteorder('=').name!r}) or pass casting='safe'"
+    if name in refused:
+        raise TypeError(f"{name} has dtype {x.dtype} but the call computes in {dtype}, and "
+                        f"casting={casting!r} forbids converting it; {fix}")
+    raise TypeError(f"{name} has dtype {x.dtype} but W has {target}: the call would compute in "
+                    f"{dtype}, and casting={casting!r} forbids converting {' and '.join(refused)}; "
+                    f"{fix}")
 
 
 def cast(x: Any, name: str, dtype: np.dtype, casting: str) -> Any:
@@ -181,7 +225,17 @@ def check_backend_dtype(dtype, module):
     if dtype not in module.DTYPES:
         names = ", ".join(d.name for d in module.DTYPES)
         raise TypeError(f"the call computes in {dtype} (NumPy's result dtype of its operands); "
-                        f"the {module.NAME!r} backend computes in {names}")
+                        f"the {module.NAME!r} backend computes in {names}{dtype_hint(dtype)}")
+
+
+def dtype_hint(dtype: np.dtype) -> str:
+    """What to do about a floating dtype a backend does not compute in (``""`` for others)."""
+    if dtype == np.float16:
+        return ("; convert the operands with .astype(np.float32), or compute on the GPU with the "
+                "cupy backend (backend='cupy', pip install \"fastlinear[cuda]\")")
+    if dtype.kind == "f" and dtype.itemsize > 8:
+        return "; convert the operands with .astype(np.float64)"
+    return ""
 
 
 def as_bias(b, M, dtype):

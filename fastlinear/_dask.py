@@ -85,8 +85,8 @@ def _check_batch(x, name, width, what, da):
                          f"are split into tasks), got shape {x.shape}; for one sample pass "
                          f"{name}.compute()")
     if x.shape[-1] != width:
-        raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
-                         f"(shape {x.shape})")
+        raise ValueError(f"{name} has {_arrays.count(x.shape[-1], what)} but "
+                         f"{_arrays.count(width, 'were')} expected (shape {x.shape})")
     chunk_library = _arrays.library(x._meta)
     if chunk_library not in ("numpy", "cupy"):
         raise TypeError(f"{name} has chunks of {_arrays.type_name(x._meta)}; fastlinear "

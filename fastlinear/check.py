@@ -9,13 +9,12 @@ its bound (at most 1 passes). Unavailable backends are listed with the reason. E
 any mismatch or error.
 """
 
-import argparse
 import itertools
 import sys
 
 import numpy as np
 
-from fastlinear import _arrays, _dispatch, activations
+from fastlinear import _arrays, _cli, _dispatch, activations
 from fastlinear.functional import linear_backward, linear_forward
 
 # Small enough for seconds; on the GPU the shape rule sends them to small_batch, tiled and cuBLAS.
@@ -146,6 +145,18 @@ def _array_module(name):
     return _dispatch._load(name), _dispatch.array_module(name)
 
 
+def _progress(cases, label):
+    """``cases``, with progress on stderr: tqdm's bar on a terminal, else one line per row."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None and sys.stderr.isatty():
+        return tqdm(cases, desc=f"checking {label}", unit="case", leave=False, file=sys.stderr)
+    print(f"checking {label}: {len(cases)} cases ...", file=sys.stderr, flush=True)
+    return cases
+
+
 def run(backends=None, out=None):
     """Run the grid on ``backends`` (default: every registered one), printing to ``out``
     (default ``sys.stdout``); return the exit status."""
@@ -165,8 +176,9 @@ def run(backends=None, out=None):
         for dtype in module.DTYPES:
             rng = np.random.default_rng(20261125)
             worst, cases, failures = 0.0, 0, []
-            for case in itertools.product(SHAPES, LAYOUTS, (True, False), ACTIVATIONS,
-                                          BACKWARD_MODES):
+            grid = list(itertools.product(SHAPES, LAYOUTS, (True, False), ACTIVATIONS,
+                                          BACKWARD_MODES))
+            for case in _progress(grid, f"{name} {np.dtype(dtype).name}"):
                 cases += 1
                 try:
                     ratio = _check_case(name, xp, rng, dtype, *case)
@@ -190,8 +202,16 @@ def run(backends=None, out=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastlinear check", description=__doc__)
-    parser.add_argument("--backend", action="append", choices=list(_dispatch.BACKENDS),
-                        help="check only this backend (repeatable); default: all")
+    parser = _cli.Parser(prog="python -m fastlinear check", description=_cli.plain(__doc__))
+    parser.add_argument("--backend", action="append", type=_cli.backend_name,
+                        help="check only this backend (repeatable); default: every registered "
+                             "one, the unavailable ones listed with the reason")
     args = parser.parse_args(argv)
-    return run(args.backend)
+    if args.backend and _dispatch.AUTO in args.backend:
+        raise _cli.UsageError("--backend takes a backend's name (numpy, numba, cupy), not auto")
+    status = run(args.backend)
+    for name in args.backend or ():
+        reason = _dispatch.unavailable_reason(name)
+        if reason is not None:  # asked for by name: not checked is not a pass
+            raise _dispatch.BackendUnavailableError(f"{reason} (nothing checked)")
+    return status

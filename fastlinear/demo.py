@@ -8,7 +8,6 @@ one native call per step on the numba backend). Prints loss and test accuracy pe
 the training steps per second.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 import numpy as np
 
 import fastlinear
+from fastlinear import _cli
 
 # The network, as layer widths: 8x8 images in, 10 digit classes out. The benchmark's training
 # step times this same network (fastlinear.bench.training).
@@ -99,23 +99,40 @@ def progress(iterable, total, desc):
                 disable=not sys.stderr.isatty() and os.environ.get("CI") == "true")
 
 
+def build_parser():
+    parser = _cli.Parser(prog="python -m fastlinear demo", description=_cli.plain(__doc__))
+    parser.add_argument("--backend", type=_cli.backend_name, default=None,
+                        help="numpy, numba, cupy or auto (default: FASTLINEAR_BACKEND, else "
+                             "auto)")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="passes over the training set (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="samples per SGD step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.05,
+                        help="learning rate (default: %(default)s)")
+    parser.add_argument("--momentum", type=float, default=0.9,
+                        help="SGD momentum, 0 for plain SGD (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of the data and the layers (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the split and the batch order "
+                             "(default: %(default)s)")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastlinear demo", description=__doc__)
-    parser.add_argument("--backend", default=None,
-                        help="numpy, numba, cupy or auto (default: FASTLINEAR_BACKEND, else auto)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise _cli.UsageError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                  f"{getattr(args, name)}")
 
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
-    X_train, X_test, y_train, y_test = load_digits_split(dtype, args.seed)
+    # the network first: a backend that cannot run says so before the data set is loaded
     net = fastlinear.Sequential(*MLP(LAYER_SIZES, dtype, args.backend, rng).layers,
                                 backend=args.backend)
+    X_train, X_test, y_train, y_test = load_digits_split(dtype, args.seed)
     backend = args.backend or fastlinear.current_backend()
     print(f"fastlinear {fastlinear.__version__} demo: digits, {len(X_train)} train / "
           f"{len(X_test)} test samples, MLP {'-'.join(map(str, LAYER_SIZES))}, {dtype.name}, "

@@ -28,8 +28,8 @@ def _as_rows(x, name, width, what):
         raise ValueError(f"{name} must be (N, {width}), (*, {width}) or one sample ({width},), "
                          f"got a 0-d array")
     if x.shape[-1] != width:
-        raise ValueError(f"{name} has {x.shape[-1]} {what} but {width} were expected "
-                         f"(shape {x.shape})")
+        raise ValueError(f"{name} has {_arrays.count(x.shape[-1], what)} but "
+                         f"{_arrays.count(width, 'were')} expected (shape {x.shape})")
     # an explicit row count: reshape(-1, 0) is ambiguous when a dimension is 0
     return x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), width)
 
@@ -70,7 +70,9 @@ def _check_out(buf, name, shape, dtype, library, inputs, rows=True):
         raise TypeError(f"{name} must be a {library} array like the result, "
                         f"got {_arrays.type_name(buf)}")
     if native.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {native.dtype}")
+        raise TypeError(f"{name} must have dtype {dtype}, got {native.dtype}: the call computes "
+                        f"in {dtype} (NumPy's result dtype of its operands) and writes {name} in "
+                        f"it; pass a {dtype} buffer, or operands that promote to {native.dtype}")
     if native.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {native.shape}")
     if not native.flags.c_contiguous:
@@ -185,6 +187,8 @@ def _prepare(W, arrays, backend, casting):
     _check_libraries(module, operands)
     _arrays.check_weight(W)
     _arrays.check_backend_dtype(dtype, module)
+    if casting != "safe":
+        _arrays.check_casts(operands, dtype, casting)
     cast = [x if x is None or not hasattr(x, "dtype") else _arrays.cast(x, name, dtype, casting)
             for (name, _), x in zip(arrays, natives, strict=True)]
     return _Call(module, dtype, _arrays.cast(W, "W", dtype, casting), cast, data_back,

@@ -4,7 +4,6 @@ One home for "what machine is this": ``python -m fastlinear bench`` puts the sam
 header of every results file, so a figure always travels with the machine that produced it.
 """
 
-import argparse
 import importlib
 import importlib.util
 import os
@@ -13,7 +12,7 @@ import subprocess
 import sys
 
 import fastlinear
-from fastlinear import _dispatch
+from fastlinear import _cli, _dispatch
 
 # Libraries whose versions decide the figures (the BLAS comes with NumPy and SciPy); the
 # benchmark adds torch, which ``info`` leaves alone because importing it takes seconds.
@@ -146,22 +145,61 @@ def _load_blas_libraries():
         pass
 
 
+DESCRIPTION = """\
+Print what this machine offers fastlinear: the fastlinear and Python versions, the machine, the
+libraries that decide speed (NumPy, Numba, SciPy, CuPy), every backend (available, or why not
+and what to install), which backend calls use and when auto switches, the thread pools (BLAS,
+Numba) and the CUDA devices. Paste it into a bug report; compare it between two machines whose
+figures differ. Takes no options; FASTLINEAR_BACKEND and FASTLINEAR_AUTO_LOAD are reported as
+set."""
+
+
+def backend_choice(status):
+    """Lines saying which backend calls on NumPy (and CuPy) arrays use, and when ``auto``
+    switches: as a fresh program sees it, not this process (which has loaded every backend to
+    report on it)."""
+    requested = _dispatch.requested_backend(None)
+    if requested != _dispatch.AUTO:
+        return [f"every call uses {requested} ({_dispatch.ENV_VAR} asks for it)"]
+    lines = []
+    for library in ("numpy", "cupy"):
+        order = [name for name in _dispatch.AUTO_ORDER.get(library, ()) if status[name] is None]
+        if not order:
+            lines.append(f"auto, {library} arrays: no backend available")
+            continue
+        best, fallback = order[0], order[-1]
+        after = _dispatch.AUTO_LOAD_AFTER_CALLS
+        sync = os.environ.get(_AUTO_LOAD_VAR, "").strip().lower() == "sync"
+        if best == fallback or sync or after <= 0:
+            why = f" ({_AUTO_LOAD_VAR}=sync)" if sync and best != fallback else ""
+            lines.append(f"auto, {library} arrays: {best} from the first call{why}")
+        else:
+            lines.append(f"auto, {library} arrays: {fallback} for a program's first {after:,} "
+                         f"calls, then {best} (loaded in the background, used once ready); "
+                         f"{best} at once after fastlinear.warm_up() or with "
+                         f"{_AUTO_LOAD_VAR}=sync")
+    return lines
+
+
+_AUTO_LOAD_VAR = _cli.AUTO_LOAD_VAR
+
+
 def main(argv=None):
-    argparse.ArgumentParser(prog="python -m fastlinear info", description=__doc__).parse_args(argv)
+    _cli.Parser(prog="python -m fastlinear info", description=DESCRIPTION).parse_args(argv)
     print(f"fastlinear {fastlinear.__version__} (git {git_revision() or 'unknown'}), "
           f"Python {platform.python_version()}")
     print(f"machine: {machine_description()}")
     print("versions: " + ", ".join(versions()))
-    env = os.environ.get(_dispatch.ENV_VAR)
-    print(f"{_dispatch.ENV_VAR}={env!r}" if env is not None else f"{_dispatch.ENV_VAR} unset")
+    for name in (_dispatch.ENV_VAR, _AUTO_LOAD_VAR):
+        value = os.environ.get(name)
+        print(f"{name}={value!r}" if value is not None else f"{name} unset")
     print("backends:")
-    for name, reason in fastlinear.available_backends().items():
+    status = fastlinear.available_backends()
+    for name, reason in status.items():
         print(f"  {name:6s} {'available' if reason is None else 'unavailable: ' + reason}")
-    try:
-        chosen = fastlinear.current_backend()
-    except Exception as exc:
-        chosen = f"error: {exc}"
-    print(f"default backend for NumPy arrays: {chosen}")
+    print("which backend:")
+    for line in backend_choice(status):
+        print(f"  {line}")
     _load_blas_libraries()
     print("threads:")
     for line in thread_pools():

@@ -19,6 +19,70 @@ from fastlinear.functional import linear_backward, linear_forward
 __all__ = ["Linear"]
 
 
+_CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_served(dtype: np.dtype, backend: str | None) -> None:
+    """Refuse a layer ``dtype`` that no backend able to run here computes in (float16 without a
+    GPU), naming those that compute it."""
+    names = [backend] if backend not in (None, _dispatch.AUTO) else list(_dispatch.BACKENDS)
+    serving, others = [], []
+    for name in names:
+        reason = _dispatch.unavailable_reason(name)
+        if reason is None and dtype in _dispatch._load(name).DTYPES:
+            serving.append(name)
+        elif reason is not None:
+            others.append(f"{name}: {reason}")
+    if serving:
+        return
+    computing = [name for name in _dispatch.BACKENDS if dtype in _backend_dtypes(name)]
+    asked = (f"the {backend!r} backend does not compute in {dtype}"
+             if backend not in (None, _dispatch.AUTO) else
+             f"no backend available here computes in {dtype}")
+    if not computing:
+        raise TypeError(f"dtype={dtype}: {asked}, nor does any other; use dtype=np.float64 or "
+                        f"np.float32")
+    unavailable = f" ({'; '.join(others)})" if others else ""
+    raise TypeError(f"dtype={dtype}: {asked}; only the {', '.join(computing)} backend does"
+                    f"{unavailable}. Use dtype=np.float32, or backend='cupy' on an NVIDIA GPU "
+                    f"(pip install \"fastlinear[cuda]\")")
+
+
+def _backend_dtypes(name: str) -> tuple:
+    """The dtypes backend ``name`` computes in, read from its module (importable without its
+    library)."""
+    import importlib
+
+    try:
+        return tuple(importlib.import_module(_dispatch.BACKENDS[name]).DTYPES)
+    except Exception:  # a module that cannot even be imported computes nothing here
+        return ()
+
+
+def _as_bias_parameter(value: Any, W: Any) -> Any:
+    """An assigned bias as an array: a number, a 0-d or one-element array or a list becomes an
+    ``(M,)`` array (numbers in ``W``'s floating dtype, as NumPy's weak scalars)."""
+    if value is None:
+        return None
+    M = W.shape[1] if getattr(W, "ndim", 0) == 2 else None
+    if isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+    if _arrays.is_scalar(value):
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"b must be a number (int, float), a NumPy scalar or an array, got a "
+                            f"{_arrays.type_name(value)}; pass float(b)")
+        dtype = W.dtype if getattr(W, "dtype", np.dtype(object)).kind == "f" else np.float64
+        value = np.asarray(value, dtype=dtype)
+    elif isinstance(value, np.generic):
+        value = np.asarray(value)
+    if M is None or _arrays.library(value) not in ("numpy", "cupy") or value.size != 1 \
+            or value.ndim > 1 or value.shape == (M,):
+        return value  # an (M,) array is kept as given, also with M = 1 (it may be a view)
+    if _arrays.library(value) == "numpy":  # on the device where the layer keeps W
+        return _arrays.namespace(W).full(M, value.item(), dtype=value.dtype)
+    return _arrays.namespace(value).full(M, value.reshape(()), dtype=value.dtype)
+
+
 class Linear:
     """A linear (dense) layer ``Y = act(X @ W + b)`` with the gradients of its backward pass.
 
@@ -66,6 +130,8 @@ class Linear:
         if dtype.kind != "f":
             raise TypeError(f"dtype must be a floating dtype (float32, float64), got {dtype}")
         self.backend = None if backend is None else _dispatch.normalize_name(backend)
+        if dtype not in _CPU_DTYPES:
+            _check_served(dtype, self.backend)
         self.activation = activations.check_activation(activation)
         self.casting = _arrays.check_casting(casting)
         shape = (int(in_features), int(out_features))
@@ -80,6 +146,20 @@ class Linear:
         self.db = xp.zeros_like(self.b) if bias else None
         self.X = None
         self._saved = None  # what backward needs for the activation (Y or the pre-activation)
+
+    @property
+    def b(self) -> Any:
+        """The bias, ``(M,)`` (or ``(1, M)`` as assigned), or ``None`` without a bias.
+
+        Assigning a number, a 0-d or one-element array, or a list stores an array (a number or a
+        single element broadcast to ``(M,)``), so that in-place updates such as
+        ``b -= lr * db`` reach the layer's own bias.
+        """
+        return self._b
+
+    @b.setter
+    def b(self, value: Any) -> None:
+        self._b = _as_bias_parameter(value, self.W)
 
     def _array_module(self) -> Any:
         """CuPy when this layer's backend is cupy (parameters live on the device), else NumPy."""
@@ -139,13 +219,45 @@ class Linear:
         has_bias = self.b is not None
         # linear_backward validates everything before a backend writes, so a call that raises
         # leaves the stored gradients untouched, also when accumulating into them in place.
-        dW, db = (self.dW, self.db) if accumulate else (None, None)
+        in_place = accumulate and self._accumulates_in_place(dY)
+        dW, db = (self.dW, self.db) if in_place else (None, None)
         dX, dW, db = linear_backward(dY, self.X, self.W, activation=self.activation,
                                      saved=self._saved, has_bias=has_bias, need_dX=need_dX,
-                                     backend=self.backend, accumulate=accumulate, dW=dW, db=db,
+                                     backend=self.backend, accumulate=in_place, dW=dW, db=db,
                                      casting=self.casting)
-        self.dW, self.db = dW, db
+        if accumulate and not in_place:
+            self._add_into_grads(dW, db)
+        else:
+            self.dW, self.db = dW, db
         return dX
+
+    def _accumulates_in_place(self, dY: Any) -> bool:
+        """Whether the call computes in the dtype of the held ``dW``/``db`` (the backend adds
+        into them); else ``backward`` computes fresh gradients and adds them as ``+=`` would."""
+        grads = [g for g in (self.dW, self.db if self.b is not None else None) if g is not None]
+        operands = [dY, self.X, self.W] + ([] if self._saved is None else [self._saved])
+        if not all(_arrays.library(a) in ("numpy", "cupy") for a in operands + grads):
+            return True  # dask, torch, lists: linear_backward checks (or refuses) the buffers
+        dtype = self.dW.dtype
+        return all(a.dtype == dtype for a in operands + grads)
+
+    def _add_into_grads(self, dW: Any, db: Any) -> None:
+        """``self.dW += dW``, ``self.db += db`` into the buffers the layer holds, cast as NumPy's
+        in-place addition casts (``same_kind``; ``unsafe`` for a layer with that rule); checked
+        for both before either changes."""
+        casting = "unsafe" if self.casting == "unsafe" else "same_kind"
+        pairs = [("dW", self.dW, dW)] + ([("db", self.db, db)] if self.b is not None else [])
+        for name, held, new in pairs:
+            if held is None or getattr(held, "shape", None) != new.shape:
+                raise ValueError(f"accumulate=True adds into the layer's {name}, which has shape "
+                                 f"{getattr(held, 'shape', None)} where {new.shape} was expected; "
+                                 f"call zero_grad() first")
+            if not np.can_cast(new.dtype, held.dtype, casting=casting):  # type: ignore[arg-type]
+                raise TypeError(f"accumulate=True adds {new.dtype} gradients into the layer's "
+                                f"{held.dtype} {name}, which casting={casting!r} forbids")
+        for _, held, new in pairs:
+            xp = _arrays.namespace(held)
+            xp.add(held, new, out=held, casting=casting)
 
     def zero_grad(self) -> None:
         """Reset ``dW`` and ``db`` to zeros, in place when their shapes still match."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastlinear
-from fastlinear import _dispatch, bench, demo
+from fastlinear import _cli, _dispatch, bench, demo
 from fastlinear.backends import numpy as numpy_backend
 from fastlinear.bench import report, training
 from fastlinear.bench.timing import Case, Contender
@@ -88,7 +88,7 @@ def test_bad_shapes_are_refused(text):
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(SystemExit, match="registered"):
+    with pytest.raises(_cli.UsageError, match="registered"):
         bench.main(["--backends", "nosuch", "--plot", ""])
 
 
@@ -197,7 +197,7 @@ def test_step_flops_count_every_product():
 
 @pytest.mark.parametrize("text", ["8x16", "nosuch"])
 def test_bad_cases_and_batches_are_refused(text):
-    with pytest.raises(SystemExit):
+    with pytest.raises((SystemExit, _cli.UsageError)):
         bench.main(["--cases", text, "--plot", ""])
     with pytest.raises(SystemExit):
         bench.main(["--batches", text, "--plot", ""])
@@ -246,21 +246,43 @@ def test_asv_suite_parameters_are_consistent(asv_suite):
     classes = benchmark_classes(asv_suite)
     kinds = {name.partition("_")[0] for cls in classes for name in dir(cls)
              if name.startswith(("time_", "peakmem_", "track_"))}
-    assert kinds == {"time", "peakmem", "track"}
-    assert asv_suite.TrainingStep in classes
+    assert kinds == {"time", "peakmem"}
+    assert asv_suite.TrainingStep in classes and asv_suite.SequentialStep in classes
     for cls in classes:
         assert len(cls.params) == len(cls.param_names)
         backends, sizes, dtypes = cls.params
         assert backends == list(fastlinear.BACKENDS)
-        if cls is not asv_suite.TrainingStep:
+        # figures to trust: warmed up, several samples in several processes
+        assert cls.warmup_time > 0 and cls.repeat[0] >= 5 and cls.rounds >= 2
+        assert cls.min_run_count >= cls.repeat[0] * cls.rounds
+        if not issubclass(cls, asv_suite._NetworkCase):
             assert all(len(asv_suite.parse_shape(shape)) == 3 for shape in sizes)
         assert set(dtypes) <= {"float32", "float64"}
+
+
+def test_asv_suite_uses_only_the_public_api():
+    """Old commits and refactors of internals must not break the history: the suite imports
+    fastlinear alone and uses only its public names."""
+    import ast
+
+    public = {"Linear", "linear_forward", "linear_backward", "use_backend",
+              "available_backends", "Sequential"}
+    tree = ast.parse(open(os.path.join(ROOT, "asv_benchmarks", "benchmarks.py")).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert not (node.module or "").startswith("fastlinear"), ast.unparse(node)
+        if isinstance(node, ast.Import):
+            assert all(alias.name in ("os", "numpy", "fastlinear", "cupy")
+                       for alias in node.names), ast.unparse(node)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "fastlinear":
+            assert node.attr in public, node.attr
 
 
 def test_asv_benchmarks_run_or_skip_on_the_smallest_case(asv_suite):
     smallest = min(asv_suite.SHAPES, key=lambda s: np.prod(asv_suite.parse_shape(s)))
     for cls in benchmark_classes(asv_suite):
-        shape = min(cls.params[1]) if cls is asv_suite.TrainingStep else smallest
+        shape = min(cls.params[1]) if issubclass(cls, asv_suite._NetworkCase) else smallest
         for backend, reason in fastlinear.available_backends().items():
             instance = cls()
             if reason is not None:
@@ -288,3 +310,43 @@ def test_asv_check_finds_no_problems():
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No problems found" in result.stdout
+
+
+def test_plot_draws_markers_with_iqr_whiskers_on_one_y_range(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastlinear.bench import plot as plot_module
+    from fastlinear.bench.contenders import GEMM_LABEL
+
+    def row(label, pass_name, median, q1, q3, flops=1e9):
+        return {"label": label, "pass": pass_name, "gflops": flops / median / 1e9,
+                "median_s": median, "q1_s": q1, "q3_s": q3}
+
+    cases = [Case(table="layer", name=str(shape), shape=shape, dtype=dtype, flops={},
+                  contenders=[], rows=[row("fastlinear[numpy]", "forward", 1.0, 0.8, 1.25),
+                                       row("fastlinear[numpy]", "backward", 2.0, 1.9, 2.1),
+                                       row(GEMM_LABEL, "forward", 0.9, 0.9, 0.9)])
+             for shape in ((4, 8, 8), (1, 64, 64)) for dtype in ("float32", "float64")]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    header = {"machine": "m", "versions": "v", "threads": [], "date": "today"}
+    plot_module.plot(cases, tmp_path / "bench.png", header)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    axes = figures[0].axes
+    assert len({ax.get_ylim() for ax in axes}) == 1  # one y-range
+    forward = axes[0]
+    joined = [(line.get_xdata(), line.get_linestyle()) for line in forward.get_lines()
+              if len(set(line.get_xdata())) > 1
+              and line.get_linestyle() not in ("None", "none", "")]
+    assert not joined  # no line joins two shapes
+    names = forward.get_legend_handles_labels()[1]
+    assert any("reference GEMM" in name for name in names)
+    assert not any("ceiling" in name for name in names)
+    x, median, low, high = plot_module._points(cases, "fastlinear[numpy]", "forward", "float32",
+                                               {(4, 8, 8): 0, (1, 64, 64): 1})[0]
+    assert low == pytest.approx(0.8) and median == pytest.approx(1.0) \
+        and high == pytest.approx(1.25)  # rates at the time's third and first quartiles

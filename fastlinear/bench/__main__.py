@@ -2,6 +2,7 @@
 
 import sys
 
+from fastlinear import _cli
 from fastlinear.bench import main
 
-sys.exit(main())
+sys.exit(_cli.run("python -m fastlinear.bench", main, sys.argv[1:]))

@@ -1,6 +1,5 @@
 """``python -m fastlinear bench``: options, the run from cases to table, JSON and plot."""
 
-import argparse
 import datetime
 import json
 import os
@@ -11,7 +10,7 @@ import sys
 import numpy as np
 
 import fastlinear
-from fastlinear import info
+from fastlinear import _cli, info
 from fastlinear.bench import contenders, grid, report, timing, training
 from fastlinear.bench.plot import plot
 from fastlinear.demo import LAYER_SIZES
@@ -51,9 +50,9 @@ def make_progress(total, enabled):
 
 
 def build_parser():
-    shapes = ",".join(map(grid.shape_text, grid.DEFAULT_SHAPES))
+    shapes = ", ".join(map(grid.shape_text, grid.DEFAULT_SHAPES))  # wraps between shapes
     fused = ", ".join(f"{grid.shape_text(s)} {p}" for s, p in grid.FUSED_CASES)
-    parser = argparse.ArgumentParser(
+    parser = _cli.Parser(
         prog="python -m fastlinear bench",
         description="Time every available fastlinear backend side by side with NumPy, PyTorch "
                     "(when installed) and the machine's GEMM rate: single layers, the demo's "
@@ -109,13 +108,15 @@ def resolve_options(options):
         options.case_budget = 4.0 if quick else 12.0
     options.min_repeat = min(3, options.repeat)
     if options.repeat < 1:
-        raise SystemExit("--repeat must be at least 1")
+        raise _cli.UsageError("--repeat must be at least 1")
     for dtype in options.dtypes:
         if dtype not in ("float16", "float32", "float64"):
-            raise SystemExit(f"--dtypes: expected float32, float64 (float16 on a GPU), got {dtype}")
+            raise _cli.UsageError(f"--dtypes: expected float32, float64 (float16 on a GPU), "
+                                  f"got {dtype}")
     unknown = [kind for kind in options.cases if kind not in CASE_KINDS]
     if unknown:
-        raise SystemExit(f"--cases: unknown {unknown}; expected some of {', '.join(CASE_KINDS)}")
+        raise _cli.UsageError(f"--cases: unknown {unknown}; expected some of "
+                              f"{', '.join(CASE_KINDS)}")
     return options
 
 
@@ -127,7 +128,7 @@ def choose_backends(requested):
         return [name for name, reason in status.items() if reason is None], status
     unknown = [name for name in requested if name not in status]
     if unknown:
-        raise SystemExit(f"--backends: unknown {unknown}; registered: {list(status)}")
+        raise _cli.UsageError(f"--backends: unknown {unknown}; registered: {list(status)}")
     for name in requested:
         if status[name] is not None:
             print(f"note: skipping backend {name}: {status[name]}", file=sys.stderr)
