@@ -399,13 +399,15 @@ class Sequential:
             if self._layers_changed():
                 self._sync_layers()
             split = X.shape[0] >= 2 and X.shape[0] * self._macs_per_row >= ROW_SPLIT_MIN_WORK
-            if split and _split_threads() >= 2:
+            split = split and _split_threads() >= 2
+            if split:
                 value = self._native_split_step(X, targets, labels, code, rate, keep)
             else:
                 value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
-                self._cache = ("native", X, None)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
+            # backward() after a step reuses its workspace; the split's halves leave none
+            self._cache = None if split else ("native", X, None)
             return value
         if loss_name == "softmax_cross_entropy":
             classes = self.layers[-1].out_features
@@ -459,7 +461,6 @@ class Sequential:
                   labels if loss_code else labels[:half]),
                  (X[half:], targets[half:] if loss_code else targets,
                   labels if loss_code else labels[half:])]
-        self._cache = None
         with native.blas.one_blas_thread():
             second = _split_worker(os.getpid()).submit(
                 network.half_step, *common, grads, parts[1][0], work, parts[1][1],
