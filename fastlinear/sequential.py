@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,6 +41,15 @@ _D, _M, _W_AT, _B_AT, _ACT = range(5)
 # A network at least this big (multiply-adds per batch row) lets the BLAS use its threads as the
 # numba backend's layer calls do (numba.get_num_threads()).
 _BLAS_THREADS_MIN_WORK = 1 << 23
+# A numba train_step of at least this many multiply-adds (batch rows x the network's
+# multiply-adds per row), with Numba allowed two threads or more, splits its batch rows in two:
+# each half runs forward and backward on its own thread with one BLAS thread, the halves'
+# gradients are summed (first half + second, always) and the update runs once. Handing the half
+# to the worker thread and setting the BLAS threads cost ~75 us. Measured on the loaded 2-core
+# machine (benchmarks/results/training_step_rowsplit_2026-11-29.txt), minimums of interleaved
+# rounds: 784-512-256-10 at batch 128 (68M) split ~= one call, medians 2.3x faster; at batch 16
+# (8.6M) and 64-128-64-10 at batch 128/256 (2-4M) split 1.2-1.7x slower.
+ROW_SPLIT_MIN_WORK = 1 << 25
 
 
 def _resolve(backend: str | None, library: str) -> Any:
@@ -53,16 +63,34 @@ def _resolve(backend: str | None, library: str) -> Any:
 
 class _Native(NamedTuple):
     blas: Any  # fastlinear.backends._numba_blas
+    network: Any  # fastlinear.backends._numba_network
     network_call: Any
+    threads: Any  # numba.get_num_threads
+
+
+def _split_threads() -> int:
+    """How many threads the numba backend may use (Numba's count, the backend's policy)."""
+    return int(_native_module().threads())
+
+
+@functools.cache
+def _split_worker(pid: int) -> Any:
+    """The thread that runs the second half of a row-split step (one per process: ``pid``
+    keeps a forked child from waiting on its parent's thread, which it does not have)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlinear-rows")
 
 
 @functools.cache
 def _native_module() -> _Native:
     """The numba backend's network call, imported at its first use (Numba loads then)."""
-    from fastlinear.backends import _numba_blas
-    from fastlinear.backends._numba_network import network_call
+    import numba
 
-    return _Native(_numba_blas, network_call)
+    from fastlinear.backends import _numba_blas, _numba_network
+
+    return _Native(_numba_blas, _numba_network, _numba_network.network_call,
+                   numba.get_num_threads)
 
 
 def _check_layers(layers: tuple[Any, ...]) -> tuple[np.dtype, str]:
@@ -166,6 +194,8 @@ class Sequential:
         self._activations = [layer.activation for layer in layers]
         self._set_activation_codes()
         self._work = np.empty(0, self.dtype)  # the numba step's workspace (see its module)
+        # The row split's second workspace and gradient arena (see _native_split_step).
+        self._split_arenas: tuple[Any, Any] | None = None
         self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
         self._cache: Any = None  # what backward needs from the last forward: (backend, X, state)
         self._dummies = (np.empty((0, 0), self.dtype), np.empty(0, np.int64))
@@ -367,10 +397,16 @@ class Sequential:
             labels, targets = (y, self._dummies[0]) if code == 0 else (self._dummies[1], y)
             if self._layers_changed():
                 self._sync_layers()
-            value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
+            split = X.shape[0] >= 2 and X.shape[0] * self._macs_per_row >= ROW_SPLIT_MIN_WORK
+            split = split and _split_threads() >= 2
+            if split:
+                value = self._native_split_step(X, targets, labels, code, rate, keep)
+            else:
+                value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
-            self._cache = ("native", X, None)
+            # backward() after a step reuses its workspace; the split's halves leave none
+            self._cache = None if split else ("native", X, None)
             return value
         if loss_name == "softmax_cross_entropy":
             classes = self.layers[-1].out_features
@@ -394,6 +430,47 @@ class Sequential:
         return native.network_call(mode, blas.gemm, blas.int_bits, self._layout, self._params,
                                    self._velocity, self._grads, X, self._work, outer, labels, dX,
                                    loss_code, lr, momentum)
+
+    def _native_split_step(self, X: Any, targets: Any, labels: Any, loss_code: int, lr: float,
+                           momentum: float) -> float:
+        """The numba step with the batch rows split over two threads (``ROW_SPLIT_MIN_WORK``):
+        the first half on this thread into the gradient arena, the second on the worker into
+        a second arena; then one pass adds the second to the first and updates. The result is
+        the one-thread step's up to the order of the gradient sums. Keeps no activations for
+        ``backward``."""
+        native = _native_module()
+        network = native.network
+        if loss_code == 0:
+            bad = network.first_bad_label(labels, self.layers[-1].out_features)
+            if bad >= 0:
+                return -1.0 - bad
+        rows = X.shape[0]
+        half = rows // 2
+        needed = (rows - half) * self._work_per_row
+        if self._work.shape[0] < needed:
+            self._work = np.empty(needed, self.dtype)
+        if self._split_arenas is None or self._split_arenas[0].shape[0] < needed:
+            self._split_arenas = (np.empty(needed, self.dtype),
+                                  np.empty_like(self._grads))
+        work, grads = self._split_arenas
+        blas = self._blas or native.blas.blas_routines(self.dtype)
+        self._blas = blas
+        common = (blas.gemm, blas.int_bits, self._layout, self._params)
+        parts = [(X[:half], targets[:half] if loss_code else targets,
+                  labels if loss_code else labels[:half]),
+                 (X[half:], targets[half:] if loss_code else targets,
+                  labels if loss_code else labels[half:])]
+        with native.blas.one_blas_thread():
+            second = _split_worker(os.getpid()).submit(
+                network.half_step, *common, grads, parts[1][0], work, parts[1][1],
+                parts[1][2], loss_code, rows)
+            try:
+                first = network.half_step(*common, self._grads, parts[0][0], self._work,
+                                          parts[0][1], parts[0][2], loss_code, rows)
+            finally:
+                other = second.result()  # waited for even if this thread's half failed
+        network.sum_and_sgd(self._params, self._velocity, self._grads, grads, lr, momentum)
+        return first + other
 
     # --- numpy (the reference) and cupy: layer by layer ------------------------------------------
 

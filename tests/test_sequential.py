@@ -354,3 +354,75 @@ def test_layer_by_layer_path_matches_torch(loss, monkeypatch):
     layers = make_layers((4, 6, 5, 3), ("gelu", "relu", None), np.float64, seed=16)
     net = compare_steps(layers, "numba", loss, momentum=0.9, steps=3, N=5, seed=17)
     assert net._work.size == 0, "the compiled step was not used"
+
+
+@pytest.fixture
+def row_split(monkeypatch):
+    """Force the numba step's batch-row split (two threads) at any size."""
+    from fastlinear import sequential
+
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 0)
+    monkeypatch.setattr(sequential, "_split_threads", lambda: 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("loss", losses.LOSSES)
+@pytest.mark.parametrize("N", [2, 9])
+def test_row_split_step_matches_torch(row_split, dtype, loss, N):
+    layers = make_layers((5, 7, 6, 4), ("relu", "gelu", None), dtype, seed=18)
+    net = compare_steps(layers, "numba", loss, momentum=0.9, steps=3, N=N, seed=19)
+    assert net._split_arenas is not None, "the row split was not taken"
+
+
+@pytest.mark.parametrize("loss", losses.LOSSES)
+def test_row_split_matches_one_thread_step(loss, monkeypatch):
+    """Split and unsplit steps differ only by the order of the gradient sums (float64)."""
+    from fastlinear import sequential
+
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    sizes = (6, 9, 7, 3)
+    nets = [Sequential(*make_layers(sizes, ("tanh", "relu", None), np.float64, seed=20),
+                       backend="numba") for _ in range(2)]
+    rng = np.random.default_rng(21)
+    for _ in range(3):
+        X, y = batch(rng, loss, 11, sizes, np.float64)
+        values = []
+        for net, threshold in zip(nets, (1 << 62, 0), strict=True):
+            monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", threshold)
+            monkeypatch.setattr(sequential, "_split_threads", lambda: 2)
+            values.append(net.train_step(X, y, loss=loss, lr=0.1, momentum=0.9))
+        assert values[0] == pytest.approx(values[1], rel=1e-14, abs=1e-14)
+        for one, split in zip(nets[0].layers, nets[1].layers, strict=True):
+            for name in ("W", "b", "dW", "db"):
+                np.testing.assert_allclose(getattr(split, name), getattr(one, name), rtol=0,
+                                           atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(nets[1]._velocity, nets[0]._velocity, rtol=0, atol=1e-13)
+    assert nets[0]._split_arenas is None and nets[1]._split_arenas is not None
+
+
+def test_row_split_bad_labels_change_nothing_and_blas_threads_restored(row_split):
+    from threadpoolctl import threadpool_limits
+
+    from fastlinear.backends import _numba_blas
+
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=22),
+                     backend="numba")
+    before = [a.copy() for a in (net._params, net._grads, net._velocity)]
+    with pytest.raises(ValueError, match="label 3 at row 5"):
+        net.train_step(np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 3]),
+                       loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    for old, new in zip(before, (net._params, net._grads, net._velocity), strict=True):
+        np.testing.assert_array_equal(new, old)
+    controllers = _numba_blas.blas_thread_controllers()
+    threads = [c.get_num_threads() for c in controllers]
+    net.train_step(np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2]),
+                   loss="softmax_cross_entropy", lr=0.1)
+    assert [c.get_num_threads() for c in controllers] == threads
+    with threadpool_limits(1, user_api="blas"):  # a limit the user set stays
+        net.train_step(np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2]),
+                       loss="softmax_cross_entropy", lr=0.1)
+        assert all(c.get_num_threads() == 1 for c in controllers)
+    assert [c.get_num_threads() for c in controllers] == threads

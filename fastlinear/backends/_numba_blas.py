@@ -11,6 +11,7 @@ transpose of a column-major one (``'N'`` with its row stride as leading dimensio
 operand is column-major itself (``'T'``). Only operands with no unit stride are copied.
 """
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -24,8 +25,8 @@ from numba.core import cgutils
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import get_cython_function_address, intrinsic
 
-__all__ = ["BlasRoutines", "blas_routines", "match_blas_threads", "matmul_into",
-           "row_times_matrix", "assume_contiguous", "is_contiguous"]
+__all__ = ["BlasRoutines", "blas_routines", "match_blas_threads", "one_blas_thread",
+           "matmul_into", "row_times_matrix", "assume_contiguous", "is_contiguous"]
 
 # Symbol templates of NumPy's BLAS (OpenBLAS, ILP64 in NumPy's wheels) and their int width.
 NUMPY_BLAS_SYMBOLS = (("scipy_{}_64_", 64), ("{}_64_", 64), ("{}64_", 64))
@@ -119,6 +120,24 @@ def match_blas_threads():
         if target != current:
             controller.set_num_threads(target)
             _set_here[controller.filepath] = (target, ceiling)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Run the block with the BLAS on one thread per caller, then give back the thread count it
+    had (so a limit the user set stays): for callers that run BLAS calls on threads of their own
+    at once (``Sequential``'s row split)."""
+    controllers = blas_thread_controllers()
+    before = [controller.get_num_threads() for controller in controllers]
+    for controller, threads in zip(controllers, before, strict=True):
+        if threads != 1:
+            controller.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for controller, threads in zip(controllers, before, strict=True):
+            if threads != 1:
+                controller.set_num_threads(threads)
 
 
 def _blas_codegen(kinds, dtype):

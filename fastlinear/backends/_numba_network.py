@@ -32,7 +32,8 @@ from fastlinear.backends._numba_activations import (
 )
 from fastlinear.backends._numba_blas import _gemm
 
-__all__ = ["FORWARD", "BACKWARD", "STEP", "network_call"]
+__all__ = ["FORWARD", "BACKWARD", "STEP", "network_call", "half_step", "sum_and_sgd",
+           "first_bad_label"]
 
 # What network_call does (its ``mode``).
 FORWARD, BACKWARD, STEP = 0, 1, 2
@@ -113,12 +114,13 @@ def _activation_grad_in_place(code, g, saved):
 
 
 @njit(cache=True)
-def _cross_entropy(logits, labels, dlogits):
-    """Mean softmax cross-entropy of ``logits`` (N, C) against ``labels``; its gradient
-    ``(softmax - onehot) / N`` into ``dlogits``."""
+def _cross_entropy(logits, labels, dlogits, batch_rows):
+    """Softmax cross-entropy of ``logits`` (N, C) against ``labels``, summed over these rows and
+    divided by ``batch_rows`` (the whole batch's, of which these rows may be a part); its
+    gradient ``(softmax - onehot) / batch_rows`` into ``dlogits``."""
     rows, classes = logits.shape
     real = logits.dtype.type
-    inv_rows = real(1.0 / rows)
+    inv_rows = real(1.0 / batch_rows)
     total = 0.0
     for n in range(rows):
         z, g = logits[n], dlogits[n]
@@ -135,21 +137,22 @@ def _cross_entropy(logits, labels, dlogits):
         for j in range(classes):
             g[j] *= scale
         g[labels[n]] -= inv_rows
-    return total / rows
+    return total / batch_rows
 
 
 @njit(cache=True)
-def _mse(outputs, targets, doutputs):
-    """Mean of ``(outputs - targets)**2`` over all elements; its gradient into ``doutputs``."""
+def _mse(outputs, targets, doutputs, batch_rows):
+    """Sum of ``(outputs - targets)**2`` over these rows, divided by ``batch_rows * cols`` (the
+    whole batch's element count); its gradient into ``doutputs``."""
     rows, cols = outputs.shape
-    scale = outputs.dtype.type(2.0 / (rows * cols))
+    scale = outputs.dtype.type(2.0 / (batch_rows * cols))
     total = 0.0
     for n in range(rows):
         for j in range(cols):
             diff = outputs[n, j] - targets[n, j]
             total += float(diff) * float(diff)
             doutputs[n, j] = diff * scale
-    return total / (rows * cols)
+    return total / (batch_rows * cols)
 
 
 @njit(cache=True)
@@ -168,7 +171,22 @@ def _sgd(params, velocity, grads, lr, momentum):
 
 
 @njit(cache=True)
-def _first_bad_label(labels, classes):
+def sum_and_sgd(params, velocity, grads, part, lr, momentum):
+    """``grads += part`` (the second half-batch's gradients, added in this fixed order), then
+    the SGD update of ``_sgd``, in one pass over the arenas."""
+    real = params.dtype.type
+    rate, keep = real(lr), real(momentum)
+    for k in range(params.shape[0]):
+        g = grads[k] + part[k]
+        grads[k] = g
+        if momentum != 0.0:
+            g = keep * velocity[k] + g
+            velocity[k] = g
+        params[k] -= rate * g
+
+
+@njit(cache=True)
+def first_bad_label(labels, classes):
     """Index of the first label outside ``[0, classes)``, or -1."""
     for n in range(labels.shape[0]):
         if labels[n] < 0 or labels[n] >= classes:
@@ -263,7 +281,7 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
     last = layout.shape[0] - 1
     classes = layout[last, 1]
     if mode == STEP and loss_code == CROSS_ENTROPY:
-        bad = _first_bad_label(labels, classes)
+        bad = first_bad_label(labels, classes)
         if bad >= 0:
             return -1.0 - bad
     offsets = _offsets(layout, rows)
@@ -279,9 +297,31 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
             _copy(output[n], outer[n])
         return 0.0
     if loss_code == CROSS_ENTROPY:
-        loss = _cross_entropy(output, labels, dlast)
+        loss = _cross_entropy(output, labels, dlast, rows)
     else:
-        loss = _mse(output, outer, dlast)
+        loss = _mse(output, outer, dlast, rows)
     _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX)
     _sgd(params, velocity, grads, lr, momentum)
+    return loss
+
+
+@njit(cache=True, nogil=True)
+def half_step(gemm, int_bits, layout, params, grads, X, work, targets, labels, loss_code,
+              batch_rows):
+    """Forward, loss and backward of some rows of a batch of ``batch_rows`` (a row split's
+    part): their share of the loss (summed, divided as for the whole batch) is returned and
+    their share of every ``dW``/``db`` written to ``grads``; no update. Releases the GIL, so two
+    threads run two parts at once, each with its own ``grads`` and ``work``. Labels are checked
+    by the caller (``first_bad_label``) before either part starts."""
+    rows = X.shape[0]
+    last = layout.shape[0] - 1
+    classes = layout[last, 1]
+    offsets = _offsets(layout, rows)
+    dlast = _block(work, offsets[last] + 2 * rows * classes, rows, classes)
+    output = _forward_all(gemm, int_bits, layout, params, X, work, offsets)
+    if loss_code == CROSS_ENTROPY:
+        loss = _cross_entropy(output, labels, dlast, batch_rows)
+    else:
+        loss = _mse(output, targets, dlast, batch_rows)
+    _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, X[0:0])
     return loss
