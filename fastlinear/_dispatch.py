@@ -186,10 +186,12 @@ class Registry:
         if reason is None:
             try:
                 module = self.declared(name)
+                why = module.unavailable_reason()
             except ImportError as exc:  # a backend module imports only what it can guard
                 reason = f"backend {name!r} failed to import: {exc}"
+            except Exception as exc:  # a bug there: cached, not raised each call
+                reason = f"backend {name!r} failed to load: {type(exc).__name__}: {exc}"
             else:
-                why = module.unavailable_reason()
                 if why is None:
                     self._modules[name] = module
                     return module
