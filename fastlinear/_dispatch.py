@@ -158,6 +158,9 @@ class Registry:
 
     def _after_fork_in_child(self) -> None:
         self._environment = self._load_mode = None  # the child reads its own
+        # A load lock held at fork time (by a thread the child does not have) is never released
+        # in the child: fresh locks, or its first load of that backend would hang.
+        self._locks = {}
 
     # -- loading -------------------------------------------------------------------------------
 
