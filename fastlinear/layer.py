@@ -232,6 +232,8 @@ class Linear:
     def _accumulates_in_place(self, dY: Any) -> bool:
         """Whether the call computes in the dtype of the held ``dW``/``db`` (the backend adds
         into them); else ``backward`` computes fresh gradients and adds them as ``+=`` would."""
+        if self.dW is None or (self.b is not None and self.db is None):
+            return True  # nothing to add into: linear_backward says so
         grads = [g for g in (self.dW, self.db if self.b is not None else None) if g is not None]
         operands = [dY, self.X, self.W] + ([] if self._saved is None else [self._saved])
         if not all(_arrays.library(a) in ("numpy", "cupy") for a in operands + grads):

@@ -121,6 +121,14 @@ def test_backward_accumulate_and_zero_grad(backend, rng):
     np.testing.assert_array_equal(to_numpy(layer.db), 0)
 
 
+def test_backward_accumulate_without_gradients_says_what_is_missing(rng):
+    layer = fastlinear.Linear(4, 3, backend="numpy", rng=3)
+    layer.forward(rng.standard_normal((6, 4)))
+    with pytest.raises(ValueError, match="accumulate=True adds into existing gradients"):
+        layer.backward(rng.standard_normal((6, 3)), accumulate=True)
+    assert layer.dW is None and layer.db is None  # unchanged
+
+
 def test_parameters_pairs_and_sgd_step(rng):
     layer = fastlinear.Linear(3, 2, rng=4)
     inputs = rng.standard_normal((4, 3))
