@@ -124,9 +124,11 @@ def test_backward_accumulate_and_zero_grad(backend, rng):
 def test_backward_accumulate_without_gradients_says_what_is_missing(rng):
     layer = fastlinear.Linear(4, 3, backend="numpy", rng=3)
     layer.forward(rng.standard_normal((6, 4)))
+    layer.dW = None  # the user dropped the gradients (dW and db are plain attributes)
+    held_db = layer.db
     with pytest.raises(ValueError, match="accumulate=True adds into existing gradients"):
         layer.backward(rng.standard_normal((6, 3)), accumulate=True)
-    assert layer.dW is None and layer.db is None  # unchanged
+    assert layer.dW is None and layer.db is held_db  # unchanged
 
 
 def test_parameters_pairs_and_sgd_step(rng):
