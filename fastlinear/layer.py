@@ -77,8 +77,9 @@ def _as_bias_parameter(value: Any, W: Any) -> Any:
             or value.ndim > 1 or value.shape == (M,):
         return value  # an (M,) array is kept as given, also with M = 1 (it may be a view)
     if _arrays.library(value) == "numpy":  # on the device where the layer keeps W
-        return _arrays.namespace(W).full(M, value.item(), dtype=value.dtype)
-    return _arrays.namespace(value).full(M, value.reshape(()), dtype=value.dtype)
+        with _arrays.on_device_of(W):  # CuPy allocates on the current device, maybe not W's
+            return _arrays.namespace(W).full(M, value.item(), dtype=value.dtype)
+    return _arrays.as_bias(value, M, value.dtype)  # a one-element CuPy array: on its device
 
 
 class Linear:
