@@ -229,11 +229,7 @@ class Registry:
 
     def resolve(self, backend: str | None, library: str) -> Any:
         """The backend module for a call on ``library`` arrays (``"numpy"``, ``"cupy"``)."""
-        if backend is None:
-            name = _context_backend.get() or self._chosen or self._environment \
-                or self._read_environment()
-        else:
-            name = backend if backend in self._canonical else self.normalize(backend)
+        name = self.requested(backend)
         if name != AUTO:
             return self._modules.get(name) or self.load(name)
         return self._auto.get(library) or self._choose_auto(library)

@@ -25,17 +25,18 @@ _CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _check_served(dtype: np.dtype, backend: str | None) -> None:
     """Refuse a layer ``dtype`` that no backend able to run here computes in (float16 without a
     GPU), naming those that compute it."""
-    names = [backend] if backend not in (None, _dispatch.AUTO) else list(_dispatch.BACKENDS)
+    registry = _dispatch.registry
+    names = [backend] if backend not in (None, _dispatch.AUTO) else list(registry.backends)
     serving, others = [], []
     for name in names:
-        reason = _dispatch.unavailable_reason(name)
-        if reason is None and dtype in _dispatch.load_backend(name).DTYPES:
+        reason = registry.unavailable_reason(name)
+        if reason is None and dtype in registry.load(registry.normalize(name)).DTYPES:
             serving.append(name)
         elif reason is not None:
             others.append(f"{name}: {reason}")
     if serving:
         return
-    computing = [name for name in _dispatch.BACKENDS if dtype in _backend_dtypes(name)]
+    computing = [name for name in registry.backends if dtype in _backend_dtypes(name)]
     asked = (f"the {backend!r} backend does not compute in {dtype}"
              if backend not in (None, _dispatch.AUTO) else
              f"no backend available here computes in {dtype}")

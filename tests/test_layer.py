@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import fastlinear
-from tests.helpers import to_numpy
+from fastlinear import _dispatch
+from tests.helpers import install_registry, to_numpy
 
 # The worked example of the seed notebook (shared/seed), with its printed results.
 X = np.array([[0.1, 0.2], [0.3, 0.4]])
@@ -174,3 +175,23 @@ def test_bad_constructor_arguments(args, error):
 def test_integer_dtype_is_refused():
     with pytest.raises(TypeError, match="floating dtype"):
         fastlinear.Linear(2, 3, dtype=np.int32)
+
+
+def test_the_dtype_check_asks_the_registry_in_use(monkeypatch):
+    """A registry of the numpy backend alone: no backend of it computes in float16 (the
+    module-wide table would name cupy)."""
+    install_registry(monkeypatch, backends={"numpy": _dispatch.BACKENDS["numpy"]})
+    with pytest.raises(TypeError, match="float16: no backend available here computes in "
+                                        "float16, nor does any other"):
+        fastlinear.Linear(4, 3, dtype=np.float16)
+
+
+def test_resolution_follows_argument_context_default(monkeypatch):
+    registry = install_registry(monkeypatch)
+    registry.set_default("numpy")
+    assert registry.resolve(None, "numpy").NAME == "numpy"
+    with fastlinear.use_backend("numba"):
+        assert registry.requested() == "numba"
+        assert registry.requested(" NumPy ") == "numpy"
+        assert registry.resolve(" NumPy ", "numpy").NAME == "numpy"
+    assert registry.requested() == _dispatch.registry.requested() == "numpy"
