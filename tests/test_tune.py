@@ -203,12 +203,19 @@ def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, c
     monkeypatch.setattr(grid, "DTYPES", ("float32",))
     monkeypatch.setattr(tune, "ROWS_PROBES", ((8, 16, 128),))
     monkeypatch.setattr(tune, "SKINNY_SIDES", (64, 128))
+    from fastlinear.backends import cupy_launch
+
     for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "SKINNY_MIN_WEIGHTS", "NUMPY_CLASSES",
                       "_numpy_keys"):
         monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
     path = tmp_path / "profile.json"
     table = tmp_path / "table.txt"
-    assert fastlinear.tune.main(["--quick", "--profile", str(path), "--table", str(table)]) == 0
+    cupy_before = cupy_launch.current_thresholds()  # tune puts the GPU's in force where one is
+    try:
+        assert fastlinear.tune.main(["--quick", "--profile", str(path), "--table",
+                                     str(table)]) == 0
+    finally:
+        cupy_launch.apply_thresholds(cupy_before)
     out = capsys.readouterr().out
     values = _profile.read_section("numba", nb.profile_key, nb.PROFILE_SCHEMA, path)
     assert set(values) == set(nb.PROFILE_SCHEMA)
