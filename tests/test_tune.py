@@ -205,7 +205,8 @@ def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, c
     monkeypatch.setattr(tune, "SKINNY_SIDES", (64, 128))
     from fastlinear.backends import cupy_launch
 
-    for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "SKINNY_MIN_WEIGHTS", "NUMPY_CLASSES",
+    for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "ROWS_DOT_ROWS_MIN_M", "SKINNY_MIN_WEIGHTS",
+                      "NUMPY_CLASSES",
                       "_numpy_keys"):
         monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
     path = tmp_path / "profile.json"
