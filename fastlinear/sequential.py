@@ -198,6 +198,7 @@ class Sequential:
         self._split_arenas: tuple[Any, Any] | None = None
         self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
         self._cache: Any = None  # what backward needs from the last forward: (backend, X, state)
+        self._no_cache = "backward() called before forward(): call forward(X) first"
         self._dummies = (np.empty((0, 0), self.dtype), np.empty(0, np.int64))
 
     # --- arenas and the layers' views ---------------------------------------------------------
@@ -352,7 +353,7 @@ class Sequential:
         """From ``dY`` (the gradient with respect to the last ``forward``'s output), store every
         layer's ``dW`` and ``db`` and return ``dX`` ``(N, in_features)``."""
         if self._cache is None:
-            raise RuntimeError("backward() called before forward(): call forward(X) first")
+            raise RuntimeError(self._no_cache)
         name, X, state = self._cache
         dY = self._check_rows(dY, "dY", self.layers[-1].out_features, "columns")
         if dY.shape[0] != X.shape[0]:
@@ -405,15 +406,22 @@ class Sequential:
                 value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
-            # backward() after a step reuses its workspace; the split's halves leave none
-            self._cache = None if split else ("native", X, None)
+            self._forget_forward()
             return value
         if loss_name == "softmax_cross_entropy":
             classes = self.layers[-1].out_features
             if bool(((y < 0) | (y >= classes)).any()):
                 raise self._labels_out_of_range(y)
         self._sync_layers()
-        return self._layered_step(module.NAME, X, y, loss_name, rate, keep)
+        value = self._layered_step(module.NAME, X, y, loss_name, rate, keep)
+        self._forget_forward()
+        return value
+
+    def _forget_forward(self) -> None:
+        """After a step: ``backward`` needs a fresh ``forward`` (the same rule on every backend
+        and batch size; the step's activations are gone or stale after its update)."""
+        self._cache = None
+        self._no_cache = "train_step() keeps no activations; call forward(X) before backward(dY)"
 
     # --- numba: one compiled call ---------------------------------------------------------------
 
@@ -531,7 +539,6 @@ class Sequential:
             self._params -= real(lr) * self._velocity
         else:
             self._params -= real(lr) * self._grads
-        self._cache = (backend, X, state)
         return float(value)
 
     def __repr__(self) -> str:

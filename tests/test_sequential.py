@@ -426,3 +426,36 @@ def test_row_split_bad_labels_change_nothing_and_blas_threads_restored(row_split
                        loss="softmax_cross_entropy", lr=0.1)
         assert all(c.get_num_threads() == 1 for c in controllers)
     assert [c.get_num_threads() for c in controllers] == threads
+
+
+# --- review fixes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_backward_after_a_step_needs_a_fresh_forward(backend, split, monkeypatch):
+    """One rule on every backend and path: a step keeps no activations, so ``backward`` after
+    ``train_step`` raises until the next ``forward``; a step refused for bad labels keeps the
+    forward it followed."""
+    from fastlinear import sequential
+
+    if split:
+        if backend != "numba":
+            pytest.skip("the row split is the numba step's")
+        monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 0)
+        monkeypatch.setattr(sequential, "_split_threads", lambda: 2)
+    xp = np if backend != "cupy" else __import__("cupy")
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=30,
+                                  backend=backend), backend=backend)
+    X, dY = xp.ones((6, 4)), xp.ones((6, 3))
+    with pytest.raises(RuntimeError, match=r"before forward\(\)"):
+        net.backward(dY)
+    net.forward(X)
+    with pytest.raises(ValueError, match="label 3"):
+        net.train_step(X, xp.asarray([0, 1, 2, 0, 1, 3]), loss="softmax_cross_entropy", lr=0.1)
+    assert net.backward(dY).shape == (6, 4)
+    net.train_step(X, xp.asarray([0, 1, 2, 0, 1, 2]), loss="softmax_cross_entropy", lr=0.1)
+    message = r"train_step\(\) keeps no activations; call forward\(X\) before backward\(dY\)"
+    with pytest.raises(RuntimeError, match=message):
+        net.backward(dY)
+    net.forward(X)
+    assert net.backward(dY).shape == (6, 4)
