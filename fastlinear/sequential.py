@@ -54,10 +54,13 @@ ROW_SPLIT_MIN_WORK = 1 << 25
 
 def _resolve(backend: str | None, library: str) -> Any:
     """The backend module of one network call: fastlinear's usual resolution, with ``auto``
-    counting the call as ``STEP_WEIGHT_IN_CALLS`` layer calls."""
+    counting the call as ``STEP_WEIGHT_IN_CALLS`` layer calls (only when the call resolves
+    through ``auto``: a backend named by ``backend=``, the context or the default is not
+    ``auto``'s call)."""
     registry = _dispatch.registry
     module = registry.resolve(backend, library)
-    registry.count_calls(library, STEP_WEIGHT_IN_CALLS - 1)
+    if registry.requested(backend) == _dispatch.AUTO:
+        registry.count_calls(library, STEP_WEIGHT_IN_CALLS - 1)
     return module
 
 

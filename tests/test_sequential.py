@@ -342,6 +342,21 @@ def test_auto_counts_a_step_as_many_layer_calls(monkeypatch):
     assert registry.interim_calls - before == sequential.STEP_WEIGHT_IN_CALLS
 
 
+def test_a_named_backend_does_not_count_toward_auto(monkeypatch):
+    """A network whose backend is named (``backend=``, ``use_backend``) is not ``auto``'s call:
+    its steps leave auto's count alone."""
+    registry = install_registry(monkeypatch)
+    fastlinear.linear_forward(np.ones((2, 3)), np.ones((3, 2)))  # auto serves numpy meanwhile
+    before = registry.interim_calls
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=15), backend="numpy")
+    net.train_step(np.ones((2, 3)), np.array([0, 1]), loss="softmax_cross_entropy", lr=0.1)
+    net.forward(np.ones((2, 3)))
+    other = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=15))
+    with fastlinear.use_backend("numpy"):
+        other.forward(np.ones((2, 3)))
+    assert registry.interim_calls == before
+
+
 @pytest.mark.parametrize("loss", losses.LOSSES)
 def test_layer_by_layer_path_matches_torch(loss, monkeypatch):
     """The path the cupy backend takes (layer calls through fastlinear.functional), run here
