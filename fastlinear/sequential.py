@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fastlinear import _arrays, _dispatch, activations, functional, losses
+from fastlinear import _arrays, _dispatch, _plan, activations, functional, losses
 from fastlinear.layer import Linear
 
 __all__ = ["Sequential"]
@@ -52,13 +52,15 @@ _BLAS_THREADS_MIN_WORK = 1 << 23
 ROW_SPLIT_MIN_WORK = 1 << 25
 
 
-def _resolve(backend: str | None, library: str) -> Any:
-    """The backend module of one network call: fastlinear's usual resolution, with ``auto``
-    counting the call as ``STEP_WEIGHT_IN_CALLS`` layer calls (only when the call resolves
-    through ``auto``: a backend named by ``backend=``, the context or the default is not
-    ``auto``'s call)."""
+def _resolve(backend: str | None, library: str, check: Any) -> Any:
+    """The backend module of one network call: fastlinear's usual resolution, passed to
+    ``check`` (which raises for a backend the network cannot run on), with ``auto`` counting
+    the call as ``STEP_WEIGHT_IN_CALLS`` layer calls (only when the call resolves through
+    ``auto``: a backend named by ``backend=``, the context or the default is not ``auto``'s
+    call)."""
     registry = _dispatch.registry
     module = registry.resolve(backend, library)
+    check(module)
     if registry.requested(backend) == _dispatch.AUTO:
         registry.count_calls(library, STEP_WEIGHT_IN_CALLS - 1)
     return module
@@ -202,6 +204,7 @@ class Sequential:
         self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
         self._cache: Any = None  # what backward needs from the last forward: (backend, X, state)
         self._no_cache = "backward() called before forward(): call forward(X) first"
+        self._backends_checked: set[str] = set()  # backends that take the network (_module)
         self._dummies = (np.empty((0, 0), self.dtype), np.empty(0, np.int64))
 
     # --- arenas and the layers' views ---------------------------------------------------------
@@ -335,7 +338,22 @@ class Sequential:
     # --- the public calls -----------------------------------------------------------------------
 
     def _module(self) -> Any:
-        return _resolve(self.backend, self._library)
+        return _resolve(self.backend, self._library, self._check_backend)
+
+    def _check_backend(self, module: Any) -> None:
+        """Raise unless ``module`` takes the network's array library and dtype, as a layer's
+        call checks (``_plan.check_backend``); and the network's arenas, updated in place, must
+        be in the library the backend computes on. Checked once per backend."""
+        if module.NAME in self._backends_checked:
+            return
+        what = f"the layers' parameters as {self._library} arrays"
+        _plan.check_backend(module, [(self._library, what)], self.dtype)
+        if module.ARRAY_LIBRARIES[0] != self._library:
+            raise TypeError(f"the {module.NAME!r} backend computes on "
+                            f"{module.ARRAY_LIBRARIES[0]} arrays but the network keeps its "
+                            f"parameters in {self._library} arrays: build the layers on "
+                            f"{module.ARRAY_LIBRARIES[0]} arrays or pick another backend")
+        self._backends_checked.add(module.NAME)
 
     def forward(self, X: Any) -> Any:
         """The last layer's output ``(N, out_features)`` for ``X`` ``(N, in_features)``; what

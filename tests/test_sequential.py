@@ -474,3 +474,41 @@ def test_backward_after_a_step_needs_a_fresh_forward(backend, split, monkeypatch
         net.backward(dY)
     net.forward(X)
     assert net.backward(dY).shape == (6, 4)
+
+
+@pytest.mark.parametrize("libraries, dtypes, message", [
+    (("cupy", "numpy"), (np.dtype(np.float64),), "computes on cupy arrays"),
+    (("cupy",), (np.dtype(np.float64),), "takes cupy arrays, got the layers' parameters"),
+    (("numpy",), (np.dtype(np.float32),), "computes in float32"),
+])
+def test_a_backend_that_cannot_take_the_network_fails_before_anything_changes(
+        libraries, dtypes, message, monkeypatch):
+    """The backend's array libraries and dtypes are checked as a layer's call checks them,
+    before an assigned ``W`` is copied into the arena or any step runs."""
+    from types import SimpleNamespace
+
+    from fastlinear import _dispatch
+
+    fake = SimpleNamespace(NAME="fake", ARRAY_LIBRARIES=libraries, DTYPES=dtypes)
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=31))
+    params = net._params.copy()
+    net.layers[0].W = np.zeros((3, 2))
+    monkeypatch.setattr(_dispatch.registry, "resolve", lambda backend, library: fake)
+    for call in (lambda: net.forward(np.ones((2, 3))),
+                 lambda: net.train_step(np.ones((2, 3)), np.array([0, 1]),
+                                        loss="softmax_cross_entropy", lr=0.1)):
+        with pytest.raises(TypeError, match=message):
+            call()
+        np.testing.assert_array_equal(net._params, params)
+        assert net.layers[0].W is not net._views[0][0]
+
+
+def test_an_unavailable_backend_fails_before_anything_changes():
+    if fastlinear.available_backends()["cupy"] is None:
+        pytest.skip("cupy is available here")
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=32), backend="cupy")
+    params = net._params.copy()
+    net.layers[0].W = np.zeros((3, 2))
+    with pytest.raises(fastlinear.BackendUnavailableError):
+        net.forward(np.ones((2, 3)))
+    np.testing.assert_array_equal(net._params, params)
