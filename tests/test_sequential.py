@@ -512,3 +512,24 @@ def test_an_unavailable_backend_fails_before_anything_changes():
     with pytest.raises(fastlinear.BackendUnavailableError):
         net.forward(np.ones((2, 3)))
     np.testing.assert_array_equal(net._params, params)
+
+
+def test_overlapping_one_blas_thread_blocks_restore_the_counts_on_the_last_exit():
+    """Two threads' blocks overlapping (A enters, B enters, A leaves, B leaves): the counts stay
+    one until B leaves, then are the ones found before A entered."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from threadpoolctl import threadpool_limits
+
+    from fastlinear.backends import _numba_blas
+
+    controllers = _numba_blas.blas_thread_controllers()
+    with threadpool_limits(2, user_api="blas"):
+        threads = [c.get_num_threads() for c in controllers]
+        first, second = _numba_blas.one_blas_thread(), _numba_blas.one_blas_thread()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert all(c.get_num_threads() == 1 for c in controllers)
+        second.__exit__(None, None, None)
+        assert [c.get_num_threads() for c in controllers] == threads
