@@ -216,8 +216,15 @@ class Sequential:
 
     def _point_layer(self, index: int) -> None:
         layer = self.layers[index]
-        layer.W, layer.b = self._views[index]
-        layer.dW, layer.db = self._grad_views[index]
+        (W, b), (dW, db) = self._views[index], self._grad_views[index]
+        if layer.W is not W:
+            layer.W = W
+        if layer.b is not b:
+            layer.b = b
+        if layer.dW is not dW:
+            layer.dW = dW
+        if layer.db is not db:
+            layer.db = db
 
     def _set_activation_codes(self) -> None:
         for index, name in enumerate(self._activations):
@@ -360,7 +367,8 @@ class Sequential:
         ``backward`` needs is kept until the next call."""
         X = self._check_rows(X, "X", self.layers[0].in_features, "features")
         module = self._module()
-        self._sync_layers()
+        if self._layers_changed():
+            self._sync_layers()
         if module.NAME in NATIVE_STEP_BACKENDS:
             out = np.empty((X.shape[0], self.layers[-1].out_features), self.dtype)
             self._native(0, X, out, self._dummies[1], self._dummies[0], 0, 0.0, 0.0)
@@ -379,7 +387,8 @@ class Sequential:
         dY = self._check_rows(dY, "dY", self.layers[-1].out_features, "columns")
         if dY.shape[0] != X.shape[0]:
             raise ValueError(f"dY has {dY.shape[0]} rows but the last forward had {X.shape[0]}")
-        self._sync_layers()
+        if self._layers_changed():
+            self._sync_layers()
         if name == "native":
             dX = np.empty(X.shape, self.dtype)
             self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0)
@@ -433,7 +442,8 @@ class Sequential:
             classes = self.layers[-1].out_features
             if bool(((y < 0) | (y >= classes)).any()):
                 raise self._labels_out_of_range(y)
-        self._sync_layers()
+        if self._layers_changed():
+            self._sync_layers()
         value = self._layered_step(module.NAME, X, y, loss_name, rate, keep)
         self._forget_forward()
         return value

@@ -533,3 +533,27 @@ def test_overlapping_one_blas_thread_blocks_restore_the_counts_on_the_last_exit(
         assert all(c.get_num_threads() == 1 for c in controllers)
         second.__exit__(None, None, None)
         assert [c.get_num_threads() for c in controllers] == threads
+
+
+def test_calls_take_in_assignments_only_when_a_layer_changed(backend, monkeypatch):
+    """``forward``, ``backward`` and ``train_step`` sync the layers only after an assignment;
+    the assignment is then used, and the layer points at the arena's view again."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    net = Sequential(*make_layers((3, 4, 2), ("relu", None), np.float64, seed=33,
+                                  backend=backend), backend=backend)
+    syncs = []
+    original = net._sync_layers
+    monkeypatch.setattr(net, "_sync_layers", lambda: (syncs.append(1), original())[1])
+    X, dY, y = xp.ones((2, 3)), xp.ones((2, 2)), xp.asarray([0, 1])
+    net.forward(X)
+    net.backward(dY)
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
+    assert syncs == []
+    net.layers[1].W = xp.zeros((4, 2))
+    net.layers[1].b = xp.full(2, 3.0)
+    np.testing.assert_array_equal(to_numpy(net.forward(X)), np.full((2, 2), 3.0))
+    assert syncs == [1]
+    assert net.layers[1].W is net._views[1][0] and net.layers[1].b is net._views[1][1]
+    net.layers[0].activation = None
+    net.backward(dY)
+    assert syncs == [1, 1]
