@@ -38,9 +38,6 @@ NATIVE_STEP_BACKENDS = frozenset({"numba"})
 # Columns of the layout table the compiled step walks: in/out features, offsets of W and b in
 # the arenas (-1: no bias), activation code.
 _D, _M, _W_AT, _B_AT, _ACT = range(5)
-# A network at least this big (multiply-adds per batch row) lets the BLAS use its threads as the
-# numba backend's layer calls do (numba.get_num_threads()).
-_BLAS_THREADS_MIN_WORK = 1 << 23
 # A numba train_step of at least this many multiply-adds (batch rows x the network's
 # multiply-adds per row), with Numba allowed two threads or more, splits its batch rows in two:
 # each half runs forward and backward on its own thread with one BLAS thread, the halves'
@@ -462,7 +459,7 @@ class Sequential:
         rows = X.shape[0]
         if self._work.shape[0] < rows * self._work_per_row:
             self._work = np.empty(rows * self._work_per_row, self.dtype)
-        if rows * self._macs_per_row >= _BLAS_THREADS_MIN_WORK:
+        if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:
             native.blas.match_blas_threads()
         blas = self._blas or native.blas.blas_routines(self.dtype)
         self._blas = blas

@@ -557,3 +557,20 @@ def test_calls_take_in_assignments_only_when_a_layer_changed(backend, monkeypatc
     net.layers[0].activation = None
     net.backward(dY)
     assert syncs == [1, 1]
+
+
+@pytest.mark.parametrize("threshold, calls", [(0, 1), (1 << 62, 0)])
+def test_the_blas_threads_threshold_is_the_numba_blas_one(threshold, calls, monkeypatch):
+    """The network call follows the one threshold defined in ``_numba_blas``."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear import sequential
+    from fastlinear.backends import _numba_blas
+
+    assert not hasattr(sequential, "_BLAS_THREADS_MIN_WORK")
+    matched = []
+    monkeypatch.setattr(_numba_blas, "BLAS_THREADS_MIN_WORK", threshold)
+    monkeypatch.setattr(_numba_blas, "match_blas_threads", lambda: matched.append(1))
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=34), backend="numba")
+    net.forward(np.ones((2, 3)))
+    assert len(matched) == calls

@@ -26,7 +26,8 @@ from numba.core import cgutils
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import get_cython_function_address, intrinsic
 
-__all__ = ["BlasRoutines", "blas_routines", "match_blas_threads", "one_blas_thread",
+__all__ = ["BLAS_THREADS_MIN_WORK", "BlasRoutines", "blas_routines", "match_blas_threads",
+           "one_blas_thread",
            "matmul_into", "row_times_matrix", "assume_contiguous", "is_contiguous"]
 
 # Symbol templates of NumPy's BLAS (OpenBLAS, ILP64 in NumPy's wheels) and their int width.
@@ -100,6 +101,11 @@ def blas_thread_controllers():
             in ThreadpoolController().select(user_api="blas").lib_controllers
             if os.path.abspath(controller.filepath).startswith((owner + os.sep, owner + ".libs"))]
 
+
+# From this many multiply-adds on (a layer call's N * D * M, a network call's batch rows times
+# its multiply-adds per row), a numba call first lets the BLAS use as many threads as Numba may
+# (match_blas_threads). The setting persists, so smaller calls follow it once one large call ran.
+BLAS_THREADS_MIN_WORK = 1 << 23
 
 # BLAS library path -> (the thread count this module set, the count it found before): a count
 # that still reads as set here may be changed again; any other count is someone else's.
