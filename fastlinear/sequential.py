@@ -75,13 +75,27 @@ def _split_threads() -> int:
     return int(_native_module().threads())
 
 
-@functools.cache
-def _split_worker(pid: int) -> Any:
-    """The thread that runs the second half of a row-split step (one per process: ``pid``
-    keeps a forked child from waiting on its parent's thread, which it does not have)."""
-    from concurrent.futures import ThreadPoolExecutor
+# The thread that runs the second half of a row-split step, started at the first split step.
+# A forked child starts without it (the parent's thread is not in the child): the fork hook
+# forgets it there, so the child starts its own.
+_split_pool: list[Any] = []
 
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlinear-rows")
+
+def _forget_split_worker() -> None:
+    _split_pool.clear()
+
+
+os.register_at_fork(after_in_child=_forget_split_worker)
+
+
+def _split_worker() -> Any:
+    """The one-thread pool of the row split (see ``_split_pool``)."""
+    if not _split_pool:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _split_pool.append(ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix="fastlinear-rows"))
+    return _split_pool[0]
 
 
 @functools.cache
@@ -427,9 +441,9 @@ class Sequential:
                 self._sync_layers()
             split = X.shape[0] >= 2 and X.shape[0] * self._macs_per_row >= ROW_SPLIT_MIN_WORK
             split = split and _split_threads() >= 2
-            if split:
-                value = self._native_split_step(X, targets, labels, code, rate, keep)
-            else:
+            value = (self._native_split_step(X, targets, labels, code, rate, keep) if split
+                     else None)
+            if value is None:  # not split, or the split's worker could take no work
                 value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
@@ -468,12 +482,13 @@ class Sequential:
                                    loss_code, lr, momentum)
 
     def _native_split_step(self, X: Any, targets: Any, labels: Any, loss_code: int, lr: float,
-                           momentum: float) -> float:
+                           momentum: float) -> float | None:
         """The numba step with the batch rows split over two threads (``ROW_SPLIT_MIN_WORK``):
         the first half on this thread into the gradient arena, the second on the worker into
         a second arena; then one pass adds the second to the first and updates. The result is
         the one-thread step's up to the order of the gradient sums. Keeps no activations for
-        ``backward``."""
+        ``backward``. ``None`` (nothing changed) where the worker thread takes no work (at
+        interpreter shutdown): the caller runs the one-thread step then."""
         native = _native_module()
         network = native.network
         if loss_code == 0:
@@ -497,9 +512,12 @@ class Sequential:
                  (X[half:], targets[half:] if loss_code else targets,
                   labels if loss_code else labels[half:])]
         with native.blas.one_blas_thread():
-            second = _split_worker(os.getpid()).submit(
-                network.half_step, *common, grads, parts[1][0], work, parts[1][1],
-                parts[1][2], loss_code, rows)
+            try:
+                second = _split_worker().submit(
+                    network.half_step, *common, grads, parts[1][0], work, parts[1][1],
+                    parts[1][2], loss_code, rows)
+            except RuntimeError:  # the pool takes no work (interpreter shutdown)
+                return None
             try:
                 first = network.half_step(*common, self._grads, parts[0][0], self._work,
                                           parts[0][1], parts[0][2], loss_code, rows)

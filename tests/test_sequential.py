@@ -574,3 +574,48 @@ def test_the_blas_threads_threshold_is_the_numba_blas_one(threshold, calls, monk
     net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=34), backend="numba")
     net.forward(np.ones((2, 3)))
     assert len(matched) == calls
+
+
+def test_a_split_step_falls_back_to_one_thread_when_the_worker_takes_no_work(row_split,
+                                                                            monkeypatch):
+    """At interpreter shutdown the worker pool refuses work: the step runs on one thread."""
+    from fastlinear import sequential
+
+    class Refusing:
+        def submit(self, *args, **kwargs):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    sizes = (4, 5, 3)
+    X, y = np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2])
+    refused = Sequential(*make_layers(sizes, ("relu", None), np.float64, seed=35),
+                         backend="numba")
+    one = Sequential(*make_layers(sizes, ("relu", None), np.float64, seed=35), backend="numba")
+    monkeypatch.setattr(sequential, "_split_worker", lambda: Refusing())
+    value = refused.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 1 << 62)
+    assert value == one.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    np.testing.assert_array_equal(refused._params, one._params)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_its_own_split_worker(row_split):
+    """The worker thread is one per process: a forked child forgets its parent's (which it
+    does not have) and its split steps run on a thread of its own."""
+    from fastlinear import sequential
+
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=36),
+                     backend="numba")
+    X, y = np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2])
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
+    parent = sequential._split_worker()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only, whatever happens
+        ok = False
+        try:
+            ok = not sequential._split_pool and sequential._split_worker() is not parent
+            net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sequential._split_worker() is parent
