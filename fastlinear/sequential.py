@@ -164,6 +164,15 @@ class Sequential:
         ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"auto"``; when ``None`` the ``use_backend``
         context, then ``FASTLINEAR_BACKEND``, then ``auto`` decide at each call, as for layers.
 
+    Notes
+    -----
+    One dtype per network: ``X`` is converted to the network's dtype (and so are ``dY`` and
+    ``mse`` targets), unlike ``Linear``, which computes in NumPy's result dtype of its
+    operands. float64 ``X`` given to a float32 network is rounded to float32 and the output is
+    float32; any dtype that casts to the network's under ``same_kind`` is accepted, others
+    (complex) raise ``TypeError``. A step keeps no activations: after ``train_step``,
+    ``backward`` needs a fresh ``forward``.
+
     Attributes
     ----------
     layers : tuple of Linear

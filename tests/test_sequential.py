@@ -619,3 +619,21 @@ def test_a_forked_child_starts_its_own_split_worker(row_split):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert sequential._split_worker() is parent
+
+
+def test_x_is_converted_to_the_networks_dtype(backend):
+    """As documented: float64 X into a float32 network computes in float32 (the result is the
+    float32 X's); integer X is accepted; complex X is refused."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    net = Sequential(*make_layers((3, 4, 2), ("relu", None), np.float32, seed=37,
+                                  backend=backend), backend=backend)
+    X = np.random.default_rng(38).standard_normal((5, 3))
+    out = net.forward(xp.asarray(X))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(to_numpy(out),
+                                  to_numpy(net.forward(xp.asarray(X.astype(np.float32)))))
+    assert net.backward(xp.ones((5, 2))).dtype == np.float32
+    assert net.forward(xp.ones((5, 3), dtype=np.int64)).dtype == np.float32
+    with pytest.raises(TypeError, match="complex128; expected float32"):
+        net.forward(xp.ones((5, 3), dtype=np.complex128))
+    assert "converted to the network's dtype" in Sequential.__doc__
