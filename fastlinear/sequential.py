@@ -85,7 +85,8 @@ def _forget_split_worker() -> None:
     _split_pool.clear()
 
 
-os.register_at_fork(after_in_child=_forget_split_worker)
+if hasattr(os, "register_at_fork"):  # POSIX only; elsewhere no process is forked
+    os.register_at_fork(after_in_child=_forget_split_worker)
 
 
 def _split_worker() -> Any:
