@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fastlinear import _arrays, _dispatch, activations, functional, losses
+from fastlinear import _arrays, _dispatch, _plan, activations, functional, losses
 from fastlinear.layer import Linear
 
 __all__ = ["Sequential"]
@@ -38,9 +38,6 @@ NATIVE_STEP_BACKENDS = frozenset({"numba"})
 # Columns of the layout table the compiled step walks: in/out features, offsets of W and b in
 # the arenas (-1: no bias), activation code.
 _D, _M, _W_AT, _B_AT, _ACT = range(5)
-# A network at least this big (multiply-adds per batch row) lets the BLAS use its threads as the
-# numba backend's layer calls do (numba.get_num_threads()).
-_BLAS_THREADS_MIN_WORK = 1 << 23
 # A numba train_step of at least this many multiply-adds (batch rows x the network's
 # multiply-adds per row), with Numba allowed two threads or more, splits its batch rows in two:
 # each half runs forward and backward on its own thread with one BLAS thread, the halves'
@@ -52,12 +49,17 @@ _BLAS_THREADS_MIN_WORK = 1 << 23
 ROW_SPLIT_MIN_WORK = 1 << 25
 
 
-def _resolve(backend: str | None, library: str) -> Any:
-    """The backend module of one network call: fastlinear's usual resolution, with ``auto``
-    counting the call as ``STEP_WEIGHT_IN_CALLS`` layer calls."""
+def _resolve(backend: str | None, library: str, check: Any) -> Any:
+    """The backend module of one network call: fastlinear's usual resolution, passed to
+    ``check`` (which raises for a backend the network cannot run on), with ``auto`` counting
+    the call as ``STEP_WEIGHT_IN_CALLS`` layer calls (only when the call resolves through
+    ``auto``: a backend named by ``backend=``, the context or the default is not ``auto``'s
+    call)."""
     registry = _dispatch.registry
     module = registry.resolve(backend, library)
-    registry.count_calls(library, STEP_WEIGHT_IN_CALLS - 1)
+    check(module)
+    if registry.requested(backend) == _dispatch.AUTO:
+        registry.count_calls(library, STEP_WEIGHT_IN_CALLS - 1)
     return module
 
 
@@ -73,13 +75,28 @@ def _split_threads() -> int:
     return int(_native_module().threads())
 
 
-@functools.cache
-def _split_worker(pid: int) -> Any:
-    """The thread that runs the second half of a row-split step (one per process: ``pid``
-    keeps a forked child from waiting on its parent's thread, which it does not have)."""
-    from concurrent.futures import ThreadPoolExecutor
+# The thread that runs the second half of a row-split step, started at the first split step.
+# A forked child starts without it (the parent's thread is not in the child): the fork hook
+# forgets it there, so the child starts its own.
+_split_pool: list[Any] = []
 
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlinear-rows")
+
+def _forget_split_worker() -> None:
+    _split_pool.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; elsewhere no process is forked
+    os.register_at_fork(after_in_child=_forget_split_worker)
+
+
+def _split_worker() -> Any:
+    """The one-thread pool of the row split (see ``_split_pool``)."""
+    if not _split_pool:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _split_pool.append(ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix="fastlinear-rows"))
+    return _split_pool[0]
 
 
 @functools.cache
@@ -148,6 +165,15 @@ class Sequential:
         ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"auto"``; when ``None`` the ``use_backend``
         context, then ``FASTLINEAR_BACKEND``, then ``auto`` decide at each call, as for layers.
 
+    Notes
+    -----
+    One dtype per network: ``X`` is converted to the network's dtype (and so are ``dY`` and
+    ``mse`` targets), unlike ``Linear``, which computes in NumPy's result dtype of its
+    operands. float64 ``X`` given to a float32 network is rounded to float32 and the output is
+    float32; any dtype that casts to the network's under ``same_kind`` is accepted, others
+    (complex) raise ``TypeError``. A step keeps no activations: after ``train_step``,
+    ``backward`` needs a fresh ``forward``.
+
     Attributes
     ----------
     layers : tuple of Linear
@@ -198,6 +224,8 @@ class Sequential:
         self._split_arenas: tuple[Any, Any] | None = None
         self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
         self._cache: Any = None  # what backward needs from the last forward: (backend, X, state)
+        self._no_cache = "backward() called before forward(): call forward(X) first"
+        self._backends_checked: set[str] = set()  # backends that take the network (_module)
         self._dummies = (np.empty((0, 0), self.dtype), np.empty(0, np.int64))
 
     # --- arenas and the layers' views ---------------------------------------------------------
@@ -209,8 +237,15 @@ class Sequential:
 
     def _point_layer(self, index: int) -> None:
         layer = self.layers[index]
-        layer.W, layer.b = self._views[index]
-        layer.dW, layer.db = self._grad_views[index]
+        (W, b), (dW, db) = self._views[index], self._grad_views[index]
+        if layer.W is not W:
+            layer.W = W
+        if layer.b is not b:
+            layer.b = b
+        if layer.dW is not dW:
+            layer.dW = dW
+        if layer.db is not db:
+            layer.db = db
 
     def _set_activation_codes(self) -> None:
         for index, name in enumerate(self._activations):
@@ -331,14 +366,30 @@ class Sequential:
     # --- the public calls -----------------------------------------------------------------------
 
     def _module(self) -> Any:
-        return _resolve(self.backend, self._library)
+        return _resolve(self.backend, self._library, self._check_backend)
+
+    def _check_backend(self, module: Any) -> None:
+        """Raise unless ``module`` takes the network's array library and dtype, as a layer's
+        call checks (``_plan.check_backend``); and the network's arenas, updated in place, must
+        be in the library the backend computes on. Checked once per backend."""
+        if module.NAME in self._backends_checked:
+            return
+        what = f"the layers' parameters as {self._library} arrays"
+        _plan.check_backend(module, [(self._library, what)], self.dtype)
+        if module.ARRAY_LIBRARIES[0] != self._library:
+            raise TypeError(f"the {module.NAME!r} backend computes on "
+                            f"{module.ARRAY_LIBRARIES[0]} arrays but the network keeps its "
+                            f"parameters in {self._library} arrays: build the layers on "
+                            f"{module.ARRAY_LIBRARIES[0]} arrays or pick another backend")
+        self._backends_checked.add(module.NAME)
 
     def forward(self, X: Any) -> Any:
         """The last layer's output ``(N, out_features)`` for ``X`` ``(N, in_features)``; what
         ``backward`` needs is kept until the next call."""
         X = self._check_rows(X, "X", self.layers[0].in_features, "features")
         module = self._module()
-        self._sync_layers()
+        if self._layers_changed():
+            self._sync_layers()
         if module.NAME in NATIVE_STEP_BACKENDS:
             out = np.empty((X.shape[0], self.layers[-1].out_features), self.dtype)
             self._native(0, X, out, self._dummies[1], self._dummies[0], 0, 0.0, 0.0)
@@ -352,12 +403,13 @@ class Sequential:
         """From ``dY`` (the gradient with respect to the last ``forward``'s output), store every
         layer's ``dW`` and ``db`` and return ``dX`` ``(N, in_features)``."""
         if self._cache is None:
-            raise RuntimeError("backward() called before forward(): call forward(X) first")
+            raise RuntimeError(self._no_cache)
         name, X, state = self._cache
         dY = self._check_rows(dY, "dY", self.layers[-1].out_features, "columns")
         if dY.shape[0] != X.shape[0]:
             raise ValueError(f"dY has {dY.shape[0]} rows but the last forward had {X.shape[0]}")
-        self._sync_layers()
+        if self._layers_changed():
+            self._sync_layers()
         if name == "native":
             dX = np.empty(X.shape, self.dtype)
             self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0)
@@ -399,21 +451,29 @@ class Sequential:
                 self._sync_layers()
             split = X.shape[0] >= 2 and X.shape[0] * self._macs_per_row >= ROW_SPLIT_MIN_WORK
             split = split and _split_threads() >= 2
-            if split:
-                value = self._native_split_step(X, targets, labels, code, rate, keep)
-            else:
+            value = (self._native_split_step(X, targets, labels, code, rate, keep) if split
+                     else None)
+            if value is None:  # not split, or the split's worker could take no work
                 value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
-            # backward() after a step reuses its workspace; the split's halves leave none
-            self._cache = None if split else ("native", X, None)
+            self._forget_forward()
             return value
         if loss_name == "softmax_cross_entropy":
             classes = self.layers[-1].out_features
             if bool(((y < 0) | (y >= classes)).any()):
                 raise self._labels_out_of_range(y)
-        self._sync_layers()
-        return self._layered_step(module.NAME, X, y, loss_name, rate, keep)
+        if self._layers_changed():
+            self._sync_layers()
+        value = self._layered_step(module.NAME, X, y, loss_name, rate, keep)
+        self._forget_forward()
+        return value
+
+    def _forget_forward(self) -> None:
+        """After a step: ``backward`` needs a fresh ``forward`` (the same rule on every backend
+        and batch size; the step's activations are gone or stale after its update)."""
+        self._cache = None
+        self._no_cache = "train_step() keeps no activations; call forward(X) before backward(dY)"
 
     # --- numba: one compiled call ---------------------------------------------------------------
 
@@ -423,7 +483,7 @@ class Sequential:
         rows = X.shape[0]
         if self._work.shape[0] < rows * self._work_per_row:
             self._work = np.empty(rows * self._work_per_row, self.dtype)
-        if rows * self._macs_per_row >= _BLAS_THREADS_MIN_WORK:
+        if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:
             native.blas.match_blas_threads()
         blas = self._blas or native.blas.blas_routines(self.dtype)
         self._blas = blas
@@ -432,12 +492,13 @@ class Sequential:
                                    loss_code, lr, momentum)
 
     def _native_split_step(self, X: Any, targets: Any, labels: Any, loss_code: int, lr: float,
-                           momentum: float) -> float:
+                           momentum: float) -> float | None:
         """The numba step with the batch rows split over two threads (``ROW_SPLIT_MIN_WORK``):
         the first half on this thread into the gradient arena, the second on the worker into
         a second arena; then one pass adds the second to the first and updates. The result is
         the one-thread step's up to the order of the gradient sums. Keeps no activations for
-        ``backward``."""
+        ``backward``. ``None`` (nothing changed) where the worker thread takes no work (at
+        interpreter shutdown): the caller runs the one-thread step then."""
         native = _native_module()
         network = native.network
         if loss_code == 0:
@@ -461,9 +522,12 @@ class Sequential:
                  (X[half:], targets[half:] if loss_code else targets,
                   labels if loss_code else labels[half:])]
         with native.blas.one_blas_thread():
-            second = _split_worker(os.getpid()).submit(
-                network.half_step, *common, grads, parts[1][0], work, parts[1][1],
-                parts[1][2], loss_code, rows)
+            try:
+                second = _split_worker().submit(
+                    network.half_step, *common, grads, parts[1][0], work, parts[1][1],
+                    parts[1][2], loss_code, rows)
+            except RuntimeError:  # the pool takes no work (interpreter shutdown)
+                return None
             try:
                 first = network.half_step(*common, self._grads, parts[0][0], self._work,
                                           parts[0][1], parts[0][2], loss_code, rows)
@@ -531,7 +595,6 @@ class Sequential:
             self._params -= real(lr) * self._velocity
         else:
             self._params -= real(lr) * self._grads
-        self._cache = (backend, X, state)
         return float(value)
 
     def __repr__(self) -> str:

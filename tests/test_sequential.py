@@ -342,6 +342,21 @@ def test_auto_counts_a_step_as_many_layer_calls(monkeypatch):
     assert registry.interim_calls - before == sequential.STEP_WEIGHT_IN_CALLS
 
 
+def test_a_named_backend_does_not_count_toward_auto(monkeypatch):
+    """A network whose backend is named (``backend=``, ``use_backend``) is not ``auto``'s call:
+    its steps leave auto's count alone."""
+    registry = install_registry(monkeypatch)
+    fastlinear.linear_forward(np.ones((2, 3)), np.ones((3, 2)))  # auto serves numpy meanwhile
+    before = registry.interim_calls
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=15), backend="numpy")
+    net.train_step(np.ones((2, 3)), np.array([0, 1]), loss="softmax_cross_entropy", lr=0.1)
+    net.forward(np.ones((2, 3)))
+    other = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=15))
+    with fastlinear.use_backend("numpy"):
+        other.forward(np.ones((2, 3)))
+    assert registry.interim_calls == before
+
+
 @pytest.mark.parametrize("loss", losses.LOSSES)
 def test_layer_by_layer_path_matches_torch(loss, monkeypatch):
     """The path the cupy backend takes (layer calls through fastlinear.functional), run here
@@ -426,3 +441,199 @@ def test_row_split_bad_labels_change_nothing_and_blas_threads_restored(row_split
                        loss="softmax_cross_entropy", lr=0.1)
         assert all(c.get_num_threads() == 1 for c in controllers)
     assert [c.get_num_threads() for c in controllers] == threads
+
+
+# --- review fixes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_backward_after_a_step_needs_a_fresh_forward(backend, split, monkeypatch):
+    """One rule on every backend and path: a step keeps no activations, so ``backward`` after
+    ``train_step`` raises until the next ``forward``; a step refused for bad labels keeps the
+    forward it followed."""
+    from fastlinear import sequential
+
+    if split:
+        if backend != "numba":
+            pytest.skip("the row split is the numba step's")
+        monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 0)
+        monkeypatch.setattr(sequential, "_split_threads", lambda: 2)
+    xp = np if backend != "cupy" else __import__("cupy")
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=30,
+                                  backend=backend), backend=backend)
+    X, dY = xp.ones((6, 4)), xp.ones((6, 3))
+    with pytest.raises(RuntimeError, match=r"before forward\(\)"):
+        net.backward(dY)
+    net.forward(X)
+    with pytest.raises(ValueError, match="label 3"):
+        net.train_step(X, xp.asarray([0, 1, 2, 0, 1, 3]), loss="softmax_cross_entropy", lr=0.1)
+    assert net.backward(dY).shape == (6, 4)
+    net.train_step(X, xp.asarray([0, 1, 2, 0, 1, 2]), loss="softmax_cross_entropy", lr=0.1)
+    message = r"train_step\(\) keeps no activations; call forward\(X\) before backward\(dY\)"
+    with pytest.raises(RuntimeError, match=message):
+        net.backward(dY)
+    net.forward(X)
+    assert net.backward(dY).shape == (6, 4)
+
+
+@pytest.mark.parametrize("libraries, dtypes, message", [
+    (("cupy", "numpy"), (np.dtype(np.float64),), "computes on cupy arrays"),
+    (("cupy",), (np.dtype(np.float64),), "takes cupy arrays, got the layers' parameters"),
+    (("numpy",), (np.dtype(np.float32),), "computes in float32"),
+])
+def test_a_backend_that_cannot_take_the_network_fails_before_anything_changes(
+        libraries, dtypes, message, monkeypatch):
+    """The backend's array libraries and dtypes are checked as a layer's call checks them,
+    before an assigned ``W`` is copied into the arena or any step runs."""
+    from types import SimpleNamespace
+
+    from fastlinear import _dispatch
+
+    fake = SimpleNamespace(NAME="fake", ARRAY_LIBRARIES=libraries, DTYPES=dtypes)
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=31))
+    params = net._params.copy()
+    net.layers[0].W = np.zeros((3, 2))
+    monkeypatch.setattr(_dispatch.registry, "resolve", lambda backend, library: fake)
+    for call in (lambda: net.forward(np.ones((2, 3))),
+                 lambda: net.train_step(np.ones((2, 3)), np.array([0, 1]),
+                                        loss="softmax_cross_entropy", lr=0.1)):
+        with pytest.raises(TypeError, match=message):
+            call()
+        np.testing.assert_array_equal(net._params, params)
+        assert net.layers[0].W is not net._views[0][0]
+
+
+def test_an_unavailable_backend_fails_before_anything_changes():
+    if fastlinear.available_backends()["cupy"] is None:
+        pytest.skip("cupy is available here")
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=32), backend="cupy")
+    params = net._params.copy()
+    net.layers[0].W = np.zeros((3, 2))
+    with pytest.raises(fastlinear.BackendUnavailableError):
+        net.forward(np.ones((2, 3)))
+    np.testing.assert_array_equal(net._params, params)
+
+
+def test_overlapping_one_blas_thread_blocks_restore_the_counts_on_the_last_exit():
+    """Two threads' blocks overlapping (A enters, B enters, A leaves, B leaves): the counts stay
+    one until B leaves, then are the ones found before A entered."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from threadpoolctl import threadpool_limits
+
+    from fastlinear.backends import _numba_blas
+
+    controllers = _numba_blas.blas_thread_controllers()
+    with threadpool_limits(2, user_api="blas"):
+        threads = [c.get_num_threads() for c in controllers]
+        first, second = _numba_blas.one_blas_thread(), _numba_blas.one_blas_thread()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert all(c.get_num_threads() == 1 for c in controllers)
+        second.__exit__(None, None, None)
+        assert [c.get_num_threads() for c in controllers] == threads
+
+
+def test_calls_take_in_assignments_only_when_a_layer_changed(backend, monkeypatch):
+    """``forward``, ``backward`` and ``train_step`` sync the layers only after an assignment;
+    the assignment is then used, and the layer points at the arena's view again."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    net = Sequential(*make_layers((3, 4, 2), ("relu", None), np.float64, seed=33,
+                                  backend=backend), backend=backend)
+    syncs = []
+    original = net._sync_layers
+    monkeypatch.setattr(net, "_sync_layers", lambda: (syncs.append(1), original())[1])
+    X, dY, y = xp.ones((2, 3)), xp.ones((2, 2)), xp.asarray([0, 1])
+    net.forward(X)
+    net.backward(dY)
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
+    assert syncs == []
+    net.layers[1].W = xp.zeros((4, 2))
+    net.layers[1].b = xp.full(2, 3.0)
+    np.testing.assert_array_equal(to_numpy(net.forward(X)), np.full((2, 2), 3.0))
+    assert syncs == [1]
+    assert net.layers[1].W is net._views[1][0] and net.layers[1].b is net._views[1][1]
+    net.layers[0].activation = None
+    net.backward(dY)
+    assert syncs == [1, 1]
+
+
+@pytest.mark.parametrize("threshold, calls", [(0, 1), (1 << 62, 0)])
+def test_the_blas_threads_threshold_is_the_numba_blas_one(threshold, calls, monkeypatch):
+    """The network call follows the one threshold defined in ``_numba_blas``."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear import sequential
+    from fastlinear.backends import _numba_blas
+
+    assert not hasattr(sequential, "_BLAS_THREADS_MIN_WORK")
+    matched = []
+    monkeypatch.setattr(_numba_blas, "BLAS_THREADS_MIN_WORK", threshold)
+    monkeypatch.setattr(_numba_blas, "match_blas_threads", lambda: matched.append(1))
+    net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=34), backend="numba")
+    net.forward(np.ones((2, 3)))
+    assert len(matched) == calls
+
+
+def test_a_split_step_falls_back_to_one_thread_when_the_worker_takes_no_work(row_split,
+                                                                            monkeypatch):
+    """At interpreter shutdown the worker pool refuses work: the step runs on one thread."""
+    from fastlinear import sequential
+
+    class Refusing:
+        def submit(self, *args, **kwargs):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    sizes = (4, 5, 3)
+    X, y = np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2])
+    refused = Sequential(*make_layers(sizes, ("relu", None), np.float64, seed=35),
+                         backend="numba")
+    one = Sequential(*make_layers(sizes, ("relu", None), np.float64, seed=35), backend="numba")
+    monkeypatch.setattr(sequential, "_split_worker", lambda: Refusing())
+    value = refused.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 1 << 62)
+    assert value == one.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    np.testing.assert_array_equal(refused._params, one._params)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_its_own_split_worker(row_split):
+    """The worker thread is one per process: a forked child forgets its parent's (which it
+    does not have) and its split steps run on a thread of its own."""
+    from fastlinear import sequential
+
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=36),
+                     backend="numba")
+    X, y = np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2])
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
+    parent = sequential._split_worker()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only, whatever happens
+        ok = False
+        try:
+            ok = not sequential._split_pool and sequential._split_worker() is not parent
+            net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sequential._split_worker() is parent
+
+
+def test_x_is_converted_to_the_networks_dtype(backend):
+    """As documented: float64 X into a float32 network computes in float32 (the result is the
+    float32 X's); integer X is accepted; complex X is refused."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    net = Sequential(*make_layers((3, 4, 2), ("relu", None), np.float32, seed=37,
+                                  backend=backend), backend=backend)
+    X = np.random.default_rng(38).standard_normal((5, 3))
+    out = net.forward(xp.asarray(X))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(to_numpy(out),
+                                  to_numpy(net.forward(xp.asarray(X.astype(np.float32)))))
+    assert net.backward(xp.ones((5, 2))).dtype == np.float32
+    assert net.forward(xp.ones((5, 3), dtype=np.int64)).dtype == np.float32
+    with pytest.raises(TypeError, match="complex128; expected float32"):
+        net.forward(xp.ones((5, 3), dtype=np.complex128))
+    assert "converted to the network's dtype" in Sequential.__doc__

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import threading
 from typing import NamedTuple
 
 import numba
@@ -25,7 +26,8 @@ from numba.core import cgutils
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import get_cython_function_address, intrinsic
 
-__all__ = ["BlasRoutines", "blas_routines", "match_blas_threads", "one_blas_thread",
+__all__ = ["BLAS_THREADS_MIN_WORK", "BlasRoutines", "blas_routines", "match_blas_threads",
+           "one_blas_thread",
            "matmul_into", "row_times_matrix", "assume_contiguous", "is_contiguous"]
 
 # Symbol templates of NumPy's BLAS (OpenBLAS, ILP64 in NumPy's wheels) and their int width.
@@ -100,6 +102,11 @@ def blas_thread_controllers():
             if os.path.abspath(controller.filepath).startswith((owner + os.sep, owner + ".libs"))]
 
 
+# From this many multiply-adds on (a layer call's N * D * M, a network call's batch rows times
+# its multiply-adds per row), a numba call first lets the BLAS use as many threads as Numba may
+# (match_blas_threads). The setting persists, so smaller calls follow it once one large call ran.
+BLAS_THREADS_MIN_WORK = 1 << 23
+
 # BLAS library path -> (the thread count this module set, the count it found before): a count
 # that still reads as set here may be changed again; any other count is someone else's.
 _set_here: dict[str, tuple[int, int]] = {}
@@ -122,22 +129,43 @@ def match_blas_threads():
             _set_here[controller.filepath] = (target, ceiling)
 
 
+# one_blas_thread's state: the BLAS thread count is process-wide, so overlapping blocks (two
+# threads each running a row-split step) share one setting: the first to enter sets one thread
+# and remembers the counts, the last to leave gives them back.
+_one_thread_lock = threading.Lock()
+_one_thread_users = 0
+_one_thread_before: list[int] = []
+
+
 @contextlib.contextmanager
 def one_blas_thread():
     """Run the block with the BLAS on one thread per caller, then give back the thread count it
     had (so a limit the user set stays): for callers that run BLAS calls on threads of their own
-    at once (``Sequential``'s row split)."""
+    at once (``Sequential``'s row split).
+
+    The setting is process-wide (the BLAS has one thread pool): while any thread is inside
+    such a block every BLAS call in the process runs on one thread. Blocks may overlap across
+    threads: the first entry sets one thread, the last exit restores the counts found by the
+    first.
+    """
+    global _one_thread_users, _one_thread_before
     controllers = blas_thread_controllers()
-    before = [controller.get_num_threads() for controller in controllers]
-    for controller, threads in zip(controllers, before, strict=True):
-        if threads != 1:
-            controller.set_num_threads(1)
+    with _one_thread_lock:
+        if _one_thread_users == 0:
+            _one_thread_before = [controller.get_num_threads() for controller in controllers]
+            for controller, threads in zip(controllers, _one_thread_before, strict=True):
+                if threads != 1:
+                    controller.set_num_threads(1)
+        _one_thread_users += 1
     try:
         yield
     finally:
-        for controller, threads in zip(controllers, before, strict=True):
-            if threads != 1:
-                controller.set_num_threads(threads)
+        with _one_thread_lock:
+            _one_thread_users -= 1
+            if _one_thread_users == 0:
+                for controller, threads in zip(controllers, _one_thread_before, strict=True):
+                    if threads != 1:
+                        controller.set_num_threads(threads)
 
 
 def _blas_codegen(kinds, dtype):
