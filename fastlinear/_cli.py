@@ -50,21 +50,23 @@ def backend_name(text: str) -> str:
         ) from None
 
 
-# FASTLINEAR_AUTO_LOAD's values (fastlinear._warmup reads it at each call).
-AUTO_LOAD_VAR, AUTO_LOAD_MODES = "FASTLINEAR_AUTO_LOAD", ("background", "sync")
-
-
 def check_environment() -> None:
     """Raise UsageError when ``FASTLINEAR_BACKEND`` names no backend or ``FASTLINEAR_AUTO_LOAD``
-    no mode (calls would fail)."""
+    no mode (calls would fail), checked by the same code that reads them for the calls."""
+    from fastlinear import _warmup
+
     raw = os.environ.get(_dispatch.ENV_VAR, "")
-    if raw.strip() and raw.strip().lower() not in _dispatch.VALID_NAMES:
-        raise UsageError(f"{_dispatch.ENV_VAR}={raw!r} is not a backend: set it to one of "
-                         f"{', '.join(_dispatch.VALID_NAMES)}, or unset it")
-    raw = os.environ.get(AUTO_LOAD_VAR, "")
-    if raw.strip() and raw.strip().lower() not in AUTO_LOAD_MODES:
-        raise UsageError(f"{AUTO_LOAD_VAR}={raw!r} is not a mode: set it to "
-                         f"{' or '.join(AUTO_LOAD_MODES)}, or unset it")
+    if raw.strip():
+        try:
+            _dispatch.registry.normalize(raw, f"{_dispatch.ENV_VAR} value")
+        except ValueError:
+            raise UsageError(f"{_dispatch.ENV_VAR}={raw!r} is not a backend: set it to one of "
+                             f"{', '.join(_dispatch.registry.valid_names)}, or unset it") from None
+    try:
+        _warmup.mode()
+    except ValueError:
+        raise UsageError(f"{_warmup.ENV_VAR}={os.environ.get(_warmup.ENV_VAR)!r} is not a mode: "
+                         f"set it to {' or '.join(_warmup.MODES)}, or unset it") from None
 
 
 def run(prog: str, command: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:

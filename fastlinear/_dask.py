@@ -107,7 +107,9 @@ def _in_dtype(arrays, dtype, casting):
 def _concrete_backend(backend, chunk_library, dtype):
     """The backend name every task gets: argument > context > default > auto, as here.
 
-    ``auto`` picks what it would pick in this process for ``chunk_library``; if nothing can run
+    ``auto`` picks what the next call in this process would use for ``chunk_library``, asked
+    without counting a call (``Registry.current``: building a graph does not advance ``auto``'s
+    interim calls or start a load); if nothing can run
     here for it (CuPy chunks on a client without a GPU), the first choice of ``auto``, which the
     workers may have. Array library and dtype are checked against the backend's declarations,
     which need no import of its optional library.
@@ -116,7 +118,7 @@ def _concrete_backend(backend, chunk_library, dtype):
     name = registry.requested(backend)
     if name == _dispatch.AUTO:
         try:
-            name = registry.resolve(name, chunk_library).NAME
+            name = registry.current(chunk_library)
         except _dispatch.BackendUnavailableError:
             name = registry.auto_order.get(chunk_library, ("numpy",))[0]
     module = registry.declared(name)

@@ -158,6 +158,9 @@ class Registry:
 
     def _after_fork_in_child(self) -> None:
         self._environment = self._load_mode = None  # the child reads its own
+        # A load lock held at fork time (by a thread the child does not have) is never released
+        # in the child: fresh locks, or its first load of that backend would hang.
+        self._locks = {}
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -186,10 +189,12 @@ class Registry:
         if reason is None:
             try:
                 module = self.declared(name)
+                why = module.unavailable_reason()
             except ImportError as exc:  # a backend module imports only what it can guard
                 reason = f"backend {name!r} failed to import: {exc}"
+            except Exception as exc:  # a bug there: cached, not raised each call
+                reason = f"backend {name!r} failed to load: {type(exc).__name__}: {exc}"
             else:
-                why = module.unavailable_reason()
                 if why is None:
                     self._modules[name] = module
                     return module
@@ -224,11 +229,7 @@ class Registry:
 
     def resolve(self, backend: str | None, library: str) -> Any:
         """The backend module for a call on ``library`` arrays (``"numpy"``, ``"cupy"``)."""
-        if backend is None:
-            name = _context_backend.get() or self._chosen or self._environment \
-                or self._read_environment()
-        else:
-            name = backend if backend in self._canonical else self.normalize(backend)
+        name = self.requested(backend)
         if name != AUTO:
             return self._modules.get(name) or self.load(name)
         return self._auto.get(library) or self._choose_auto(library)

@@ -25,7 +25,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_VAR", "FORMAT", "profile_path", "cpu_key", "read_section", "write_section"]
+__all__ = ["ENV_VAR", "FORMAT", "profile_path", "cpu_key", "read_section", "apply_section",
+           "write_section", "int_at_least", "list_of"]
 
 ENV_VAR = "FASTLINEAR_TUNE"
 FORMAT = 1
@@ -115,26 +116,47 @@ def _read_file(path: Path) -> dict[str, Any] | None:
     return data["sections"]
 
 
-def _valid_values(values: object, schema: Mapping[str, type]) -> bool:
-    """Every value names a known threshold and has its type (bool is no int here)."""
+# A schema maps each threshold's name to its type, or to a check (a predicate on the value).
+Schema = Mapping[str, "type | Callable[[Any], bool]"]
+
+
+def int_at_least(low: int) -> Callable[[Any], bool]:
+    """A schema check: an int (not a bool) of at least ``low``."""
+    return lambda value: (isinstance(value, int) and not isinstance(value, bool)
+                          and value >= low)
+
+
+def list_of(item: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A schema check: a list whose every item passes ``item``."""
+    return lambda value: isinstance(value, list) and all(item(entry) for entry in value)
+
+
+def _valid_values(values: object, schema: Schema) -> bool:
+    """Every value names a known threshold and has its type (bool is no int here) or passes
+    its check."""
     if not isinstance(values, dict):
         return False
     for name, value in values.items():
         expected = schema.get(name)
-        if expected is None or isinstance(value, bool) is not (expected is bool) \
-                or not isinstance(value, expected):
+        if expected is None:
+            return False
+        if isinstance(expected, type):
+            if isinstance(value, bool) is not (expected is bool) \
+                    or not isinstance(value, expected):
+                return False
+        elif not expected(value):
             return False
     return True
 
 
-def read_section(name: str, key: Callable[[], Mapping[str, Any]], schema: Mapping[str, type],
+def read_section(name: str, key: Callable[[], Mapping[str, Any]], schema: Schema,
                  path: Path | None = None) -> dict[str, Any]:
     """The values of section ``name`` measured under ``key()`` (asked only when a section is
     there), or ``{}``.
 
     ``{}`` without a word when there is no profile, it is turned off, or the section was
     measured under another key; ``{}`` with one warning when the file is corrupt or the values
-    do not fit ``schema`` (name -> type).
+    do not fit ``schema`` (name -> type or check).
     """
     if disabled():
         return {}
@@ -151,6 +173,21 @@ def read_section(name: str, key: Callable[[], Mapping[str, Any]], schema: Mappin
     if section.get("key") != json.loads(json.dumps(dict(key()))):  # as stored: lists
         return {}  # measured elsewhere, or under other versions
     return dict(section["values"])
+
+
+def apply_section(name: str, key: Callable[[], Mapping[str, Any]], schema: Schema,
+                  apply: Callable[[dict[str, Any]], object], path: Path | None = None) -> None:
+    """Read section ``name`` and put it in force with ``apply``; a profile never breaks its
+    backend: if reading or applying raises, one warning names the file and says the section is
+    ignored, and ``apply({})`` keeps the defaults."""
+    try:
+        path = profile_path() if path is None else path
+        apply(read_section(name, key, schema, path))
+    except Exception as exc:  # a bad profile must not make a backend fail
+        why = f"{type(exc).__name__}: {exc}"
+        _warn_once(path or Path(FILE_NAME), f"its {name!r} section cannot be applied ({why}), "
+                                            f"so it is ignored and the defaults are used")
+        apply({})
 
 
 def write_section(name: str, key: Mapping[str, Any], values: Mapping[str, Any],

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import fastlinear
-from fastlinear import _cli, _dispatch
+from fastlinear import _cli, _dispatch, _warmup
 
 # Libraries whose versions decide the figures (the BLAS comes with NumPy and SciPy); the
 # benchmark adds torch, which ``info`` leaves alone because importing it takes seconds.
@@ -169,7 +169,7 @@ def backend_choice(status):
             continue
         best, fallback = order[0], order[-1]
         after = _dispatch.AUTO_LOAD_AFTER_CALLS
-        sync = os.environ.get(_AUTO_LOAD_VAR, "").strip().lower() == "sync"
+        sync = _warmup.mode() == _warmup.SYNC
         if best == fallback or sync or after <= 0:
             why = f" ({_AUTO_LOAD_VAR}=sync)" if sync and best != fallback else ""
             lines.append(f"auto, {library} arrays: {best} from the first call{why}")
@@ -181,7 +181,7 @@ def backend_choice(status):
     return lines
 
 
-_AUTO_LOAD_VAR = _cli.AUTO_LOAD_VAR
+_AUTO_LOAD_VAR = _warmup.ENV_VAR
 
 
 def main(argv=None):

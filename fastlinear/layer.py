@@ -25,17 +25,18 @@ _CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _check_served(dtype: np.dtype, backend: str | None) -> None:
     """Refuse a layer ``dtype`` that no backend able to run here computes in (float16 without a
     GPU), naming those that compute it."""
-    names = [backend] if backend not in (None, _dispatch.AUTO) else list(_dispatch.BACKENDS)
+    registry = _dispatch.registry
+    names = [backend] if backend not in (None, _dispatch.AUTO) else list(registry.backends)
     serving, others = [], []
     for name in names:
-        reason = _dispatch.unavailable_reason(name)
-        if reason is None and dtype in _dispatch.load_backend(name).DTYPES:
+        reason = registry.unavailable_reason(name)
+        if reason is None and dtype in registry.load(registry.normalize(name)).DTYPES:
             serving.append(name)
         elif reason is not None:
             others.append(f"{name}: {reason}")
     if serving:
         return
-    computing = [name for name in _dispatch.BACKENDS if dtype in _backend_dtypes(name)]
+    computing = [name for name in registry.backends if dtype in _backend_dtypes(name)]
     asked = (f"the {backend!r} backend does not compute in {dtype}"
              if backend not in (None, _dispatch.AUTO) else
              f"no backend available here computes in {dtype}")
@@ -77,8 +78,9 @@ def _as_bias_parameter(value: Any, W: Any) -> Any:
             or value.ndim > 1 or value.shape == (M,):
         return value  # an (M,) array is kept as given, also with M = 1 (it may be a view)
     if _arrays.library(value) == "numpy":  # on the device where the layer keeps W
-        return _arrays.namespace(W).full(M, value.item(), dtype=value.dtype)
-    return _arrays.namespace(value).full(M, value.reshape(()), dtype=value.dtype)
+        with _arrays.on_device_of(W):  # CuPy allocates on the current device, maybe not W's
+            return _arrays.namespace(W).full(M, value.item(), dtype=value.dtype)
+    return _arrays.as_bias(value, M, value.dtype)  # a one-element CuPy array: on its device
 
 
 class Linear:
@@ -232,6 +234,8 @@ class Linear:
     def _accumulates_in_place(self, dY: Any) -> bool:
         """Whether the call computes in the dtype of the held ``dW``/``db`` (the backend adds
         into them); else ``backward`` computes fresh gradients and adds them as ``+=`` would."""
+        if self.dW is None or (self.b is not None and self.db is None):
+            return True  # nothing to add into: linear_backward says so
         grads = [g for g in (self.dW, self.db if self.b is not None else None) if g is not None]
         operands = [dY, self.X, self.W] + ([] if self._saved is None else [self._saved])
         if not all(_arrays.library(a) in ("numpy", "cupy") for a in operands + grads):

@@ -105,6 +105,19 @@ def test_bogus_auto_load_mode_is_one_line_and_exit_2(monkeypatch, capsys):
     assert "FASTLINEAR_AUTO_LOAD='later' is not a mode" in _one_line(capsys.readouterr().err)
 
 
+def test_environment_check_accepts_what_the_calls_accept(monkeypatch):
+    """The check asks the registry and _warmup themselves, so it cannot drift from them."""
+    from fastlinear import _cli, _warmup
+
+    monkeypatch.setenv("FASTLINEAR_BACKEND", " NumPy ")
+    monkeypatch.setenv("FASTLINEAR_AUTO_LOAD", " SYNC ")
+    _cli.check_environment()  # no UsageError
+    assert _warmup.mode() == "sync"
+    monkeypatch.setattr(_warmup, "MODES", ("background",))
+    with pytest.raises(_cli.UsageError, match="FASTLINEAR_AUTO_LOAD=' SYNC ' is not a mode"):
+        _cli.check_environment()
+
+
 def test_unknown_backend_option_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["demo", "--backend", "nosuch"])

@@ -23,6 +23,7 @@ from tests.helpers import (
     CPU_DTYPES,
     assert_matches_reference,
     backend_param,
+    install_registry,
     make_inputs,
     reference64,
 )
@@ -246,6 +247,14 @@ def test_auto_is_resolved_in_the_client():
     assert _dask._concrete_backend("NumPy ", "numpy", np.dtype(np.float32)) == "numpy"
     # CuPy chunks: cupy whether or not this client can run it (the workers may)
     assert _dask._concrete_backend("auto", "cupy", np.dtype(np.float16)) == "cupy"
+
+
+def test_resolving_auto_for_a_graph_counts_no_call(monkeypatch):
+    registry = install_registry(monkeypatch)
+    for _ in range(registry.load_after_calls + 2):
+        name = _dask._concrete_backend(None, "numpy", np.dtype(np.float64))
+    assert registry.interim_calls == 0  # no call made: auto's interim phase is where it was
+    assert name == registry.current("numpy")
 
 
 class DeviceWeights:

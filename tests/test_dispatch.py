@@ -123,6 +123,41 @@ def test_forked_child_reads_the_variable_again(fakes, monkeypatch):
     assert fastlinear.current_backend() == "numpy"  # the parent keeps its own
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_child_does_not_wait_for_a_load_lock_held_at_fork(monkeypatch):
+    registry = install_registry(monkeypatch, backends={**_dispatch.BACKENDS,
+                                                       "missing": "fastlinear_no_such_module"})
+    lock = registry._lock_for("missing")
+    read, write = os.pipe()
+    with lock:  # as a background load in another thread would hold it
+        pid = os.fork()
+        if pid == 0:  # the child: that thread is gone, the lock would never be released
+            signal.alarm(30)  # a hung child dies instead of hanging the test
+            reason = registry.unavailable_reason("missing") or ""
+            os.write(write, b"answered" if "missing" in reason else b"wrong")
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == "answered"
+
+
+def test_a_backend_whose_load_raises_is_cached_as_unavailable(monkeypatch):
+    class Broken:
+        calls = 0
+
+        def unavailable_reason(self):
+            Broken.calls += 1
+            raise ValueError("not enough values to unpack")
+
+    broken = Broken()
+    registry = install_registry(monkeypatch, import_module=lambda path: broken)
+    for _ in range(2):
+        with pytest.raises(fastlinear.BackendUnavailableError, match="ValueError: not enough"):
+            registry.load("numba")
+    assert Broken.calls == 1
+
+
 @pytest.mark.parametrize("raw", [" NumPy ", "NUMPY", "numpy\n"])
 def test_names_ignore_case_and_surrounding_space(fakes, monkeypatch, raw):
     set_backend_variable(monkeypatch, raw)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import fastlinear
-from tests.helpers import to_numpy
+from fastlinear import _dispatch
+from tests.helpers import install_registry, to_numpy
 
 # The worked example of the seed notebook (shared/seed), with its printed results.
 X = np.array([[0.1, 0.2], [0.3, 0.4]])
@@ -121,6 +122,16 @@ def test_backward_accumulate_and_zero_grad(backend, rng):
     np.testing.assert_array_equal(to_numpy(layer.db), 0)
 
 
+def test_backward_accumulate_without_gradients_says_what_is_missing(rng):
+    layer = fastlinear.Linear(4, 3, backend="numpy", rng=3)
+    layer.forward(rng.standard_normal((6, 4)))
+    layer.dW = None  # the user dropped the gradients (dW and db are plain attributes)
+    held_db = layer.db
+    with pytest.raises(ValueError, match="accumulate=True adds into existing gradients"):
+        layer.backward(rng.standard_normal((6, 3)), accumulate=True)
+    assert layer.dW is None and layer.db is held_db  # unchanged
+
+
 def test_parameters_pairs_and_sgd_step(rng):
     layer = fastlinear.Linear(3, 2, rng=4)
     inputs = rng.standard_normal((4, 3))
@@ -164,3 +175,23 @@ def test_bad_constructor_arguments(args, error):
 def test_integer_dtype_is_refused():
     with pytest.raises(TypeError, match="floating dtype"):
         fastlinear.Linear(2, 3, dtype=np.int32)
+
+
+def test_the_dtype_check_asks_the_registry_in_use(monkeypatch):
+    """A registry of the numpy backend alone: no backend of it computes in float16 (the
+    module-wide table would name cupy)."""
+    install_registry(monkeypatch, backends={"numpy": _dispatch.BACKENDS["numpy"]})
+    with pytest.raises(TypeError, match="float16: no backend available here computes in "
+                                        "float16, nor does any other"):
+        fastlinear.Linear(4, 3, dtype=np.float16)
+
+
+def test_resolution_follows_argument_context_default(monkeypatch):
+    registry = install_registry(monkeypatch)
+    registry.set_default("numpy")
+    assert registry.resolve(None, "numpy").NAME == "numpy"
+    with fastlinear.use_backend("numba"):
+        assert registry.requested() == "numba"
+        assert registry.requested(" NumPy ") == "numpy"
+        assert registry.resolve(" NumPy ", "numpy").NAME == "numpy"
+    assert registry.requested() == _dispatch.registry.requested() == "numpy"

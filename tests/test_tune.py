@@ -203,12 +203,20 @@ def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, c
     monkeypatch.setattr(grid, "DTYPES", ("float32",))
     monkeypatch.setattr(tune, "ROWS_PROBES", ((8, 16, 128),))
     monkeypatch.setattr(tune, "SKINNY_SIDES", (64, 128))
-    for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "SKINNY_MIN_WEIGHTS", "NUMPY_CLASSES",
+    from fastlinear.backends import cupy_launch
+
+    for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "ROWS_DOT_ROWS_MIN_M", "SKINNY_MIN_WEIGHTS",
+                      "NUMPY_CLASSES",
                       "_numpy_keys"):
         monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
     path = tmp_path / "profile.json"
     table = tmp_path / "table.txt"
-    assert fastlinear.tune.main(["--quick", "--profile", str(path), "--table", str(table)]) == 0
+    cupy_before = cupy_launch.current_thresholds()  # tune puts the GPU's in force where one is
+    try:
+        assert fastlinear.tune.main(["--quick", "--profile", str(path), "--table",
+                                     str(table)]) == 0
+    finally:
+        cupy_launch.apply_thresholds(cupy_before)
     out = capsys.readouterr().out
     values = _profile.read_section("numba", nb.profile_key, nb.PROFILE_SCHEMA, path)
     assert set(values) == set(nb.PROFILE_SCHEMA)
@@ -242,3 +250,98 @@ def test_cupy_puts_its_section_in_force_when_it_loads(tmp_path, monkeypatch):
     finally:
         cupy_launch.apply_thresholds(None)
         cupy_backend.unavailable_reason.cache_clear()
+
+
+def test_the_schema_checks_items_and_ranges():
+    from fastlinear.backends import cupy as cupy_backend
+    from fastlinear.backends import numba as nb
+
+    good = nb.shape_class("forward", 6, 5, 4, np.float32)
+    assert _profile._valid_values({"numpy_classes": [good]}, nb.PROFILE_SCHEMA)
+    for bad in ({"numpy_classes": ["bogus"]}, {"numpy_classes": ["forward:gemm:nodtype:3"]},
+                {"numpy_classes": [7]}, {"rows_dot_rows_max_work": -1},
+                {"rows_dot_rows_min_m": 0}, {"skinny_min_weights": True}):
+        assert not _profile._valid_values(bad, nb.PROFILE_SCHEMA), bad
+    assert not _profile._valid_values({"tiled_max_work": 0}, cupy_backend.PROFILE_SCHEMA)
+
+
+def test_a_section_that_fails_to_apply_is_ignored_with_one_warning(tmp_path):
+    path = tmp_path / "profile.json"
+    _profile.write_section("numba", key(), {"limit": 7}, path)
+    applied = []
+
+    def apply(values):
+        applied.append(values)
+        if values:
+            raise ValueError("not enough values to unpack")
+
+    with pytest.warns(UserWarning, match=r"profile\.json.*'numba'.*ignored"):
+        _profile.apply_section("numba", key, SCHEMA, apply, path)
+    assert applied == [{"limit": 7}, {}]  # then the defaults
+
+
+def test_a_bad_numba_section_leaves_the_backend_usable(tmp_path):
+    """A section with a valid key and checksum but a class name that does not parse: the
+    import warns, names the file and runs on its defaults; ``info`` does not crash."""
+    from fastlinear.backends import numba as nb
+
+    cache = tmp_path / "cache"
+    path = cache / "fastlinear" / _profile.FILE_NAME
+    _profile.write_section("numba", nb.profile_key(), {"numpy_classes": ["bogus"]}, path)
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": ROOT}
+    env.pop(_profile.ENV_VAR, None)
+    code = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            from fastlinear.backends import numba as nb
+        assert nb.NUMPY_CLASSES == frozenset(), nb.NUMPY_CLASSES
+        messages = [str(w.message) for w in caught]
+        assert any({str(path)!r} in m and "ignor" in m for m in messages), messages
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = subprocess.run([sys.executable, "-m", "fastlinear", "info"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert "Traceback" not in info.stderr
+
+
+def test_a_cupy_threshold_below_one_is_ignored_and_the_backend_stays_available(tmp_path,
+                                                                              monkeypatch):
+    from fastlinear.backends import cupy as cupy_backend
+    from fastlinear.backends import cupy_launch
+
+    path = tmp_path / "profile.json"
+    gpu = {"gpu": "test GPU"}
+    _profile.write_section("cupy", gpu, {"tiled_max_work": 0}, path)
+    monkeypatch.setattr(_profile, "profile_path", lambda: path)
+    monkeypatch.setattr(cupy_backend, "_probe", lambda: None)
+    monkeypatch.setattr(cupy_backend, "profile_key", lambda: gpu)
+    cupy_backend.unavailable_reason.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="profile.json"):
+            assert cupy_backend.unavailable_reason() is None
+        assert cupy_launch.current_thresholds() == dataclasses.asdict(
+            cupy_launch.DEFAULT_THRESHOLDS)
+        # a section the schema passes but apply refuses: still available, defaults
+        monkeypatch.setattr(cupy_launch, "apply_thresholds", _refuse_then_default(cupy_launch))
+        _profile.write_section("cupy", gpu, {"tiled_max_work": 5}, path)
+        _profile._warned.discard(str(path))
+        cupy_backend.unavailable_reason.cache_clear()
+        with pytest.warns(UserWarning, match="ignored"):
+            assert cupy_backend.unavailable_reason() is None
+    finally:
+        cupy_launch.apply_thresholds(None)
+        cupy_backend.unavailable_reason.cache_clear()
+
+
+def _refuse_then_default(cupy_launch):
+    original = cupy_launch.apply_thresholds
+
+    def apply(values=None):
+        if values:
+            raise ValueError("refused")
+        return original(values)
+    return apply

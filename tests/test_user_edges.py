@@ -72,6 +72,26 @@ def test_scalar_bias_is_stored_as_an_array_and_trains(value, dtype):
     np.testing.assert_allclose(layer.b, float(np.asarray(value).ravel()[0]) - 0.1 * N)
 
 
+def test_a_broadcast_bias_is_made_on_the_device_of_W(monkeypatch):
+    """CuPy's ``full`` lands on the current device: the layer makes a scalar bias inside
+    ``on_device_of(W)`` (recorded here, as there is no second GPU to see it on)."""
+    import contextlib
+
+    from fastlinear import _arrays
+
+    layer = fastlinear.Linear(D, M, dtype=np.float32, rng=0)
+    seen = []
+
+    def on_device_of(x):
+        seen.append(x)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_arrays, "on_device_of", on_device_of)
+    layer.b = 0.5
+    assert seen and seen[0] is layer.W
+    np.testing.assert_array_equal(layer.b, np.full(M, 0.5, np.float32))
+
+
 @pytest.mark.parametrize("out_features", [M, 1])
 def test_assigned_bias_arrays_are_kept_as_given(out_features):
     layer = fastlinear.Linear(D, out_features, rng=0)

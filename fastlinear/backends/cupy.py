@@ -38,6 +38,7 @@ import sys
 
 import numpy as np
 
+from fastlinear import _profile
 from fastlinear.backends import cupy_launch
 from fastlinear.backends.cupy_launch import (
     ACCUMULATOR_DTYPES,
@@ -103,21 +104,17 @@ def unavailable_reason():
     thresholds ``python -m fastlinear tune`` measured on this GPU) is put in force."""
     reason = _probe()
     if reason is None:
-        from fastlinear import _profile
-
-        cupy_launch.apply_thresholds(_profile.read_section(NAME, profile_key, PROFILE_SCHEMA))
+        _profile.apply_section(NAME, profile_key, PROFILE_SCHEMA, cupy_launch.apply_thresholds)
     return reason
 
 
 # The tuning profile's cupy section: the forward path rule's thresholds (cupy_launch).
-PROFILE_SCHEMA = dict.fromkeys(cupy_launch.current_thresholds(), int)
+PROFILE_SCHEMA = dict.fromkeys(cupy_launch.current_thresholds(), _profile.int_at_least(1))
 
 
 def profile_key():
     """What the thresholds depend on: the GPU, CUDA and library versions."""
     import cupy
-
-    from fastlinear import _profile
 
     name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"]
     return {"gpu": name.decode() if isinstance(name, bytes) else name,

@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from fastlinear import _profile
+
 NAME = "numba"
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 ARRAY_LIBRARIES = ("numpy",)
@@ -89,14 +91,26 @@ else:
 # ---------------------------------------------------------------------------------------------
 # The tuning profile (fastlinear._profile): this machine's thresholds, read at import.
 
-PROFILE_SCHEMA = {"rows_dot_rows_max_work": int, "rows_dot_rows_min_m": int,
-                  "skinny_min_weights": int, "numpy_classes": list}
+def _is_class_name(name):
+    """``"pass:path:dtype:bits"`` as ``shape_class`` writes it."""
+    if not isinstance(name, str) or name.count(":") != 3:
+        return False
+    pass_name, path, dtype_name, bits = name.split(":")
+    try:
+        np.dtype(dtype_name)
+    except TypeError:
+        return False
+    return pass_name in ("forward", "backward") and bool(path) and bits.isdigit()
+
+
+PROFILE_SCHEMA = {"rows_dot_rows_max_work": _profile.int_at_least(0),
+                  "rows_dot_rows_min_m": _profile.int_at_least(1),
+                  "skinny_min_weights": _profile.int_at_least(0),
+                  "numpy_classes": _profile.list_of(_is_class_name)}
 
 
 def profile_key():
     """What the thresholds depend on: the CPU, the BLAS the kernels call, library versions."""
-    from fastlinear import _profile
-
     blas = [{"api": c.internal_api, "version": c.version, "architecture": c.architecture}
             for c in _numba_blas.blas_thread_controllers()]
     return {**_profile.cpu_key(), "blas": blas, "numpy": np.__version__,
@@ -107,14 +121,14 @@ def apply_profile(values):
     """Put measured thresholds in force (names of ``PROFILE_SCHEMA``; the rest keep theirs)."""
     global ROWS_DOT_ROWS_MAX_WORK, ROWS_DOT_ROWS_MIN_M, SKINNY_MIN_WEIGHTS, NUMPY_CLASSES
     global _numpy_keys
+    classes = frozenset(str(name) for name in values.get("numpy_classes", NUMPY_CLASSES))
+    keys = set()
+    for name in classes:  # all checked before anything changes
+        pass_name, path, dtype_name, bits = name.split(":")
+        keys.add((pass_name, path, np.dtype(dtype_name).char, int(bits)))
     ROWS_DOT_ROWS_MAX_WORK = values.get("rows_dot_rows_max_work", ROWS_DOT_ROWS_MAX_WORK)
     ROWS_DOT_ROWS_MIN_M = values.get("rows_dot_rows_min_m", ROWS_DOT_ROWS_MIN_M)
     SKINNY_MIN_WEIGHTS = values.get("skinny_min_weights", SKINNY_MIN_WEIGHTS)
-    classes = frozenset(str(name) for name in values.get("numpy_classes", NUMPY_CLASSES))
-    keys = set()
-    for name in classes:
-        pass_name, path, dtype_name, bits = name.split(":")
-        keys.add((pass_name, path, np.dtype(dtype_name).char, int(bits)))
     NUMPY_CLASSES, _numpy_keys = classes, frozenset(keys)
 
 
@@ -224,9 +238,7 @@ def _run_parallel(function, *args):
 
 
 if _IMPORT_ERROR is None:
-    from fastlinear import _profile
-
-    apply_profile(_profile.read_section(NAME, profile_key, PROFILE_SCHEMA))
+    _profile.apply_section(NAME, profile_key, PROFILE_SCHEMA, apply_profile)
     _note_openmp_owner()
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_note_openmp_owner)
