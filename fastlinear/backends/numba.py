@@ -44,9 +44,6 @@ ARRAY_LIBRARIES = ("numpy",)
 # SKINNY_MIN_WEIGHTS elements: below that, starting the threads costs more than it saves.
 SKINNY_ROWS = 4
 SKINNY_MIN_WEIGHTS = 1 << 17
-# From this many multiply-adds on, a call checks that the BLAS thread count follows Numba's.
-# The setting persists, so smaller calls follow it too once one large call has run.
-_BLAS_THREADS_MIN_WORK = 1 << 23
 # Backward calls of at most this many multiply-adds, with rows of at least this length, compute
 # dX = G @ W.T as register-blocked dot products of rows (_numba_layer._rows_dot_rows). It beat
 # OpenBLAS's gemm with a transposed operand on an AVX-512 machine and lost on an AVX2-only Zen 3
@@ -260,7 +257,7 @@ def forward(X, W, b, out, activation=None, preactivation=None):
     M = W.shape[1]
     if out is None:
         out = np.empty((N, M), dtype)
-    if N * D * M >= _BLAS_THREADS_MIN_WORK:
+    if N * D * M >= _numba_blas.BLAS_THREADS_MIN_WORK:
         _numba_blas.match_blas_threads()
     function(blas.gemm, blas.gemv, blas.int_bits, X, W, b, out, activation_code(activation),
              preactivation)
@@ -305,7 +302,7 @@ def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=Non
     else:
         key = ("backward", dtype, need_dX, has_bias, has_saved)
         function, blas = _plans.get(key) or _plan(key)
-        if N * D * M >= _BLAS_THREADS_MIN_WORK:
+        if N * D * M >= _numba_blas.BLAS_THREADS_MIN_WORK:
             _numba_blas.match_blas_threads()
         dX_by_rows = (need_dX and N * D * M <= ROWS_DOT_ROWS_MAX_WORK and M >= ROWS_DOT_ROWS_MIN_M
                       and (M <= 1 or W.strides[1] == W.itemsize)
