@@ -41,12 +41,13 @@ _D, _M, _W_AT, _B_AT, _ACT = range(5)
 # A numba train_step of at least this many multiply-adds (batch rows x the network's
 # multiply-adds per row), with Numba allowed two threads or more, splits its batch rows in two:
 # each half runs forward and backward on its own thread with one BLAS thread, the halves'
-# gradients are summed (first half + second, always) and the update runs once. Handing the half
-# to the worker thread and setting the BLAS threads cost ~75 us. Measured on the loaded 2-core
-# machine (benchmarks/results/training_step_rowsplit_2026-11-29.txt), minimums of interleaved
-# rounds: 784-512-256-10 at batch 128 (68M) split ~= one call, medians 2.3x faster; at batch 16
-# (8.6M) and 64-128-64-10 at batch 128/256 (2-4M) split 1.2-1.7x slower.
-ROW_SPLIT_MIN_WORK = 1 << 25
+# gradients are summed (first half + second, always) and the update runs once. Off by default:
+# on a quiet 2-core Zen 3 the split lost to one call at the size it was gated for
+# (784-512-256-10, batch 128: split 0.65x NumPy, one call 1.18x;
+# benchmarks/results/quiet_rerun_2026-11-29.txt), though the loaded machine it was first
+# measured on had shown it ahead. Set it lower only where
+# benchmarks/row_split.py measures the split ahead.
+ROW_SPLIT_MIN_WORK = 1 << 62
 
 
 def _resolve(backend: str | None, library: str, check: Any) -> Any:
