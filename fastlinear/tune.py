@@ -152,10 +152,11 @@ def _skinny_min_weights(module: Any, rounds: int, block_time: float) -> int:
     return SKINNY_SIDES[first] ** 2 if first < len(SKINNY_SIDES) else 1 << 62
 
 
-def _numpy_classes(module: Any, shapes: tuple[tuple[int, int, int], ...],
-                   dtypes: tuple[str, ...], rounds: int, block_time: float) -> list[str]:
-    """Shape classes where the plain NumPy expression beat the backend's kernels."""
-    classes = []
+def _against_plain(module: Any, shapes: tuple[tuple[int, int, int], ...],
+                   dtypes: tuple[str, ...], rounds: int, block_time: float,
+                   ) -> Iterator[tuple[tuple[int, int, int], str, str, float, float]]:
+    """``(shape, dtype, pass, numba seconds, plain NumPy seconds)`` at every shape, dtype and
+    pass, the two timed interleaved."""
     for shape in shapes:
         for dtype in dtypes:
             a = _inputs(shape, dtype)
@@ -163,9 +164,16 @@ def _numpy_classes(module: Any, shapes: tuple[tuple[int, int, int], ...],
                 mine, plain = _median_seconds(
                     [_numba_call(module, pass_name, a), _plain_call(pass_name, a)], rounds,
                     block_time)
-                if mine > plain * HAND_OVER:
-                    classes.append(module.shape_class(pass_name, *shape, dtype))
-    return sorted(set(classes))
+                yield shape, dtype, pass_name, mine, plain
+
+
+def _numpy_classes(module: Any, shapes: tuple[tuple[int, int, int], ...],
+                   dtypes: tuple[str, ...], rounds: int, block_time: float) -> list[str]:
+    """Shape classes where the plain NumPy expression beat the backend's kernels."""
+    return sorted({module.shape_class(pass_name, *shape, dtype)
+                   for shape, dtype, pass_name, mine, plain
+                   in _against_plain(module, shapes, dtypes, rounds, block_time)
+                   if mine > plain * HAND_OVER})
 
 
 def tune_numba(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...],
@@ -209,18 +217,12 @@ def ratio_table(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...
     module = _dispatch.load_backend("numba")
     lines = [f"{'shape':16} {'dtype':8} {'pass':8} {'numba ms':>9} {'numpy ms':>9} "
              f"{'numpy/numba':>11}  class"]
-    for shape in shapes:
-        for dtype in dtypes:
-            a = _inputs(shape, dtype)
-            for pass_name in ("forward", "backward"):
-                mine, plain = _median_seconds(
-                    [_numba_call(module, pass_name, a), _plain_call(pass_name, a)], rounds,
-                    block_time)
-                kind = module.shape_class(pass_name, *shape, dtype)
-                handed = " (NumPy)" if kind in module.NUMPY_CLASSES else ""
-                lines.append(f"{grid.shape_text(shape):16} {dtype:8} {pass_name:8} "
-                             f"{mine * 1e3:9.4f} {plain * 1e3:9.4f} {plain / mine:11.3f}  "
-                             f"{kind}{handed}")
+    for shape, dtype, pass_name, mine, plain in _against_plain(module, shapes, dtypes, rounds,
+                                                               block_time):
+        kind = module.shape_class(pass_name, *shape, dtype)
+        handed = " (NumPy)" if kind in module.NUMPY_CLASSES else ""
+        lines.append(f"{grid.shape_text(shape):16} {dtype:8} {pass_name:8} "
+                     f"{mine * 1e3:9.4f} {plain * 1e3:9.4f} {plain / mine:11.3f}  {kind}{handed}")
     return lines
 
 
