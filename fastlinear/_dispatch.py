@@ -228,21 +228,39 @@ class Registry:
     # -- resolution ----------------------------------------------------------------------------
 
     def resolve(self, backend: str | None, library: str) -> Any:
-        """The backend module for a call on ``library`` arrays (``"numpy"``, ``"cupy"``)."""
-        name = self.requested(backend)
-        if name != AUTO:
-            return self._modules.get(name) or self.load(name)
-        return self._auto.get(library) or self._choose_auto(library)
+        """The backend module for a call on ``library`` arrays (``"numpy"``, ``"cupy"``).
+
+        Every call asks, so the usual answers are one dict lookup: a loaded backend by its
+        canonical name, ``auto``'s final choice by library, the interim one by library while
+        its calls are counted. Anything else (another spelling, a first load) takes
+        ``_resolve_slowly``.
+        """
+        if backend is None:  # the precedence of ``requested``, written out
+            backend = (_context_backend.get() or self._chosen or self._environment
+                       or self._read_environment())
+        if backend == AUTO:
+            module = self._auto.get(library)
+            if module is not None:
+                return module
+            module = self._interim.get(library)
+            if module is not None:
+                self.interim_calls += 1
+                if self.interim_calls < self.load_after_calls:
+                    return module
+            return self._choose_auto(library)
+        module = self._modules.get(backend)
+        return module if module is not None else self._resolve_slowly(backend, library)
+
+    def _resolve_slowly(self, backend: str, library: str) -> Any:
+        name = self.normalize(backend)
+        if name == AUTO:
+            return self.resolve(AUTO, library)
+        return self.load(name)
 
     def _choose_auto(self, library: str) -> Any:
-        """``auto``'s module for this call: the interim choice until its calls are spent, then
-        the first of ``auto_order`` that can run and is not passed over (cached for good once
-        none is)."""
-        module = self._interim.get(library)
-        if module is not None:
-            self.interim_calls += 1
-            if self.interim_calls < self.load_after_calls:
-                return module
+        """``auto``'s module once the interim calls are spent (or before the first call): the
+        first of ``auto_order`` that can run and is not passed over, cached for good once none
+        is, else for the interim."""
         module, for_good = self._pick(library, self.interim_calls, start=True)
         (self._auto if for_good else self._interim)[library] = module
         return module

@@ -225,12 +225,11 @@ def forward(X: Any, W: Any, b: Any, activation: str | None, backend: str | None,
         activation = activations.check_activation(activation)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if out is None and type(X) is _ndarray and type(W) is _ndarray:
-        x_shape, w_shape, dtype = X.shape, W.shape, W.dtype
-        if (len(x_shape) == len(w_shape) == 2 and x_shape[1] == w_shape[0] and X.dtype is dtype
-                and (b is None or (type(b) is _ndarray and b.shape == w_shape[1:]
-                                   and b.dtype is dtype))
-                and x_shape[0] * w_shape[1] <= PLAIN_MAX_ELEMENTS):
+    if out is None and type(X) is _ndarray and type(W) is _ndarray and X.ndim == 2 == W.ndim:
+        (N, D), (K, M), dtype = X.shape, W.shape, W.dtype
+        if (D == K and X.dtype is dtype and N * M <= PLAIN_MAX_ELEMENTS
+                and (b is None or (type(b) is _ndarray and b.ndim == 1 and len(b) == M
+                                   and b.dtype is dtype))):
             module = _dispatch.registry.resolve(backend, "numpy")
             if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
                 if return_saved:
@@ -309,14 +308,13 @@ def backward(dY: Any, X: Any, W: Any, activation: str | None, saved: Any, has_bi
         activations.check_saved(activation, saved)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if (type(dY) is _ndarray and type(X) is _ndarray and type(W) is _ndarray
-            and dX is None and dW is None and db is None and not accumulate):
-        x_shape, w_shape, dtype = X.shape, W.shape, W.dtype
-        if (len(x_shape) == len(w_shape) == 2 and x_shape[1] == w_shape[0]
-                and dY.shape == (x_shape[0], w_shape[1]) and X.dtype is dtype is dY.dtype
-                and (activation is None or (type(saved) is _ndarray and saved.shape == dY.shape
+    if (type(dY) is _ndarray and type(X) is _ndarray and type(W) is _ndarray and dX is None
+            and dW is None and db is None and not accumulate and X.ndim == 2 == W.ndim):
+        (N, D), (K, M), dtype = X.shape, W.shape, W.dtype
+        if (D == K and dY.shape == (N, M) and X.dtype is dtype is dY.dtype
+                and (activation is None or (type(saved) is _ndarray and saved.shape == (N, M)
                                             and saved.dtype is dtype))
-                and (x_shape[0] + w_shape[1]) * x_shape[1] <= PLAIN_MAX_ELEMENTS):
+                and (N + M) * D <= PLAIN_MAX_ELEMENTS):
             module = _dispatch.registry.resolve(backend, "numpy")
             if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
                 return module.backward, (dY, X, W, bool(has_bias), bool(need_dX), False, None,

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fastlinear import _arrays, _dispatch, activations
+from fastlinear import _arrays, _dispatch, _plan, activations
 from fastlinear.functional import linear_backward, linear_forward
 
 __all__ = ["Linear"]
 
 
 _CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ndarray = np.ndarray
 
 
 def _check_served(dtype: np.dtype, backend: str | None) -> None:
@@ -186,13 +187,16 @@ class Linear:
         The input is cached in ``self.X`` for ``backward`` (and, with an activation, the output
         or the pre-activation that its derivative needs).
         """
-        if self.activation is None:
-            Y = linear_forward(X, self.W, self.b, backend=self.backend, casting=self.casting)
-            saved = None
-        else:
-            Y, saved = linear_forward(X, self.W, self.b, activation=self.activation,
-                                      backend=self.backend, return_saved=True,
-                                      casting=self.casting)
+        activation = self.activation
+        if type(X) is _ndarray:  # planned here: the public function's keywords cost time
+            run, args = _plan.forward(X, self.W, self._b, activation, self.backend, None,
+                                      activation is not None, self.casting)
+            result = run(*args)
+        else:  # dask, lists, foreign arrays: the public function routes them
+            result = linear_forward(X, self.W, self._b, activation=activation,
+                                    backend=self.backend, return_saved=activation is not None,
+                                    casting=self.casting)
+        Y, saved = (result, None) if activation is None else result
         self.X, self._saved = X, saved
         return Y
 
@@ -216,9 +220,15 @@ class Linear:
         if self.X is None:
             raise RuntimeError("backward() called before forward(): the layer has no cached input "
                                "X; call forward(X) first")
-        has_bias = self.b is not None
-        # linear_backward validates everything before a backend writes, so a call that raises
-        # leaves the stored gradients untouched, also when accumulating into them in place.
+        has_bias = self._b is not None
+        # The plan validates everything before a backend writes, so a call that raises leaves
+        # the stored gradients untouched, also when accumulating into them in place.
+        if not accumulate and type(dY) is _ndarray and type(self.X) is _ndarray:  # as forward
+            run, args = _plan.backward(dY, self.X, self.W, self.activation, self._saved,
+                                       has_bias, need_dX, self.backend, False, None, None, None,
+                                       self.casting)
+            dX, self.dW, self.db = run(*args)
+            return dX
         in_place = accumulate and self._accumulates_in_place(dY)
         dW, db = (self.dW, self.db) if in_place else (None, None)
         dX, dW, db = linear_backward(dY, self.X, self.W, activation=self.activation,

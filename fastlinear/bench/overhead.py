@@ -7,7 +7,8 @@ conversions and dispatch around it show. Each row is timed beside the expression
 over rounds of the difference within a round, so the machine's drift cancels. The default path
 (no backend named) is timed twice: while ``auto`` serves numpy, before its switch, and after it
 (numba where it can run), there beside that backend's own function called directly. A
-minimal wrapper (type and shape checks, then the expression) is timed too, for scale.
+minimal wrapper (type and shape checks, then the expression) is timed too, for scale, and the
+expression against itself, the method's zero (a separately written copy of the same lambda).
 
 Blocks are timed in the thread's CPU time (``time.thread_time``) with the BLAS on one thread, so
 that time the process spends descheduled on a busy machine, and BLAS threads waking, are not
@@ -121,7 +122,10 @@ def rows(shape: tuple[int, int, int] = SHAPE, dtype: str = DTYPE) -> list[Row]:
         minimal = ((lambda: _minimal_forward(X, W, b, backend="numpy"))
                    if pass_name == "forward"
                    else (lambda: _minimal_backward(dY, X, W, backend="numpy")))
+        same = ((lambda: X @ W + b) if pass_name == "forward"
+                else (lambda: (dY @ W.T, X.T @ dY, dY.sum(0))))
         made += [
+            Row("the expression itself (zero)", pass_name, same, plain[pass_name], expression),
             Row("minimal wrapper (for scale)", pass_name, minimal, plain[pass_name], expression),
             Row("functional", pass_name, functional, plain[pass_name], expression),
             Row("Linear", pass_name, layer_call, plain[pass_name], expression),
@@ -166,7 +170,10 @@ def _measure(table: list[Row], rounds: int, block_time: float,
                 n = calls[row.label, row.pass_name]
                 base = _block(row.baseline, n)
                 mine = _block(row.call, n)
-                base = min(base, _block(row.baseline, n))  # A B A: the baseline either side
+                # A B A: the mean of the baseline either side, so that a drift cancels. (Not
+                # the lesser of the two: a minimum of two blocks beside one block is biased;
+                # the zero row, the expression against itself, showed +0.1 us with it.)
+                base = (base + _block(row.baseline, n)) / 2
                 row.times.append(mine)
                 row.differences.append(mine - base)
     finally:
@@ -176,7 +183,7 @@ def _measure(table: list[Row], rounds: int, block_time: float,
 def _budget(row: Row) -> str:
     """The budget of a row, in microseconds ('' where none applies)."""
     kind = "Linear" if row.label.startswith("Linear") else "functional"
-    if row.label.startswith("minimal"):
+    if row.label.startswith(("minimal", "the expression")):
         return ""
     return f"{BUDGET_US[kind][row.pass_name == 'backward']:.1f}"
 
