@@ -33,6 +33,7 @@ _RUNNER = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("overhead_under_test", sys.argv[1])
 overhead = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = overhead  # dataclasses look their module up there
 spec.loader.exec_module(overhead)
 print("\\n".join(overhead.run(rounds=int(sys.argv[2]))))
 """
@@ -55,7 +56,9 @@ def _export(revision: str, into: Path) -> Path:
 def _run(tree: Path, rounds: int) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run([sys.executable, "-c", _RUNNER, str(OVERHEAD), str(rounds)],
-                          env=env, cwd=tree, capture_output=True, text=True, check=True)
+                          env=env, cwd=tree, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the overhead table failed for {tree}:\n{done.stderr}")
     return done.stdout.splitlines()
 
 

@@ -8,8 +8,10 @@ values. A backend reads its section when it loads; a section whose key is not th
 ``FASTLINEAR_TUNE=off``. A file that does not parse, whose checksum does not match its content
 (hand-edited), or whose values do not fit the backend's schema is ignored with one warning.
 
-Writes go to a temporary file in the same folder, then ``os.replace``: a reader, or a second
-``tune`` writing at the same time, never sees a half-written file (the last writer wins).
+Writes go to a temporary file in the same folder, then ``os.replace``: a reader never sees a
+half-written file. A write re-reads the profile and replaces only its own section, under an
+exclusive lock on a lock file beside the profile (``flock``; where there is none, Windows,
+unlocked), so two ``tune`` processes writing different sections at the same time keep both.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import platform
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,15 +192,39 @@ def apply_section(name: str, key: Callable[[], Mapping[str, Any]], schema: Schem
         apply({})
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """One writer of ``path`` at a time, across processes: an exclusive ``flock`` on
+    ``.<name>.lock`` beside it (kept: removing a lock file races with its next user)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the rename still keeps the file whole
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def write_section(name: str, key: Mapping[str, Any], values: Mapping[str, Any],
                   path: Path | None = None) -> Path:
-    """Store section ``name`` (replacing it; other sections of a valid profile are kept) with a
-    temporary file and a rename; return the path."""
+    """Store section ``name`` (replacing it; the other sections of a valid profile are kept, as
+    they are when this write starts) with a temporary file and a rename; return the path."""
     path = profile_path() if path is None else path
     path.parent.mkdir(parents=True, exist_ok=True)
-    sections = (_read_file(path) if path.exists() else None) or {}
-    sections[name] = {"key": dict(key), "values": dict(values)}
-    data = {"format": FORMAT, "checksum": _checksum(sections), "sections": sections}
+    with _writing(path):
+        sections = (_read_file(path) if path.exists() else None) or {}
+        sections[name] = {"key": dict(key), "values": dict(values)}
+        _replace(path, {"format": FORMAT, "checksum": _checksum(sections),
+                        "sections": sections})
+    return path
+
+
+def _replace(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
     handle, temporary = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
@@ -210,4 +236,3 @@ def write_section(name: str, key: Mapping[str, Any], values: Mapping[str, Any],
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    return path

@@ -109,7 +109,28 @@ def test_concurrent_writers_never_leave_a_half_written_file(tmp_path):
             reads += 1
     assert all(p.wait(60) == 0 for p in procs)
     assert reads > 0
-    assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporary left
+    left = [p.name for p in path.parent.iterdir() if p.name != path.name]
+    assert left in ([], [f".{path.name}.lock"])  # no temporary left (the lock file stays)
+
+
+def test_concurrent_writers_of_different_sections_keep_every_section(tmp_path):
+    """Four processes each rewrite their own section over and over at the same time: every
+    write re-reads the file under the lock, so the end holds each section's last values (with
+    the last writer winning whole files, a section written meanwhile would be lost)."""
+    path = tmp_path / "profile.json"
+    writer = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from fastlinear import _profile
+        for i in range(60):
+            _profile.write_section(sys.argv[1], {key()!r}, {{"limit": i}}, Path({str(path)!r}))
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    names = [f"section{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", writer, name], env=env) for name in names]
+    assert all(p.wait(60) == 0 for p in procs)
+    for name in names:
+        assert _profile.read_section(name, key, SCHEMA, path) == {"limit": 59}
 
 
 def test_profile_path_is_in_the_user_cache_directory(monkeypatch, tmp_path):
