@@ -225,8 +225,12 @@ def forward(X: Any, W: Any, b: Any, activation: str | None, backend: str | None,
         activation = activations.check_activation(activation)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if out is None and type(X) is _ndarray and type(W) is _ndarray and X.ndim == 2 == W.ndim:
-        (N, D), (K, M), dtype = X.shape, W.shape, W.dtype
+    if out is None and type(X) is _ndarray and type(W) is _ndarray:
+        try:
+            (N, D), (K, M) = X.shape, W.shape
+        except ValueError:  # not two matrices: D != K sends the call to the general branch
+            N, D, K, M = 0, 0, -1, 0
+        dtype = W.dtype
         if (D == K and X.dtype is dtype and N * M <= PLAIN_MAX_ELEMENTS
                 and (b is None or (type(b) is _ndarray and b.ndim == 1 and len(b) == M
                                    and b.dtype is dtype))):
@@ -309,8 +313,12 @@ def backward(dY: Any, X: Any, W: Any, activation: str | None, saved: Any, has_bi
     if casting != "safe":
         _arrays.check_casting(casting)
     if (type(dY) is _ndarray and type(X) is _ndarray and type(W) is _ndarray and dX is None
-            and dW is None and db is None and not accumulate and X.ndim == 2 == W.ndim):
-        (N, D), (K, M), dtype = X.shape, W.shape, W.dtype
+            and dW is None and db is None and not accumulate):
+        try:
+            (N, D), (K, M) = X.shape, W.shape
+        except ValueError:  # not two matrices: D != K sends the call to the general branch
+            N, D, K, M = 0, 0, -1, 0
+        dtype = W.dtype
         if (D == K and dY.shape == (N, M) and X.dtype is dtype is dY.dtype
                 and (activation is None or (type(saved) is _ndarray and saved.shape == (N, M)
                                             and saved.dtype is dtype))
