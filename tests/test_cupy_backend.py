@@ -127,6 +127,59 @@ def test_arrays_on_two_devices_are_refused_naming_each():
                                   (_DeviceArray(0), _DeviceArray(1), None, _DeviceArray(1)))
 
 
+@pytest.mark.parametrize("array_device", [0, 1])
+def test_device_is_switched_only_for_arrays_on_another_device(monkeypatch, array_device):
+    """With device 0 current: arrays on device 0 run without ``cupy.cuda.Device`` (its
+    ``__exit__`` sets the device again even when unchanged: host work for nothing); arrays on
+    device 1 run inside ``Device(1)``, with device 1's state, and device 0 comes back after."""
+    current, entered = [0], []
+
+    class Device:
+        def __init__(self, device_id):
+            self.id = device_id
+
+        def __enter__(self):
+            entered.append(self.id)
+            self.previous, current[0] = current[0], self.id
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Device))
+    monkeypatch.setattr(cupy_backend, "_cupy", lambda: fake)
+    monkeypatch.setattr(cupy_backend, "_device_id", lambda: current[0])
+    monkeypatch.setattr(cupy_backend, "_sm_count", lambda device_id: 4)
+    monkeypatch.setattr(cupy_backend, "_devices", {})
+    seen = []  # (current device, the state's device) inside each call; the state is last
+    monkeypatch.setattr(cupy_backend, "_forward_device",
+                        lambda *args: seen.append((current[0], args[-1].id)) or "Y")
+    monkeypatch.setattr(cupy_backend, "_backward_device",
+                        lambda *args: seen.append((current[0], args[-1].id)) or "grads")
+    X = _DeviceArray(array_device)
+    assert cupy_backend.forward(X, X, None, None) == "Y"
+    assert cupy_backend.backward(X, X, X, True, True, False, None, None, None) == "grads"
+    assert seen == [(array_device, array_device)] * 2
+    assert entered == [1, 1] * (array_device == 1) and current == [0]
+
+
+def test_launch_shapes_are_planned_once_per_device_and_shape(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "_sm_count", lambda device_id: 4)
+    monkeypatch.setattr(cupy_backend, "_MAX_LAUNCH_SHAPES", 3)
+    state, planned = cupy_backend._Device(0), []
+
+    def plan(rows, cols, sm_count):
+        planned.append((rows, cols, sm_count))
+        return (rows, cols)
+
+    assert state.launch(plan, 5, 6) == state.launch(plan, 5, 6) == (5, 6)
+    assert planned == [(5, 6, 4)]
+    for plan_of_shape in (cupy_launch.column_sum_launch, cupy_launch.rows_launch):
+        assert state.launch(plan_of_shape, 70, 40) == plan_of_shape(70, 40, 4)
+    for rows in range(4):  # past the limit the cache starts again, bounded
+        assert state.launch(plan, rows, 1) == (rows, 1)
+    assert len(state.launches) <= 3
+
+
 def test_reason_says_no_cuda_device(monkeypatch):
     class CUDARuntimeError(RuntimeError):
         pass
@@ -639,6 +692,7 @@ def test_backward_matches_reference(cp, rng, N, D, M, dtype, has_bias, need_dX, 
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_column_sums_split_over_many_blocks(cp, rng, monkeypatch, dtype, accumulate):
     monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 1)
+    monkeypatch.setattr(cupy_backend, "_devices", {})  # launch shapes planned with the new value
     dY = rng.standard_normal((1000, 33)).astype(dtype)
     grid, _, _ = cupy_launch.column_sum_launch(1000, 33, cupy_backend._sm_count(0))
     assert grid[1] > 1
