@@ -125,6 +125,7 @@ def _check_launch(name, grid, block, args):
 
     signature = cupy_launch.KERNEL_SIGNATURES[name.rpartition("_")[0]]
     assert isinstance(args, tuple) and len(args) == len(signature), (name, len(args))
+    assert type(grid) is tuple and type(block) is tuple  # CuPy's Function takes tuples
     assert len(grid) == 3 and len(block) == 3 and block[0] * block[1] * block[2] <= 1024
     for index, (kind, value) in enumerate(zip(signature, args, strict=True)):
         expected = {"ptr": (StubArray,), "i64": (int, np.int64), "i32": (np.int32,)}[kind]

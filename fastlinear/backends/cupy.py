@@ -13,9 +13,10 @@ Precision
     float64 in float64; float32 in float32 (CUBLAS_COMPUTE_32F, no TF32 under CuPy's default
     math mode); float16 with float32 sums, rounded once per element (twice on the cuBLAS path
     with an activation: the product, then act(product + b)). CuPy compiles our kernels with
-    ``-ftz=true``; their products and sums still keep float32 subnormals, as cuBLAS does (IEEE
-    fused multiply-adds, which ignore the flag), so the paths agree there. Only the activation
-    functions' own float32 arithmetic flushes subnormals.
+    ``-ftz=true``; their products and sums still keep float32 subnormals (IEEE fused
+    multiply-adds, which ignore the flag). Only the activation functions' own float32
+    arithmetic flushes subnormals. Whether cuBLAS's SGEMM keeps them is not documented: below
+    float32's smallest normal the cublas path may differ from ours.
 Forward ``Y = act(X @ W + b)``, one path of ``cupy_launch.FORWARD_PATHS`` (``forward_path``)
     ``small_batch`` and ``tiled``: one launch of our kernel, bias, activation and pre-activation
     store in its epilogue. ``cublas`` without an activation: ``fill_rows_with_bias``, then a
