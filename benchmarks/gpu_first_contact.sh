@@ -114,7 +114,7 @@ versions() {
     uname -a
     "$PY" --version
     "$PY" -c 'import numpy, cupy; print("numpy", numpy.__version__, "cupy", cupy.__version__)'
-    "$PY" -m pip list 2>/dev/null | grep -iE '^(cupy|numpy|torch|pytest|hypothesis|numba|nvidia-)' || true
+    "$PY" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(cupy|numpy|torch|pytest|hypothesis|numba|nvidia-)' || true
     nvcc --version 2>&1 | tail -n 2 || true
     "$SANITIZER" --version 2>&1 | head -n 3 || true
     nvidia-smi

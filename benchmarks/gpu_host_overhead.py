@@ -48,8 +48,8 @@ class StubArray:
             size = math.prod(shape)
         self.shape, self.strides, self.dtype = shape, strides, dtype
         self.itemsize, self.ndim, self.size = dtype.itemsize, len(shape), size
-        self.data = _Pointer(ptr)
         self.device = device or _DEVICE_0
+        self.data = _Pointer(ptr, self.device.id)
         self._transpose = None
 
     @property
@@ -88,10 +88,12 @@ _DTYPES = {np.float32: np.dtype(np.float32), np.float16: np.dtype(np.float16),
 
 
 class _Pointer:
-    __slots__ = ("ptr",)
+    """A cupy.cuda.MemoryPointer: the address and the device it is on."""
 
-    def __init__(self, ptr):
-        self.ptr = ptr
+    __slots__ = ("ptr", "device_id")
+
+    def __init__(self, ptr, device_id=0):
+        self.ptr, self.device_id = ptr, device_id
 
 
 @functools.cache

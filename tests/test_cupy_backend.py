@@ -107,10 +107,10 @@ def test_probe_names_cublas_when_it_cannot_be_opened(monkeypatch):
 
 
 class _DeviceArray:
-    """Just enough of a cupy.ndarray for the device check: its ``device.id``."""
+    """Just enough of a cupy.ndarray for the device check: its memory's ``data.device_id``."""
 
     def __init__(self, device_id):
-        self.device = types.SimpleNamespace(id=device_id)
+        self.data = types.SimpleNamespace(device_id=device_id)
 
 
 def test_call_runs_on_the_device_of_its_arrays():

@@ -264,11 +264,11 @@ def _call_device(names, arrays):
         if isinstance(array, np.ndarray):
             any_host = True
             continue
-        this = array.device.id
+        this = array.data.device_id  # array.device would make a cupy.cuda.Device per access
         if device is None:
             device = this
         elif this != device:
-            where = ", ".join(f"{name} on device {array.device.id}"
+            where = ", ".join(f"{name} on device {array.data.device_id}"
                               for name, array in zip(names, arrays, strict=True)
                               if array is not None and not _is_host(array))
             raise ValueError(f"the CuPy arrays of one call must be on one device, got {where}; "
