@@ -11,8 +11,9 @@ per-layer step, torch eager, jax.jit, and the step's GEMMs from one ``@njit`` ca
 Interleaved rounds (A B C ... rotated each round) with a pause between libraries, the timing
 core of the bench (``fastlinear.bench.timing``); medians and minimums per contender.
 
-Run: ``python benchmarks/training_step.py [--rounds 21] [--cases 0,2] [--out FILE]``; prints the table and
-the targets' ratios (and writes them to FILE).
+Run: ``python benchmarks/training_step.py [--rounds 21] [--cases 0,2] [--out FILE]``; prints
+the table and the targets' ratios (and writes them to FILE). ``--cases`` picks rows of ``CASES``
+by index (0: batch 32, 1: batch 256, 2: 784-512-256-10).
 """
 
 import argparse

@@ -32,8 +32,7 @@ from fastlinear.backends._numba_activations import (
 )
 from fastlinear.backends._numba_blas import _gemm
 
-__all__ = ["FORWARD", "BACKWARD", "STEP", "network_call", "half_step", "sum_and_sgd",
-           "first_bad_label"]
+__all__ = ["FORWARD", "BACKWARD", "STEP", "network_call", "first_bad_label"]
 
 # What network_call does (its ``mode``).
 FORWARD, BACKWARD, STEP = 0, 1, 2
@@ -171,21 +170,6 @@ def _sgd(params, velocity, grads, lr, momentum):
 
 
 @njit(cache=True)
-def sum_and_sgd(params, velocity, grads, part, lr, momentum):
-    """``grads += part`` (the second half-batch's gradients, added in this fixed order), then
-    the SGD update of ``_sgd``, in one pass over the arenas."""
-    real = params.dtype.type
-    rate, keep = real(lr), real(momentum)
-    for k in range(params.shape[0]):
-        g = grads[k] + part[k]
-        grads[k] = g
-        if momentum != 0.0:
-            g = keep * velocity[k] + g
-            velocity[k] = g
-        params[k] -= rate * g
-
-
-@njit(cache=True)
 def first_bad_label(labels, classes):
     """Index of the first label outside ``[0, classes)``, or -1."""
     for n in range(labels.shape[0]):
@@ -311,27 +295,4 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
         loss = _mse(output, outer, dlast, rows)
     _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, velocity, lr,
                   momentum, True)
-    return loss
-
-
-@njit(cache=True, nogil=True)
-def half_step(gemm, int_bits, layout, params, grads, X, work, targets, labels, loss_code,
-              batch_rows):
-    """Forward, loss and backward of some rows of a batch of ``batch_rows`` (a row split's
-    part): their share of the loss (summed, divided as for the whole batch) is returned and
-    their share of every ``dW``/``db`` written to ``grads``; no update. Releases the GIL, so two
-    threads run two parts at once, each with its own ``grads`` and ``work``. Labels are checked
-    by the caller (``first_bad_label``) before either part starts."""
-    rows = X.shape[0]
-    last = layout.shape[0] - 1
-    classes = layout[last, 1]
-    offsets = _offsets(layout, rows)
-    dlast = _block(work, offsets[last] + 2 * rows * classes, rows, classes)
-    output = _forward_all(gemm, int_bits, layout, params, X, work, offsets)
-    if loss_code == CROSS_ENTROPY:
-        loss = _cross_entropy(output, labels, dlast, batch_rows)
-    else:
-        loss = _mse(output, targets, dlast, batch_rows)
-    _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, X[0:0], grads, 0.0,
-                  0.0, False)
     return loss
