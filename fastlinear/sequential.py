@@ -31,6 +31,7 @@ __all__ = ["Sequential"]
 # tens of layer calls save (issue 17's measurements: 50-100 us a step, 1-3 us a layer call).
 STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (a dtype: == is faster)
 # Backends that run a whole network call natively (one compiled call); the others run layer by
 # layer through fastlinear.functional, and numpy runs the reference math.
 NATIVE_STEP_BACKENDS = frozenset({"numba"})
@@ -296,7 +297,7 @@ class Sequential:
 
     def _check_labels(self, y: Any, X: Any) -> Any:
         rows = X.shape[0]
-        if type(y) is np.ndarray and y.dtype == np.int64 and y.shape == (rows,):
+        if type(y) is np.ndarray and y.dtype == _LABELS and y.shape == (rows,):
             return y
         y = _arrays.namespace(X).asarray(y)
         if y.dtype.kind not in "iu":
@@ -305,7 +306,7 @@ class Sequential:
         if y.shape != (rows,):
             raise ValueError(f"y must have shape ({rows},) (one label per row of X), got "
                              f"{tuple(y.shape)}")
-        return y.astype(np.int64, copy=False)
+        return y.astype(_LABELS, copy=False)
 
     def _labels_out_of_range(self, y: Any, bad_row: int | None = None) -> ValueError:
         classes = self.layers[-1].out_features
