@@ -5,21 +5,25 @@
 # hypothesis installed there): PYTHONPATH is the repository root. Every log lands in $OUT
 # (default ./first_contact): eight files, a device session's limit of files brought back.
 #
-#   OUT=/some/dir bash benchmarks/gpu_first_contact.sh
+#   OUT=/some/dir bash benchmarks/gpu_first_contact.sh      # device tool: run, timeout_s=540
 #
-# Steps, each time-boxed with `timeout` (a hung step is killed, the next one runs) inside one
-# overall budget (FIRST_CONTACT_BUDGET_S, default 460 s: the whole run ends within 8 minutes):
-#   00_env.log        versions, nvidia-smi, `python3 -m fastlinear check`
-#   10_paths.log      the forced-path table over the cliff shapes, measured thresholds
-#                     (python3 -m fastlinear.backends.cupy_tune; JSON in 11_paths.json)
-#   20_pytest_gpu.log pytest -m gpu --maxfail=20 (the sanitizer tests run in the next step)
+# Steps, most valuable first (a run cut short still leaves the earlier logs), each time-boxed
+# with `timeout` (a hung step is killed, the next one runs) inside one overall budget
+# (FIRST_CONTACT_BUDGET_S, default 460 s: the whole run ends within 8 minutes):
+#   00_env.log        versions, nvidia-smi, `fastlinear info`, `fastlinear check --backend cupy`
+#   10_pytest_gpu.log pytest -m gpu --maxfail=20, one line per test: test_cupy_backend.py
+#                     first, then every backend-generic test through cupy (the sanitizer tests
+#                     run in their own step; a CPU-only module that fails to import stops nothing)
+#   20_gpu_bench.log  benchmarks/gpu_bench.py --quick (against PyTorch, with the forced paths)
 #   30_sanitizer.log  compute-sanitizer memcheck (every path) and racecheck (our kernels alone)
 #                     of tests/gpu_sanitizer_smoke.py
-#   40_gpu_bench.log  benchmarks/gpu_bench.py --quick (against PyTorch)
-#   50_tune.log       python3 -m fastlinear tune, when that subcommand exists
+#   40_paths.log      the forced-path table over the cliff shapes and the measured thresholds
+#                     (python3 -m fastlinear.backends.cupy_tune; JSON in 41_paths.json)
+#   50_tune.log       python3 -m fastlinear tune --quick (its cupy section measured on the GPU),
+#                     the profile it wrote printed after it
 #   summary.txt       one line per step: name, exit status (124: timed out), seconds
 # The exit status is 0 when every step passed, else 1; the summary is printed last.
-# shellcheck disable=SC2317  # versions and tune_if_there run through `bash -c` (see below)
+# shellcheck disable=SC2317  # the functions below run through `bash -c` (see below)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -28,12 +32,56 @@ PY=${PYTHON:-python3}
 BUDGET_S=${FIRST_CONTACT_BUDGET_S:-460}
 RESERVE_S=${FIRST_CONTACT_RESERVE_S:-10}  # kept back for each later step (and timeout's kill)
 MAX_STEP_S=${FIRST_CONTACT_MAX_STEP_S:-600}  # no step longer (a dry run sets a few seconds)
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/fastlinear_first_contact.XXXXXX")
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 START=$SECONDS
 FAILED=0
 STEPS_LEFT=8  # the run_step calls at the end
+
+# fastlinear needs platformdirs (the tuning profile's folder); a source run installs nothing, so
+# where it is missing a stand-in with its one function used here goes on the path.
+if ! "$PY" -c 'import platformdirs' >/dev/null 2>&1; then
+    mkdir -p "$SCRATCH/shim"
+    cat >"$SCRATCH/shim/platformdirs.py" <<'EOF'
+"""Stand-in for platformdirs (gpu_first_contact.sh): the user cache directory only."""
+import os
+
+
+def user_cache_dir(appname=None, *args, **kwargs):
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, appname or "")
+EOF
+    export PYTHONPATH=$PYTHONPATH:$SCRATCH/shim
+    echo "platformdirs is not installed: a stand-in ($SCRATCH/shim) gives its user_cache_dir" \
+        >>"$OUT/00_env.log"
+fi
+
+# compute-sanitizer from PATH, else from the CUDA toolkit's folders.
+SANITIZER=$(command -v compute-sanitizer)
+for candidate in /usr/local/cuda/bin/compute-sanitizer \
+    /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    if [[ -z $SANITIZER && -x $candidate ]]; then
+        SANITIZER=$candidate
+    fi
+done
+SANITIZER=${SANITIZER:-compute-sanitizer}
+
+# pytest-timeout (where installed) turns one hung test into a failure instead of losing the
+# whole step to its time box.
+PYTEST_TIMEOUT=()
+if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then
+    PYTEST_TIMEOUT=(--timeout=60)
+fi
+
+# The cupy backend's own tests first (pytest orders a directory by name, so files are listed).
+PYTEST_FILES=(tests/test_cupy_backend.py)
+for file in tests/test_*.py; do
+    if [[ $file != tests/test_cupy_backend.py ]]; then
+        PYTEST_FILES+=("$file")
+    fi
+done
 
 # run_step LOG NAME CAP_S COMMAND...: run COMMAND with its output appended to $OUT/LOG, for at
 # most CAP_S seconds and what the budget leaves after the later steps' reserve.
@@ -65,37 +113,39 @@ run_step() {
 versions() {
     uname -a
     "$PY" --version
-    "$PY" -c 'import numpy, cupy, sys; print("numpy", numpy.__version__, "cupy", cupy.__version__)'
-    "$PY" -m pip list 2>/dev/null | grep -iE '^(cupy|numpy|torch|pytest|hypothesis|numba|nvidia-)' || true
+    "$PY" -c 'import numpy, cupy; print("numpy", numpy.__version__, "cupy", cupy.__version__)'
+    "$PY" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(cupy|numpy|torch|pytest|hypothesis|numba|nvidia-)' || true
     nvcc --version 2>&1 | tail -n 2 || true
-    compute-sanitizer --version 2>&1 | head -n 3 || true
+    "$SANITIZER" --version 2>&1 | head -n 3 || true
     nvidia-smi
+    "$PY" -m fastlinear info
 }
 
-tune_if_there() {
-    if "$PY" -m fastlinear tune --help >/dev/null 2>&1; then
-        "$PY" -m fastlinear tune
-    else
-        echo "python3 -m fastlinear tune does not exist in this checkout: nothing to run"
-    fi
+tune_quick() {
+    "$PY" -m fastlinear tune --quick --profile "$SCRATCH/tune-profile.json" || return
+    echo "--- the profile it wrote:"
+    cat "$SCRATCH/tune-profile.json"
 }
 
 # timeout runs programs, not shell functions: the functions run in a child bash
-export PY
-export -f versions tune_if_there
+export PY SANITIZER SCRATCH
+export -f versions tune_quick
 
-run_step 00_env.log versions 30 bash -c versions
-run_step 00_env.log check 60 "$PY" -m fastlinear check
-run_step 10_paths.log paths 60 "$PY" -m fastlinear.backends.cupy_tune --json "$OUT/11_paths.json"
-run_step 20_pytest_gpu.log pytest_gpu 170 "$PY" -m pytest -m gpu --maxfail=20 -q \
-    -p no:cacheprovider -k "not compute_sanitizer" tests
-run_step 30_sanitizer.log memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+run_step 00_env.log versions 40 bash -c versions
+run_step 00_env.log check 60 "$PY" -m fastlinear check --backend cupy
+run_step 10_pytest_gpu.log pytest_gpu 170 "$PY" -m pytest -m gpu --maxfail=20 -v \
+    -p no:cacheprovider --continue-on-collection-errors --durations=15 \
+    "${PYTEST_TIMEOUT[@]}" -k "not compute_sanitizer" "${PYTEST_FILES[@]}"
+run_step 20_gpu_bench.log gpu_bench 90 "$PY" benchmarks/gpu_bench.py --quick \
+    --log "$SCRATCH/gpu_bench.log"
+run_step 30_sanitizer.log memcheck 75 "$SANITIZER" --tool memcheck --error-exitcode 1 \
     "$PY" tests/gpu_sanitizer_smoke.py
-run_step 30_sanitizer.log racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
+run_step 30_sanitizer.log racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 1 \
     "$PY" tests/gpu_sanitizer_smoke.py --own-kernels-only
-run_step 40_gpu_bench.log gpu_bench 100 "$PY" benchmarks/gpu_bench.py --quick \
-    --log "${TMPDIR:-/tmp}/fastlinear_gpu_bench.log"
-run_step 50_tune.log tune 45 bash -c tune_if_there
+run_step 40_paths.log paths 60 "$PY" -m fastlinear.backends.cupy_tune \
+    --json "$OUT/41_paths.json"
+run_step 50_tune.log tune 45 bash -c tune_quick
 echo "total $((SECONDS - START))s of a ${BUDGET_S}s budget; logs in $OUT" >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
+rm -rf "$SCRATCH"
 exit "$FAILED"

@@ -48,8 +48,8 @@ class StubArray:
             size = math.prod(shape)
         self.shape, self.strides, self.dtype = shape, strides, dtype
         self.itemsize, self.ndim, self.size = dtype.itemsize, len(shape), size
-        self.data = _Pointer(ptr)
         self.device = device or _DEVICE_0
+        self.data = _Pointer(ptr, self.device.id)
         self._transpose = None
 
     @property
@@ -88,10 +88,12 @@ _DTYPES = {np.float32: np.dtype(np.float32), np.float16: np.dtype(np.float16),
 
 
 class _Pointer:
-    __slots__ = ("ptr",)
+    """A cupy.cuda.MemoryPointer: the address and the device it is on."""
 
-    def __init__(self, ptr):
-        self.ptr = ptr
+    __slots__ = ("ptr", "device_id")
+
+    def __init__(self, ptr, device_id=0):
+        self.ptr, self.device_id = ptr, device_id
 
 
 @functools.cache
@@ -125,6 +127,7 @@ def _check_launch(name, grid, block, args):
 
     signature = cupy_launch.KERNEL_SIGNATURES[name.rpartition("_")[0]]
     assert isinstance(args, tuple) and len(args) == len(signature), (name, len(args))
+    assert type(grid) is tuple and type(block) is tuple  # CuPy's Function takes tuples
     assert len(grid) == 3 and len(block) == 3 and block[0] * block[1] * block[2] <= 1024
     for index, (kind, value) in enumerate(zip(signature, args, strict=True)):
         expected = {"ptr": (StubArray,), "i64": (int, np.int64), "i32": (np.int32,)}[kind]

@@ -59,9 +59,10 @@ __device__ __forceinline__ void store_rounded(double* target, double value) { *t
 
 __device__ __forceinline__ index_t smaller(index_t a, index_t b) { return a < b ? a : b; }
 
-// The products and sums of the layer keep float32 subnormals, as cuBLAS and NumPy do, although
-// CuPy compiles with -ftz=true: __fmaf_ieee_rn ignores that flag (a + b is fma(a, 1, b), exact
-// in the same single rounding). Only the activation functions' own arithmetic flushes.
+// The products and sums of the layer keep float32 subnormals, as NumPy does, although CuPy
+// compiles with -ftz=true: __fmaf_ieee_rn ignores that flag (CUDA Math API; a + b is
+// fma(a, 1, b), exact in the same single rounding). Only the activation functions' own
+// arithmetic flushes. (Whether cuBLAS's SGEMM keeps subnormals is not documented.)
 __device__ __forceinline__ float multiply_add(float a, float b, float c)
 {
     return __fmaf_ieee_rn(a, b, c);

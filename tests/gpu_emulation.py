@@ -130,6 +130,8 @@ class HostKernel:
         self.signature = cupy_launch.KERNEL_SIGNATURES[name.rpartition("_")[0]]
 
     def __call__(self, grid, block, args):
+        # CuPy 14.2's Function.__call__ declares ``tuple grid, tuple block`` (a list raises)
+        assert type(grid) is tuple and type(block) is tuple, (type(grid), type(block))
         assert grid[2] == 1 and block[2] == 1 and block[0] * block[1] <= 1024
         assert isinstance(args, tuple), f"{self.name}: CuPy takes the arguments as a tuple"
         assert len(args) == len(self.signature), (

@@ -29,9 +29,14 @@ def set_backend_variable(monkeypatch, value):
 
 
 def backend_param(name):
-    """A pytest param for backend ``name`` that skips, with the reason, where it cannot run."""
+    """A pytest param for backend ``name`` that skips, with the reason, where it cannot run.
+
+    cupy's carries the ``gpu`` mark: ``pytest -m gpu`` on a GPU machine (the first contact)
+    runs every backend-generic test through cupy too."""
     reason = _dispatch.unavailable_reason(name)
-    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    marks = [pytest.mark.gpu] if name == "cupy" else []
+    if reason:
+        marks.append(pytest.mark.skip(reason=reason))
     return pytest.param(name, marks=marks, id=name)
 
 

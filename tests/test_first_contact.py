@@ -1,35 +1,47 @@
 """benchmarks/gpu_first_contact.sh without a GPU: it parses, passes shellcheck where installed,
 and a dry run with stand-ins for python3, nvidia-smi, nvcc and compute-sanitizer writes every
-log under $OUT, kills a hung step at its time box, runs the steps after it, and ends within its
-budget."""
+log under $OUT, in the order of their value, kills a hung step at its time box, runs the steps
+after it, and ends within its budget. The stand-in python checks that every script the steps
+run exists and every module they run with ``-m`` is importable (a wrong path fails the step)."""
 
 import os
 import pathlib
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_first_contact.sh"
-LOGS = ("00_env.log", "10_paths.log", "11_paths.json", "20_pytest_gpu.log", "30_sanitizer.log",
-        "40_gpu_bench.log", "50_tune.log", "summary.txt")
-STEPS = ("versions", "check", "paths", "pytest_gpu", "memcheck", "racecheck", "gpu_bench", "tune")
+LOGS = ("00_env.log", "10_pytest_gpu.log", "20_gpu_bench.log", "30_sanitizer.log",
+        "40_paths.log", "41_paths.json", "50_tune.log", "summary.txt")
+STEPS = ("versions", "check", "pytest_gpu", "gpu_bench", "memcheck", "racecheck", "paths",
+         "tune")
 
-# The stand-in python3: pytest hangs (to be killed), `fastlinear tune --help` fails as it does
-# where the subcommand does not exist, cupy_tune writes its JSON; everything else echoes.
+# The stand-in python3: pytest hangs (to be killed); cupy_tune writes its JSON and tune its
+# profile; `-m MODULE` must name a module the real Python finds, a script must exist; `-c`
+# (the probes for platformdirs and pytest_timeout) fails, as where neither is installed.
 FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1" in
+  -c) exit 1 ;;
+  -m) "$REAL_PYTHON" -c 'import importlib.util, sys
+sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$2" || { echo "no module $2"; exit 3; } ;;
+  --version) echo "Python 3.fake"; exit 0 ;;
+  *) [ -f "$1" ] || { echo "no script $1"; exit 3; } ;;
+esac
 case "$*" in
   *"-m pytest"*) echo "collecting..."; exec sleep 300 ;;
-  *"fastlinear tune --help"*) exit 2 ;;
   *cupy_tune*) echo '{}' > "${@: -1}"; echo "fake table" ;;
+  *"fastlinear tune"*) echo '{"format": 1}' > "${@: -1}"; echo "fake tune" ;;
   *) echo "fake python $*" ;;
 esac
 """
 FAKE_TOOL = """#!/usr/bin/env bash
 echo "fake $(basename "$0") $*"
+case "$*" in *--tool*) shift 4; exec "$@" ;; esac
 """
 
 
@@ -58,7 +70,7 @@ def test_dry_run_writes_every_log_and_time_boxes_a_hung_step(tmp_path):
         _executable(bin_dir / tool, FAKE_TOOL)
     out = tmp_path / "out"
     budget = 40
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(python),
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(python), "REAL_PYTHON": sys.executable,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "FIRST_CONTACT_BUDGET_S": str(budget), "FIRST_CONTACT_RESERVE_S": "3",
            "FIRST_CONTACT_MAX_STEP_S": "3"}
@@ -78,8 +90,23 @@ def test_dry_run_writes_every_log_and_time_boxes_a_hung_step(tmp_path):
     assert set(status.values()) == {0}, summary
     assert "logs in" in summary and summary in result.stdout
     env_log = (out / "00_env.log").read_text()
-    assert "fake nvidia-smi" in env_log and "fake python -m fastlinear check" in env_log
+    assert "fake nvidia-smi" in env_log and "fastlinear info" in env_log
+    assert "fake python -m fastlinear check --backend cupy" in env_log
+    assert "platformdirs is not installed: a stand-in" in env_log
+    pytest_log = (out / "10_pytest_gpu.log").read_text()
+    assert "-m gpu --maxfail=20" in pytest_log and "--continue-on-collection-errors" in pytest_log
+    assert "compute_sanitizer tests/test_cupy_backend.py tests/test_activations.py" in pytest_log
     sanitizer_log = (out / "30_sanitizer.log").read_text()
     assert "--tool memcheck" in sanitizer_log and "--own-kernels-only" in sanitizer_log
-    assert "does not exist in this checkout" in (out / "50_tune.log").read_text()
-    assert "-m gpu --maxfail=20" in (out / "20_pytest_gpu.log").read_text()
+    assert "tests/gpu_sanitizer_smoke.py" in sanitizer_log
+    assert "fake python benchmarks/gpu_bench.py --quick" in (out / "20_gpu_bench.log").read_text()
+    assert (out / "41_paths.json").read_text().strip() == "{}"
+    tune_log = (out / "50_tune.log").read_text()
+    assert "the profile it wrote:" in tune_log and '{"format": 1}' in tune_log
+
+
+def test_pytest_m_gpu_selects_the_backend_generic_tests_through_cupy():
+    from tests.helpers import backend_param
+
+    assert "gpu" in {mark.name for mark in backend_param("cupy").marks}
+    assert "gpu" not in {mark.name for mark in backend_param("numpy").marks}

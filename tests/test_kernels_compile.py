@@ -211,7 +211,7 @@ def test_module_compiles_with_nvrtc_as_cupy_compiles_it(arch):
 @needs_nvrtc
 def test_products_and_sums_keep_float32_subnormals_under_cupys_ftz():
     """CuPy appends -ftz=true after our options (NVRTC's last -ftz wins), which flushes float32
-    subnormals in plain arithmetic; cuBLAS keeps them. The layer's multiply-adds and sums use
+    subnormals in plain arithmetic (NumPy keeps them). The layer's multiply-adds and sums use
     __fmaf_ieee_rn, which ignores the flag, so every float32 kernel has IEEE fma.rn.f32 (not
     .ftz), the forward kernels at least as many as one unrolled step of their product loop."""
     status, log, ptx = _nvrtc_compile(cupy_launch.kernel_source(), "fastlinear_kernels.cu",

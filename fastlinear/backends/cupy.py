@@ -13,9 +13,10 @@ Precision
     float64 in float64; float32 in float32 (CUBLAS_COMPUTE_32F, no TF32 under CuPy's default
     math mode); float16 with float32 sums, rounded once per element (twice on the cuBLAS path
     with an activation: the product, then act(product + b)). CuPy compiles our kernels with
-    ``-ftz=true``; their products and sums still keep float32 subnormals, as cuBLAS does (IEEE
-    fused multiply-adds, which ignore the flag), so the paths agree there. Only the activation
-    functions' own float32 arithmetic flushes subnormals.
+    ``-ftz=true``; their products and sums still keep float32 subnormals (IEEE fused
+    multiply-adds, which ignore the flag). Only the activation functions' own float32
+    arithmetic flushes subnormals. Whether cuBLAS's SGEMM keeps them is not documented: below
+    float32's smallest normal the cublas path may differ from ours.
 Forward ``Y = act(X @ W + b)``, one path of ``cupy_launch.FORWARD_PATHS`` (``forward_path``)
     ``small_batch`` and ``tiled``: one launch of our kernel, bias, activation and pre-activation
     store in its epilogue. ``cublas`` without an activation: ``fill_rows_with_bias``, then a
@@ -183,17 +184,29 @@ def _device_id():
 
 
 class _Device:
-    """What the backend keeps per CUDA device: its SM count, its kernels by (name, dtype), and
-    per stream the zeroed tile counters of ``gradient_column_sums`` (its last block per column
-    tile sets its counter back to zero, so one buffer serves every launch on that stream)."""
+    """What the backend keeps per CUDA device: its SM count, its kernels by (name, dtype), the
+    launch shapes of its row and column-sum passes by output shape (pure functions of the shape
+    and the SM count, computed once), and per stream the zeroed tile counters of
+    ``gradient_column_sums`` (its last block per column tile sets its counter back to zero, so
+    one buffer serves every launch on that stream)."""
 
-    __slots__ = ("id", "sm_count", "kernels", "counters")
+    __slots__ = ("id", "sm_count", "kernels", "launches", "counters")
 
     def __init__(self, device_id):
         self.id = device_id
         self.sm_count = _sm_count(device_id)
         self.kernels = {}
+        self.launches = {}
         self.counters = {}
+
+    def launch(self, plan, rows, cols):
+        """``plan(rows, cols, sm_count)`` (``rows_launch`` or ``column_sum_launch``), cached."""
+        shape = self.launches.get((plan, rows, cols))
+        if shape is None:
+            if len(self.launches) >= _MAX_LAUNCH_SHAPES:
+                self.launches.clear()
+            shape = self.launches[(plan, rows, cols)] = plan(rows, cols, self.sm_count)
+        return shape
 
     def kernel(self, name, dtype):
         function = self.kernels.get((name, dtype))
@@ -219,6 +232,7 @@ class _Device:
 
 _devices: dict[int, _Device] = {}
 _MAX_COUNTER_STREAMS = 16
+_MAX_LAUNCH_SHAPES = 1024
 
 
 def _device_state(device_id=None):
@@ -250,11 +264,11 @@ def _call_device(names, arrays):
         if isinstance(array, np.ndarray):
             any_host = True
             continue
-        this = array.device.id
+        this = array.data.device_id  # array.device would make a cupy.cuda.Device per access
         if device is None:
             device = this
         elif this != device:
-            where = ", ".join(f"{name} on device {array.device.id}"
+            where = ", ".join(f"{name} on device {array.data.device_id}"
                               for name, array in zip(names, arrays, strict=True)
                               if array is not None and not _is_host(array))
             raise ValueError(f"the CuPy arrays of one call must be on one device, got {where}; "
@@ -263,12 +277,12 @@ def _call_device(names, arrays):
     return device, any_host
 
 
-_SAME_DEVICE = contextlib.nullcontext()
-
-
-def _on_device(device_id):
-    """A context that makes ``device_id`` current (the current device stays when None)."""
-    return _SAME_DEVICE if device_id is None else _cupy().cuda.Device(device_id)
+def _elsewhere(device_id):
+    """Whether the call's arrays are on a device that is not the current one (None: no CuPy
+    array). Only then is the call run inside ``cupy.cuda.Device(device_id)``: that context's
+    ``__exit__`` sets the device again even when it did not change, work a call on the current
+    device has no need of."""
+    return device_id is not None and device_id != _device_id()
 
 
 # np.int32 arguments ("i32"): flags and activation codes, boxed once.
@@ -302,12 +316,13 @@ def _gemm(P, Q, C, beta):
     """
     n, k = P.shape
     m = Q.shape[1]
-    if m > cupy_launch.GEMM_MAX_DIM:
-        raise ValueError(f"a GEMM output of {m} columns is beyond cuBLAS's limit of "
-                         f"{cupy_launch.GEMM_MAX_DIM} (C int); shape {P.shape} @ {Q.shape}")
-    if n <= cupy_launch.GEMM_MAX_DIM and k <= cupy_launch.GEMM_MAX_DIM:
+    limit = cupy_launch.GEMM_MAX_DIM
+    if n <= limit and k <= limit and m <= limit:
         _gemm_call(P, Q, C, beta)
         return
+    if m > limit:
+        raise ValueError(f"a GEMM output of {m} columns is beyond cuBLAS's limit of {limit} "
+                         f"(C int); shape {P.shape} @ {Q.shape}")
     for row_start, row_stop in cupy_launch.gemm_chunks(n):
         for index, (k_start, k_stop) in enumerate(cupy_launch.gemm_chunks(k)):
             _gemm_call(P[row_start:row_stop, k_start:k_stop], Q[k_start:k_stop],
@@ -411,7 +426,7 @@ def _bias_argument(b, Y):
 
 def _fill_rows_with_bias(state, Y, b):
     rows, cols = Y.shape
-    grid, block = rows_launch(rows, cols, state.sm_count)
+    grid, block = state.launch(rows_launch, rows, cols)
     b, b_step = _vector(b)
     _launch(state, "fill_rows_with_bias", Y.dtype, grid, block, (Y, b, b_step, rows, cols))
 
@@ -420,7 +435,7 @@ def _bias_activation_epilogue(Y, b, activation, Z, state=None):
     """``Z = Y + b`` (when Z is given), ``Y = act(Y + b)`` in one pass over Y."""
     state = state or _device_state()
     rows, cols = Y.shape
-    grid, block = rows_launch(rows, cols, state.sm_count)
+    grid, block = state.launch(rows_launch, rows, cols)
     bias, b_step, has_bias = _bias_argument(b, Y)
     _launch(state, "bias_activation_epilogue", Y.dtype, grid, block,
             (Y, bias, b_step, has_bias, _ACTIVATION_ARGS[activation], Y if Z is None else Z,
@@ -483,7 +498,7 @@ def _gradient_column_sums(dY, saved, activation, G, db, accumulate, state=None):
     ``db (+)= G.sum(0)`` when db is given; dY has rows and columns."""
     state = state or _device_state()
     rows, cols = dY.shape
-    grid, block, rows_per_split = column_sum_launch(rows, cols, state.sm_count)
+    grid, block, rows_per_split = state.launch(column_sum_launch, rows, cols)
     dY, row_step, col_step = _strided(dY)
     if activation is None:
         saved, saved_row, saved_col, G = dY, 0, 0, db  # valid pointers, never read or written
@@ -585,20 +600,22 @@ def forward(X, W, b, out, activation=None, preactivation=None):
     library of ``X``. The call runs on the device of its CuPy arrays.
     """
     device, any_host = _call_device(_FORWARD_NAMES, (X, W, b, out, preactivation))
-    with _on_device(device):
-        state = _device_state(device)
-        if not any_host:
-            return _forward_device(X, W, b, out, activation, preactivation, state)
-        Z = None
-        if preactivation is not None:
-            Z = _device_buffer(preactivation, False)
-            if Z is None:
-                Z = _cupy().empty(preactivation.shape, dtype=preactivation.dtype)
-        Y = _forward_device(_to_device(X), _to_device(W), _to_device(b),
-                            _device_buffer(out, False), activation, Z, state)
-        if preactivation is not None and _is_host(preactivation):
-            _to_host(Z, preactivation)
-        return _result(Y, _is_host(X), out)
+    if _elsewhere(device):
+        with _cupy().cuda.Device(device):
+            return forward(X, W, b, out, activation, preactivation)
+    state = _device_state(device)
+    if not any_host:
+        return _forward_device(X, W, b, out, activation, preactivation, state)
+    Z = None
+    if preactivation is not None:
+        Z = _device_buffer(preactivation, False)
+        if Z is None:
+            Z = _cupy().empty(preactivation.shape, dtype=preactivation.dtype)
+    Y = _forward_device(_to_device(X), _to_device(W), _to_device(b), _device_buffer(out, False),
+                        activation, Z, state)
+    if preactivation is not None and _is_host(preactivation):
+        _to_host(Z, preactivation)
+    return _result(Y, _is_host(X), out)
 
 
 def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=None,
@@ -611,14 +628,17 @@ def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=Non
     runs on the device of its CuPy arrays.
     """
     device, any_host = _call_device(_BACKWARD_NAMES, (dY, X, W, saved, dX, dW, db))
-    with _on_device(device):
-        state = _device_state(device)
-        if not any_host:
-            return _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
-                                    activation, saved, state)
-        dX_device, dW_device, db_device = _backward_device(
-            _to_device(dY), _to_device(X), _to_device(W), has_bias, need_dX, accumulate,
-            _device_buffer(dX, False), _device_buffer(dW, accumulate),
-            _device_buffer(db, accumulate), activation, _to_device(saved), state)
-        return (_result(dX_device, _is_host(dY), dX), _result(dW_device, _is_host(W), dW),
-                _result(db_device, _is_host(W), db))
+    if _elsewhere(device):
+        with _cupy().cuda.Device(device):
+            return backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation,
+                            saved)
+    state = _device_state(device)
+    if not any_host:
+        return _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
+                                activation, saved, state)
+    dX_device, dW_device, db_device = _backward_device(
+        _to_device(dY), _to_device(X), _to_device(W), has_bias, need_dX, accumulate,
+        _device_buffer(dX, False), _device_buffer(dW, accumulate),
+        _device_buffer(db, accumulate), activation, _to_device(saved), state)
+    return (_result(dX_device, _is_host(dY), dX), _result(dW_device, _is_host(W), dW),
+            _result(db_device, _is_host(W), db))
