@@ -145,7 +145,7 @@ def grad(activation, dY, saved, out=None):
         # torch's threshold_backward selects, not multiplies: zero where y <= 0 even where dY
         # is NaN or inf, and the gradient passes where y is NaN
         np.copyto(out, dY)
-        out[saved <= 0] = 0
+        np.putmask(out, saved <= 0, dtype(0))  # as out[saved <= 0] = 0, in half the time
     elif activation == "tanh":
         np.multiply(dY, one - saved * saved, out=out)
     elif activation == "sigmoid":

@@ -44,11 +44,11 @@ def softmax_cross_entropy(logits, labels, grad_out=None):
     exp = xp.exp(shifted)
     total = exp.sum(axis=1, keepdims=True)
     log_probs = shifted - xp.log(total)
-    loss = -log_probs[rows, labels].mean()
+    picked = log_probs[rows, labels].sum()  # / n: .mean() costs ~6 us more (its wrapper)
     grad = xp.divide(exp, total, out=grad_out)  # softmax
     grad[rows, labels] -= 1
     grad /= grad.dtype.type(n)
-    return float(loss), grad
+    return -float(picked) / n, grad
 
 
 def mse(outputs, targets, grad_out=None):
