@@ -93,7 +93,9 @@ def _activation_grad_in_place(code, g, saved):
     """``g *= act'`` for one row, ``g`` holding ``dy`` on entry (``_numba_activations``'s
     formulas). ReLU, tanh and sigmoid have their own loops here: the shared
     ``activation_grad(code, dy, saved, g)`` called with ``dy`` and ``g`` the same row ran
-    several times slower inside the step (a loop over two arguments that may alias)."""
+    several times slower inside the step (a loop over two arguments that may alias); for ReLU,
+    the same select in both, still 0.2-0.5 against 1.4-5.5 ns an element
+    (``benchmarks/relu_grad_in_place.py``)."""
     real = g.dtype.type
     zero, one = real(0.0), real(1.0)
     if code == RELU:
