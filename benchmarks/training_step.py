@@ -109,20 +109,33 @@ def targets(cases):
     return lines
 
 
+def case_indices(text):
+    """``--cases``: comma-separated indices of ``CASES``; argparse reports anything else."""
+    try:
+        indices = {int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    outside = sorted(index for index in indices if not 0 <= index < len(CASES))
+    if outside:
+        raise argparse.ArgumentTypeError(f"no case {outside}: CASES has indices 0 to "
+                                         f"{len(CASES) - 1}")
+    return indices
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--block-time", type=float, default=0.05)
     parser.add_argument("--pause", type=float, default=0.3)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--cases", default=None,
+    parser.add_argument("--cases", default=None, type=case_indices,
                         help="comma-separated indices of CASES to run (default: all), e.g. 0,2")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
     lines = header()
     print("\n".join(lines), flush=True)
-    selected = None if args.cases is None else {int(i) for i in args.cases.split(",")}
-    cases = run(args.rounds, args.block_time, args.pause, np.dtype(args.dtype).name, selected)
+    cases = run(args.rounds, args.block_time, args.pause, np.dtype(args.dtype).name, args.cases)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     body = [*table(cases), *targets(cases), "", f"load average at the end: {load}"]
     print("\n".join(body))

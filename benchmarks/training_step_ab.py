@@ -4,9 +4,10 @@ On a shared machine the time of a block of steps varies by 1.5x from one second 
 two runs of ``training_step.py`` rarely compare; here each round times the old step, the new
 step and the GEMMs floor back to back (rotated each round), and the ratios are taken within each
 round before the median. The old version is a copy of the package renamed, so both import side
-by side; make it with (the commit to compare against in place of aff6fdc)::
+by side; make it with (BASE: the commit or branch to compare against, e.g. main)::
 
-    mkdir -p /tmp/ab && git archive aff6fdc fastlinear | tar -x -C /tmp/ab
+    BASE=main
+    mkdir -p /tmp/ab && git archive "$BASE" fastlinear | tar -x -C /tmp/ab
     mv /tmp/ab/fastlinear /tmp/ab/fastlinear_base
     find /tmp/ab -name '*.py' | xargs sed -i 's/\\bfastlinear\\b/fastlinear_base/g'
 
@@ -69,7 +70,7 @@ def main():
                 calls[name]()
             times[name].append((time.perf_counter() - start) / steps)
     times = {name: np.array(values) for name, values in times.items()}
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(f"{args.sizes} batch {args.batch}, {args.rounds} rounds x {steps} steps, "
           f"load average {load}")
     for name, values in times.items():

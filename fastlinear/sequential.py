@@ -154,6 +154,9 @@ class Sequential:
         self.layers = tuple(layers)
         xp = _arrays.namespace(layers[0].W)
         layout = np.empty((len(layers), 5), np.int64)
+        # Each layer's W, then its b, right after it: the compiled step updates a layer's
+        # parameters in one pass over params[W offset:end of b] (_numba_network._backward_all),
+        # so anything else that builds a layout must keep W and b adjacent too.
         position = 0
         for index, layer in enumerate(layers):
             D, M = layer.in_features, layer.out_features
@@ -309,12 +312,16 @@ class Sequential:
         return y.astype(_LABELS, copy=False)
 
     def _labels_out_of_range(self, y: Any, bad_row: int | None = None) -> ValueError:
-        classes = self.layers[-1].out_features
+        classes = self._out_width
         if bad_row is None:
             bad = (y < 0) | (y >= classes)
             bad_row = int(bad.argmax())
         return ValueError(f"y holds label {int(y[bad_row])} at row {bad_row}, outside the "
                           f"{classes} classes [0, {classes - 1}] of the last layer")
+
+    def _check_label_range(self, y: Any) -> None:
+        if bool(((y < 0) | (y >= self._out_width)).any()):
+            raise self._labels_out_of_range(y)
 
     def _check_step(self, X: Any, y: Any, loss: object, lr: object, momentum: object) -> tuple:
         loss_name = losses.check_loss(loss)
@@ -323,7 +330,7 @@ class Sequential:
         if loss_name == "mse":
             y = self._check_rows(y, "y", self._out_width, "columns (targets)")
             if y.shape[0] != X.shape[0]:
-                raise ValueError(f"y must have shape {(X.shape[0], self.layers[-1].out_features)}"
+                raise ValueError(f"y must have shape {(X.shape[0], self._out_width)}"
                                  f" (mse targets, one row per row of X), got {tuple(y.shape)}")
         else:
             y = self._check_labels(y, X)
@@ -357,9 +364,11 @@ class Sequential:
         if self._layers_changed():
             self._sync_layers()
         if module.NAME in NATIVE_STEP_BACKENDS:
-            out = np.empty((X.shape[0], self.layers[-1].out_features), self.dtype)
+            out = np.empty((X.shape[0], self._out_width), self.dtype)
             self._native(0, X, out, self._dummies[1], self._dummies[0], 0, 0.0, 0.0)
-            self._cache = ("native", X, None)
+            # The workspace holding this forward's activations: a later call (a refused step
+            # with a bigger batch) may replace self._work, and backward must not read that.
+            self._cache = ("native", X, self._work)
             return out
         out, state = self._layered_forward(module.NAME, X)
         self._cache = (module.NAME, X, state)
@@ -378,7 +387,7 @@ class Sequential:
             self._sync_layers()
         if name == "native":
             dX = np.empty(X.shape, self.dtype)
-            self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0)
+            self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0, work=state)
             return dX
         return self._layered_backward(name, X, state, dY, need_dX=True)
 
@@ -388,7 +397,8 @@ class Sequential:
         Forward through every layer, the loss and its gradient, backward (every layer's ``dW``,
         ``db``), then ``torch.optim.SGD(lr, momentum)``'s update of every parameter:
         ``v = momentum * v + g; p -= lr * v`` (``p -= lr * g`` when ``momentum`` is 0). On the
-        numba backend all of it is one compiled call.
+        numba backend all of it is one compiled call, which updates each layer as soon as the
+        backward pass has done with its ``W`` (the same result as one update at the end).
 
         Parameters
         ----------
@@ -414,6 +424,8 @@ class Sequential:
             code = losses.LOSS_CODES[loss_name]
             labels, targets = (y, self._dummies[0]) if code == 0 else (self._dummies[1], y)
             if self._layers_changed():
+                if code == 0:  # the compiled call checks the labels, but after this sync
+                    self._check_label_range(y)
                 self._sync_layers()
             value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
             if value <= -1.0:
@@ -421,9 +433,7 @@ class Sequential:
             self._forget_forward()
             return value
         if loss_name == "softmax_cross_entropy":
-            classes = self.layers[-1].out_features
-            if bool(((y < 0) | (y >= classes)).any()):
-                raise self._labels_out_of_range(y)
+            self._check_label_range(y)
         if self._layers_changed():
             self._sync_layers()
         value = self._layered_step(module.NAME, X, y, loss_name, rate, keep)
@@ -439,17 +449,21 @@ class Sequential:
     # --- numba: one compiled call ---------------------------------------------------------------
 
     def _native(self, mode: int, X: Any, outer: Any, labels: Any, dX: Any, loss_code: int,
-                lr: float, momentum: float) -> float:
+                lr: float, momentum: float, work: Any = None) -> float:
+        """One ``network_call``; ``work`` is the last forward's workspace for a backward (the
+        network's own, grown to the batch, otherwise)."""
         native = _native_module()
         rows = X.shape[0]
-        if self._work.shape[0] < rows * self._work_per_row:
-            self._work = np.empty(rows * self._work_per_row, self.dtype)
+        if work is None:
+            if self._work.shape[0] < rows * self._work_per_row:
+                self._work = np.empty(rows * self._work_per_row, self.dtype)
+            work = self._work
         if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:
             native.blas.match_blas_threads()
         blas = self._blas or native.blas.blas_routines(self.dtype)
         self._blas = blas
         return native.network_call(mode, blas.gemm, blas.int_bits, self._layout, self._params,
-                                   self._velocity, self._grads, X, self._work, outer, labels, dX,
+                                   self._velocity, self._grads, X, work, outer, labels, dX,
                                    loss_code, lr, momentum)
 
     # --- numpy (the reference) and cupy: layer by layer ------------------------------------------

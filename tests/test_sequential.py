@@ -174,6 +174,23 @@ def test_relu_special_values_as_the_reference():
     np.testing.assert_array_equal(outs[1][0], [np.nan, 0, np.inf, 0, 0, 0, 3, 1e-300])
 
 
+def test_relu_turns_negative_zero_into_positive_zero_as_the_reference():
+    """-0.0 never reaches the ReLU through the step (the gemm gives +0.0), so the compiled
+    activation is applied to it directly: +0.0, as np.maximum (torch.relu keeps -0.0)."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear import activations
+    from fastlinear.backends import _numba_activations
+
+    row = np.array([-0.0, 0.0, -1.0, 2.0])
+    reference = activations.apply("relu", row.copy())
+    # the signature the step compiled: an int64 code, a C-contiguous float64 row
+    _numba_activations.activate(np.int64(activations.ACTIVATION_CODES["relu"]), row)
+    np.testing.assert_array_equal(np.signbit(reference), [False] * 4)
+    np.testing.assert_array_equal(np.signbit(row), [False] * 4)
+    np.testing.assert_array_equal(row, [0.0, 0.0, 0.0, 2.0])
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=st.lists(st.integers(1, 9), min_size=2, max_size=5),
        activations=st.lists(st.sampled_from(ACTIVATIONS), min_size=4, max_size=4),
@@ -445,6 +462,64 @@ def test_backward_after_a_step_needs_a_fresh_forward(backend):
         net.backward(dY)
     net.forward(X)
     assert net.backward(dY).shape == (6, 4)
+
+
+@pytest.mark.parametrize("loss, target", [("softmax_cross_entropy", np.zeros(0, np.int64)),
+                                          ("mse", np.zeros((0, 3)))])
+def test_the_loss_functions_refuse_an_empty_batch(loss, target):
+    """The public reference losses: an empty batch has no mean, a ValueError says so (not a
+    ZeroDivisionError, nor NaN with a warning)."""
+    with pytest.raises(ValueError, match=r"empty \(shape \(0, 3\)\)"):
+        losses.value_and_grad(loss, np.zeros((0, 3)), target)
+
+
+def test_a_refused_bigger_step_keeps_the_forward_for_backward(backend):
+    """A step refused for a bad label, with a bigger batch than the last forward's, leaves that
+    forward's activations: the next ``backward`` gives the same values as without the refused
+    step (the numba step grows its workspace for the bigger batch, which must not be the
+    forward's)."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    nets = [Sequential(*make_layers((4, 5, 3), ("gelu", None), np.float64, seed=36,
+                                    backend=backend), backend=backend) for _ in range(2)]
+    rng = np.random.default_rng(37)
+    X, dY = xp.asarray(rng.standard_normal((2, 4))), xp.asarray(rng.standard_normal((2, 3)))
+    big, labels = xp.asarray(rng.standard_normal((50, 4))), xp.zeros(50, np.int64)
+    labels[7] = 9
+    for net in nets:
+        net.forward(X)
+    with pytest.raises(ValueError, match="label 9 at row 7"):
+        nets[1].train_step(big, labels, loss="softmax_cross_entropy", lr=0.1)
+    dXs = [to_numpy(net.backward(dY)) for net in nets]
+    np.testing.assert_array_equal(dXs[1], dXs[0])
+    for first, second in zip(*(net.layers for net in nets), strict=True):
+        np.testing.assert_array_equal(to_numpy(second.dW), to_numpy(first.dW))
+        np.testing.assert_array_equal(to_numpy(second.db), to_numpy(first.db))
+
+
+def test_a_refused_step_takes_in_no_assignment(backend):
+    """A step refused for a bad label changes nothing on any backend, not even by taking in an
+    assigned ``W`` or activation: the arena keeps its values, the layer its new array, until
+    the next call that runs."""
+    if backend == "cupy":
+        pytest.skip("the label check is shared; the cupy backend's arrays are covered elsewhere")
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=38,
+                                  backend=backend), backend=backend)
+    X, y = np.ones((3, 4)), np.array([0, 1, 2])
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    before, layout = snapshot(net), net._layout.copy()
+    assigned = np.full((4, 5), 0.25)
+    net.layers[0].W = assigned
+    net.layers[1].activation = "tanh"
+    with pytest.raises(ValueError, match="label 3 at row 2"):
+        net.train_step(X, np.array([0, 1, 3]), loss="softmax_cross_entropy", lr=0.1)
+    for old, new in zip(before, snapshot(net), strict=True):
+        np.testing.assert_array_equal(old, new)
+    np.testing.assert_array_equal(net._layout, layout)
+    assert net.layers[0].W is assigned
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.0)
+    np.testing.assert_array_equal(net.layers[0].W, assigned)
+    assert np.shares_memory(net.layers[0].W, net._params)
+    assert net._activations[1] == "tanh"
 
 
 @pytest.mark.parametrize("libraries, dtypes, message", [
