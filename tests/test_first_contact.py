@@ -22,8 +22,9 @@ LOGS = ("00_env.log", "10_pytest_gpu.log", "20_gpu_bench.log", "30_sanitizer.log
 STEPS = ("versions", "check", "pytest_gpu", "gpu_bench", "memcheck", "racecheck", "paths")
 UNSUPPORTED = 77
 
-# The stand-in python3: pytest hangs (to be killed); cupy_tune writes its JSON; `-m MODULE` must name a module the real Python finds, a script must exist; `-c`
-# (the probes for platformdirs and pytest_timeout) fails, as where neither is installed.
+# The stand-in python3: pytest hangs (to be killed); cupy_tune writes its JSON; `-m MODULE`
+# must name a module the real Python finds, a script must exist; `-c` (the probes for
+# platformdirs and pytest_timeout) fails, as where neither is installed.
 FAKE_PYTHON = """#!/usr/bin/env bash
 case "$1" in
   -c) exit 1 ;;
