@@ -283,14 +283,6 @@ def _call_device(names, arrays):
     return device, any_host
 
 
-def _elsewhere(device_id):
-    """Whether the call's arrays are on a device that is not the current one (None: no CuPy
-    array). Only then is the call run inside ``cupy.cuda.Device(device_id)``: that context's
-    ``__exit__`` sets the device again even when it did not change, work a call on the current
-    device has no need of."""
-    return device_id is not None and device_id != _device_id()
-
-
 # np.int32 arguments ("i32"): flags and activation codes, boxed once.
 _I32 = tuple(np.int32(value) for value in range(max(2, max(ACTIVATION_CODES.values()) + 1)))
 _ACTIVATION_ARGS = {name: _I32[code] for name, code in ACTIVATION_CODES.items()}
@@ -606,10 +598,17 @@ def forward(X, W, b, out, activation=None, preactivation=None):
     library of ``X``. The call runs on the device of its CuPy arrays.
     """
     device, any_host = _call_device(_FORWARD_NAMES, (X, W, b, out, preactivation))
-    if _elsewhere(device):
-        with _cupy().cuda.Device(device):
-            return forward(X, W, b, out, activation, preactivation)
-    state = _device_state(device)
+    current = _device_id()
+    if device is None or device == current:
+        return _forward_on(_device_state(current), any_host, X, W, b, out, activation,
+                           preactivation)
+    with _cupy().cuda.Device(device):  # only here: its __exit__ sets the device even unchanged
+        return _forward_on(_device_state(device), any_host, X, W, b, out, activation,
+                           preactivation)
+
+
+def _forward_on(state, any_host, X, W, b, out, activation, preactivation):
+    """``forward`` on ``state``'s device, the current one."""
     if not any_host:
         return _forward_device(X, W, b, out, activation, preactivation, state)
     Z = None
@@ -633,12 +632,18 @@ def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=Non
     ``db`` in the library of ``W`` (a layer's gradients stay where its parameters are). The call
     runs on the device of its CuPy arrays.
     """
+    args = (dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation, saved)
     device, any_host = _call_device(_BACKWARD_NAMES, (dY, X, W, saved, dX, dW, db))
-    if _elsewhere(device):
-        with _cupy().cuda.Device(device):
-            return backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation,
-                            saved)
-    state = _device_state(device)
+    current = _device_id()
+    if device is None or device == current:
+        return _backward_on(_device_state(current), any_host, *args)
+    with _cupy().cuda.Device(device):  # only here: its __exit__ sets the device even unchanged
+        return _backward_on(_device_state(device), any_host, *args)
+
+
+def _backward_on(state, any_host, dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
+                 activation, saved):
+    """``backward`` on ``state``'s device, the current one."""
     if not any_host:
         return _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
                                 activation, saved, state)
