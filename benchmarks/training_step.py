@@ -11,8 +11,9 @@ per-layer step, torch eager, jax.jit, and the step's GEMMs from one ``@njit`` ca
 Interleaved rounds (A B C ... rotated each round) with a pause between libraries, the timing
 core of the bench (``fastlinear.bench.timing``); medians and minimums per contender.
 
-Run: ``python benchmarks/training_step.py [--rounds 21] [--out FILE]``; prints the table and
-the targets' ratios (and writes them to FILE).
+Run: ``python benchmarks/training_step.py [--rounds 21] [--cases 0,2] [--out FILE]``; prints
+the table and the targets' ratios (and writes them to FILE). ``--cases`` picks rows of ``CASES``
+by index (0: batch 32, 1: batch 256, 2: 784-512-256-10).
 """
 
 import argparse
@@ -53,7 +54,7 @@ def header():
             f"threads:  {info.thread_pools(None)}"]
 
 
-def run(rounds, block_time, pause, dtype):
+def run(rounds, block_time, pause, dtype, selected=None):
     torch = contenders.import_torch(True)
     if torch is not None:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -62,7 +63,10 @@ def run(rounds, block_time, pause, dtype):
     options = types.SimpleNamespace(repeat=rounds, min_repeat=rounds, block_time=block_time,
                                     pause=pause, case_budget=0)
     cases = []
-    for sizes, batch in CASES:
+    for index, (sizes, batch) in enumerate(CASES):
+        if selected is not None and index not in selected:
+            cases.append(None)
+            continue
         case = training.training_case(batch, dtype, backends, torch, seed=0, sizes=sizes)
         timing.time_case(case, options)
         report.summarize(case)
@@ -74,6 +78,8 @@ def run(rounds, block_time, pause, dtype):
 def table(cases):
     lines = []
     for case in cases:
+        if case is None:
+            continue
         sizes = "-".join(map(str, case.shape[1:]))
         lines += ["", f"{sizes}, batch {case.shape[0]}, {case.dtype}, {case.rounds} rounds",
                   f"{'contender':<20} {'median':>9} {'min':>9} {'xNumPy':>7} {'xjax':>6} "
@@ -90,6 +96,8 @@ def table(cases):
 def targets(cases):
     lines = ["", "issue 17 targets (ratio of medians; of minimums in brackets):"]
     for index, label, baseline, wanted, what in TARGETS:
+        if cases[index] is None:
+            continue
         rows = {row["label"]: row for row in cases[index].rows}
         if label not in rows or baseline not in rows:
             lines.append(f"  {what}: not measured ({label} or {baseline} missing)")
@@ -101,17 +109,33 @@ def targets(cases):
     return lines
 
 
+def case_indices(text):
+    """``--cases``: comma-separated indices of ``CASES``; argparse reports anything else."""
+    try:
+        indices = {int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    outside = sorted(index for index in indices if not 0 <= index < len(CASES))
+    if outside:
+        raise argparse.ArgumentTypeError(f"no case {outside}: CASES has indices 0 to "
+                                         f"{len(CASES) - 1}")
+    return indices
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--block-time", type=float, default=0.05)
     parser.add_argument("--pause", type=float, default=0.3)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cases", default=None, type=case_indices,
+                        help="comma-separated indices of CASES to run (default: all), e.g. 0,2")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
     lines = header()
     print("\n".join(lines), flush=True)
-    cases = run(args.rounds, args.block_time, args.pause, np.dtype(args.dtype).name)
+    cases = run(args.rounds, args.block_time, args.pause, np.dtype(args.dtype).name, args.cases)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     body = [*table(cases), *targets(cases), "", f"load average at the end: {load}"]
     print("\n".join(body))

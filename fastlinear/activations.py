@@ -11,7 +11,8 @@ and the pre-activation ``Z = X @ W + b`` for the two GELUs, whose derivatives ar
 Formulas, as every backend computes them (``zc`` is ``z`` clamped to ``[-GELU_CLAMP, GELU_CLAMP]``,
 ``B = GELU_TANH_BETA``, ``K = GELU_TANH_KAPPA``)::
 
-    relu       y = max(z, 0) (NaN stays NaN)
+    relu       y = max(z, 0) (NaN stays NaN; -0.0 gives +0.0, as np.maximum(-0.0, 0): the
+               NumPy reference, unlike torch.relu, which keeps -0.0)
                dz = dy if not (y <= 0) else 0
     tanh       y = tanh(z)
                dz = dy * (1 - y * y)
@@ -145,7 +146,7 @@ def grad(activation, dY, saved, out=None):
         # torch's threshold_backward selects, not multiplies: zero where y <= 0 even where dY
         # is NaN or inf, and the gradient passes where y is NaN
         np.copyto(out, dY)
-        out[saved <= 0] = 0
+        np.putmask(out, saved <= 0, dtype(0))  # as out[saved <= 0] = 0, in half the time
     elif activation == "tanh":
         np.multiply(dY, one - saved * saved, out=out)
     elif activation == "sigmoid":

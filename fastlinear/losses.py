@@ -34,27 +34,36 @@ def check_loss(loss: object) -> str:
                      f"{', '.join(repr(name) for name in LOSSES)}")
 
 
+def _refuse_empty(name, array):
+    raise ValueError(f"{name} is empty (shape {tuple(array.shape)}): a mean loss needs at least "
+                     f"one element")
+
+
 def softmax_cross_entropy(logits, labels, grad_out=None):
     """Mean cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,), and its gradient
     with respect to the logits (into ``grad_out`` when given), in the logits' dtype."""
     xp = _arrays.namespace(logits)  # NumPy, or CuPy on the GPU
     n = logits.shape[0]
+    if n == 0:
+        _refuse_empty("logits", logits)
     rows = xp.arange(n)
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = xp.exp(shifted)
     total = exp.sum(axis=1, keepdims=True)
     log_probs = shifted - xp.log(total)
-    loss = -log_probs[rows, labels].mean()
+    picked = log_probs[rows, labels].sum()  # / n: .mean() costs ~6 us more (its wrapper)
     grad = xp.divide(exp, total, out=grad_out)  # softmax
     grad[rows, labels] -= 1
     grad /= grad.dtype.type(n)
-    return float(loss), grad
+    return -float(picked) / n, grad
 
 
 def mse(outputs, targets, grad_out=None):
     """Mean squared error over all elements of ``outputs - targets`` (N, M), and its gradient
     with respect to the outputs (into ``grad_out`` when given)."""
     xp = _arrays.namespace(outputs)
+    if outputs.size == 0:
+        _refuse_empty("outputs", outputs)
     diff = xp.subtract(outputs, targets, out=grad_out)
     loss = float((diff * diff).mean())
     diff *= diff.dtype.type(2.0 / diff.size)

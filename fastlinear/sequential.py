@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,22 +31,13 @@ __all__ = ["Sequential"]
 # tens of layer calls save (issue 17's measurements: 50-100 us a step, 1-3 us a layer call).
 STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (a dtype: == is faster)
 # Backends that run a whole network call natively (one compiled call); the others run layer by
 # layer through fastlinear.functional, and numpy runs the reference math.
 NATIVE_STEP_BACKENDS = frozenset({"numba"})
 # Columns of the layout table the compiled step walks: in/out features, offsets of W and b in
 # the arenas (-1: no bias), activation code.
 _D, _M, _W_AT, _B_AT, _ACT = range(5)
-# A numba train_step of at least this many multiply-adds (batch rows x the network's
-# multiply-adds per row), with Numba allowed two threads or more, splits its batch rows in two:
-# each half runs forward and backward on its own thread with one BLAS thread, the halves'
-# gradients are summed (first half + second, always) and the update runs once. Off by default:
-# on a quiet 2-core Zen 3 the split lost to one call at the size it was gated for
-# (784-512-256-10, batch 128: split 0.65x NumPy, one call 1.18x;
-# benchmarks/results/quiet_rerun_2026-11-29.txt), though the loaded machine it was first
-# measured on had shown it ahead. Set it lower only where
-# benchmarks/row_split.py measures the split ahead.
-ROW_SPLIT_MIN_WORK = 1 << 62
 
 
 def _resolve(backend: str | None, library: str, check: Any) -> Any:
@@ -66,49 +56,15 @@ def _resolve(backend: str | None, library: str, check: Any) -> Any:
 
 class _Native(NamedTuple):
     blas: Any  # fastlinear.backends._numba_blas
-    network: Any  # fastlinear.backends._numba_network
-    network_call: Any
-    threads: Any  # numba.get_num_threads
-
-
-def _split_threads() -> int:
-    """How many threads the numba backend may use (Numba's count, the backend's policy)."""
-    return int(_native_module().threads())
-
-
-# The thread that runs the second half of a row-split step, started at the first split step.
-# A forked child starts without it (the parent's thread is not in the child): the fork hook
-# forgets it there, so the child starts its own.
-_split_pool: list[Any] = []
-
-
-def _forget_split_worker() -> None:
-    _split_pool.clear()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX only; elsewhere no process is forked
-    os.register_at_fork(after_in_child=_forget_split_worker)
-
-
-def _split_worker() -> Any:
-    """The one-thread pool of the row split (see ``_split_pool``)."""
-    if not _split_pool:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _split_pool.append(ThreadPoolExecutor(max_workers=1,
-                                              thread_name_prefix="fastlinear-rows"))
-    return _split_pool[0]
+    network_call: Any  # fastlinear.backends._numba_network.network_call
 
 
 @functools.cache
 def _native_module() -> _Native:
     """The numba backend's network call, imported at its first use (Numba loads then)."""
-    import numba
-
     from fastlinear.backends import _numba_blas, _numba_network
 
-    return _Native(_numba_blas, _numba_network, _numba_network.network_call,
-                   numba.get_num_threads)
+    return _Native(_numba_blas, _numba_network.network_call)
 
 
 def _check_layers(layers: tuple[Any, ...]) -> tuple[np.dtype, str]:
@@ -198,6 +154,9 @@ class Sequential:
         self.layers = tuple(layers)
         xp = _arrays.namespace(layers[0].W)
         layout = np.empty((len(layers), 5), np.int64)
+        # Each layer's W, then its b, right after it: the compiled step updates a layer's
+        # parameters in one pass over params[W offset:end of b] (_numba_network._backward_all),
+        # so anything else that builds a layout must keep W and b adjacent too.
         position = 0
         for index, layer in enumerate(layers):
             D, M = layer.in_features, layer.out_features
@@ -220,9 +179,11 @@ class Sequential:
             self._point_layer(index)
         self._activations = [layer.activation for layer in layers]
         self._set_activation_codes()
+        # Every call's input checks compare against these (a layer's sizes cannot change: a
+        # new W or b of another shape is refused, _adopt).
+        self._in_width, self._out_width = layers[0].in_features, layers[-1].out_features
+        self._remember_layers()
         self._work = np.empty(0, self.dtype)  # the numba step's workspace (see its module)
-        # The row split's second workspace and gradient arena (see _native_split_step).
-        self._split_arenas: tuple[Any, Any] | None = None
         self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
         self._cache: Any = None  # what backward needs from the last forward: (backend, X, state)
         self._no_cache = "backward() called before forward(): call forward(X) first"
@@ -291,10 +252,17 @@ class Sequential:
         if current != self._activations:
             self._activations = current
             self._set_activation_codes()
+        self._remember_layers()
+
+    def _remember_layers(self) -> None:
+        """What ``_layers_changed`` compares each layer's attributes with, in one flat tuple per
+        layer (checked at every call: unpacking nested tuples made it twice as slow)."""
+        self._expected = [(layer, W, b, dW, db, act) for layer, (W, b), (dW, db), act
+                          in zip(self.layers, self._views, self._grad_views, self._activations,
+                                 strict=True)]
 
     def _layers_changed(self) -> bool:
-        for layer, (W, b), (dW, db), act in zip(self.layers, self._views, self._grad_views,
-                                                self._activations, strict=True):
+        for layer, W, b, dW, db, act in self._expected:
             if (layer.W is not W or layer.b is not b or layer.dW is not dW or layer.db is not db
                     or layer.activation != act):
                 return True
@@ -330,38 +298,42 @@ class Sequential:
             X = _arrays.namespace(X).ascontiguousarray(X)
         return X
 
-    def _check_labels(self, y: Any, rows: int, xp: Any) -> Any:
-        if type(y) is np.ndarray and y.dtype == np.int64 and y.shape == (rows,):
+    def _check_labels(self, y: Any, X: Any) -> Any:
+        rows = X.shape[0]
+        if type(y) is np.ndarray and y.dtype == _LABELS and y.shape == (rows,):
             return y
-        y = xp.asarray(y)
+        y = _arrays.namespace(X).asarray(y)
         if y.dtype.kind not in "iu":
             raise TypeError(f"y must hold integer class labels for softmax_cross_entropy, got "
                             f"dtype {y.dtype}")
         if y.shape != (rows,):
             raise ValueError(f"y must have shape ({rows},) (one label per row of X), got "
                              f"{tuple(y.shape)}")
-        return y.astype(np.int64, copy=False)
+        return y.astype(_LABELS, copy=False)
 
     def _labels_out_of_range(self, y: Any, bad_row: int | None = None) -> ValueError:
-        classes = self.layers[-1].out_features
+        classes = self._out_width
         if bad_row is None:
             bad = (y < 0) | (y >= classes)
             bad_row = int(bad.argmax())
         return ValueError(f"y holds label {int(y[bad_row])} at row {bad_row}, outside the "
                           f"{classes} classes [0, {classes - 1}] of the last layer")
 
+    def _check_label_range(self, y: Any) -> None:
+        if bool(((y < 0) | (y >= self._out_width)).any()):
+            raise self._labels_out_of_range(y)
+
     def _check_step(self, X: Any, y: Any, loss: object, lr: object, momentum: object) -> tuple:
         loss_name = losses.check_loss(loss)
         rate, keep = _check_rate("lr", lr), _check_rate("momentum", momentum)
-        X = self._check_rows(X, "X", self.layers[0].in_features, "features")
-        xp = _arrays.namespace(X)
+        X = self._check_rows(X, "X", self._in_width, "features")
         if loss_name == "mse":
-            y = self._check_rows(y, "y", self.layers[-1].out_features, "columns (targets)")
+            y = self._check_rows(y, "y", self._out_width, "columns (targets)")
             if y.shape[0] != X.shape[0]:
-                raise ValueError(f"y must have shape {(X.shape[0], self.layers[-1].out_features)}"
+                raise ValueError(f"y must have shape {(X.shape[0], self._out_width)}"
                                  f" (mse targets, one row per row of X), got {tuple(y.shape)}")
         else:
-            y = self._check_labels(y, X.shape[0], xp)
+            y = self._check_labels(y, X)
         return X, y, loss_name, rate, keep
 
     # --- the public calls -----------------------------------------------------------------------
@@ -387,14 +359,16 @@ class Sequential:
     def forward(self, X: Any) -> Any:
         """The last layer's output ``(N, out_features)`` for ``X`` ``(N, in_features)``; what
         ``backward`` needs is kept until the next call."""
-        X = self._check_rows(X, "X", self.layers[0].in_features, "features")
+        X = self._check_rows(X, "X", self._in_width, "features")
         module = self._module()
         if self._layers_changed():
             self._sync_layers()
         if module.NAME in NATIVE_STEP_BACKENDS:
-            out = np.empty((X.shape[0], self.layers[-1].out_features), self.dtype)
+            out = np.empty((X.shape[0], self._out_width), self.dtype)
             self._native(0, X, out, self._dummies[1], self._dummies[0], 0, 0.0, 0.0)
-            self._cache = ("native", X, None)
+            # The workspace holding this forward's activations: a later call (a refused step
+            # with a bigger batch) may replace self._work, and backward must not read that.
+            self._cache = ("native", X, self._work)
             return out
         out, state = self._layered_forward(module.NAME, X)
         self._cache = (module.NAME, X, state)
@@ -406,14 +380,14 @@ class Sequential:
         if self._cache is None:
             raise RuntimeError(self._no_cache)
         name, X, state = self._cache
-        dY = self._check_rows(dY, "dY", self.layers[-1].out_features, "columns")
+        dY = self._check_rows(dY, "dY", self._out_width, "columns")
         if dY.shape[0] != X.shape[0]:
             raise ValueError(f"dY has {dY.shape[0]} rows but the last forward had {X.shape[0]}")
         if self._layers_changed():
             self._sync_layers()
         if name == "native":
             dX = np.empty(X.shape, self.dtype)
-            self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0)
+            self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0, work=state)
             return dX
         return self._layered_backward(name, X, state, dY, need_dX=True)
 
@@ -423,7 +397,8 @@ class Sequential:
         Forward through every layer, the loss and its gradient, backward (every layer's ``dW``,
         ``db``), then ``torch.optim.SGD(lr, momentum)``'s update of every parameter:
         ``v = momentum * v + g; p -= lr * v`` (``p -= lr * g`` when ``momentum`` is 0). On the
-        numba backend all of it is one compiled call.
+        numba backend all of it is one compiled call, which updates each layer as soon as the
+        backward pass has done with its ``W`` (the same result as one update at the end).
 
         Parameters
         ----------
@@ -449,21 +424,16 @@ class Sequential:
             code = losses.LOSS_CODES[loss_name]
             labels, targets = (y, self._dummies[0]) if code == 0 else (self._dummies[1], y)
             if self._layers_changed():
+                if code == 0:  # the compiled call checks the labels, but after this sync
+                    self._check_label_range(y)
                 self._sync_layers()
-            split = X.shape[0] >= 2 and X.shape[0] * self._macs_per_row >= ROW_SPLIT_MIN_WORK
-            split = split and _split_threads() >= 2
-            value = (self._native_split_step(X, targets, labels, code, rate, keep) if split
-                     else None)
-            if value is None:  # not split, or the split's worker could take no work
-                value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
+            value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
             self._forget_forward()
             return value
         if loss_name == "softmax_cross_entropy":
-            classes = self.layers[-1].out_features
-            if bool(((y < 0) | (y >= classes)).any()):
-                raise self._labels_out_of_range(y)
+            self._check_label_range(y)
         if self._layers_changed():
             self._sync_layers()
         value = self._layered_step(module.NAME, X, y, loss_name, rate, keep)
@@ -479,63 +449,22 @@ class Sequential:
     # --- numba: one compiled call ---------------------------------------------------------------
 
     def _native(self, mode: int, X: Any, outer: Any, labels: Any, dX: Any, loss_code: int,
-                lr: float, momentum: float) -> float:
+                lr: float, momentum: float, work: Any = None) -> float:
+        """One ``network_call``; ``work`` is the last forward's workspace for a backward (the
+        network's own, grown to the batch, otherwise)."""
         native = _native_module()
         rows = X.shape[0]
-        if self._work.shape[0] < rows * self._work_per_row:
-            self._work = np.empty(rows * self._work_per_row, self.dtype)
+        if work is None:
+            if self._work.shape[0] < rows * self._work_per_row:
+                self._work = np.empty(rows * self._work_per_row, self.dtype)
+            work = self._work
         if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:
             native.blas.match_blas_threads()
         blas = self._blas or native.blas.blas_routines(self.dtype)
         self._blas = blas
         return native.network_call(mode, blas.gemm, blas.int_bits, self._layout, self._params,
-                                   self._velocity, self._grads, X, self._work, outer, labels, dX,
+                                   self._velocity, self._grads, X, work, outer, labels, dX,
                                    loss_code, lr, momentum)
-
-    def _native_split_step(self, X: Any, targets: Any, labels: Any, loss_code: int, lr: float,
-                           momentum: float) -> float | None:
-        """The numba step with the batch rows split over two threads (``ROW_SPLIT_MIN_WORK``):
-        the first half on this thread into the gradient arena, the second on the worker into
-        a second arena; then one pass adds the second to the first and updates. The result is
-        the one-thread step's up to the order of the gradient sums. Keeps no activations for
-        ``backward``. ``None`` (nothing changed) where the worker thread takes no work (at
-        interpreter shutdown): the caller runs the one-thread step then."""
-        native = _native_module()
-        network = native.network
-        if loss_code == 0:
-            bad = network.first_bad_label(labels, self.layers[-1].out_features)
-            if bad >= 0:
-                return -1.0 - bad
-        rows = X.shape[0]
-        half = rows // 2
-        needed = (rows - half) * self._work_per_row
-        if self._work.shape[0] < needed:
-            self._work = np.empty(needed, self.dtype)
-        if self._split_arenas is None or self._split_arenas[0].shape[0] < needed:
-            self._split_arenas = (np.empty(needed, self.dtype),
-                                  np.empty_like(self._grads))
-        work, grads = self._split_arenas
-        blas = self._blas or native.blas.blas_routines(self.dtype)
-        self._blas = blas
-        common = (blas.gemm, blas.int_bits, self._layout, self._params)
-        parts = [(X[:half], targets[:half] if loss_code else targets,
-                  labels if loss_code else labels[:half]),
-                 (X[half:], targets[half:] if loss_code else targets,
-                  labels if loss_code else labels[half:])]
-        with native.blas.one_blas_thread():
-            try:
-                second = _split_worker().submit(
-                    network.half_step, *common, grads, parts[1][0], work, parts[1][1],
-                    parts[1][2], loss_code, rows)
-            except RuntimeError:  # the pool takes no work (interpreter shutdown)
-                return None
-            try:
-                first = network.half_step(*common, self._grads, parts[0][0], self._work,
-                                          parts[0][1], parts[0][2], loss_code, rows)
-            finally:
-                other = second.result()  # waited for even if this thread's half failed
-        network.sum_and_sgd(self._params, self._velocity, self._grads, grads, lr, momentum)
-        return first + other
 
     # --- numpy (the reference) and cupy: layer by layer ------------------------------------------
 

@@ -123,6 +123,74 @@ def test_every_activation_without_momentum(backend, bias):
     compare_steps(layers, backend, "softmax_cross_entropy", momentum=0.0, steps=3, N=6, seed=4)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_per_layer_update_keeps_to_its_layer(backend, momentum):
+    """The numba step updates each layer as soon as its backward is done, over the layer's W
+    and b (adjacent in the arenas): with layers with and without a bias side by side no update
+    may reach a neighbour's parameters or miss one of its own (compared with torch)."""
+    dtype, sizes = np.float64, (4, 6, 5, 3)
+    layers = [fastlinear.Linear(d, m, bias=bias, dtype=dtype, rng=40 + index, backend=backend,
+                                activation=act)
+              for index, (d, m, bias, act) in enumerate(zip(sizes[:-1], sizes[1:],
+                                                             (False, True, False),
+                                                             ("relu", "tanh", None),
+                                                             strict=True))]
+    compare_steps(layers, backend, "softmax_cross_entropy", momentum, steps=3, N=5, seed=41)
+
+
+def test_forward_and_backward_update_nothing(backend):
+    """Only ``train_step`` updates: ``backward`` (the same compiled backward pass on numba,
+    without its update) leaves parameters and velocity as they were."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=42,
+                                  backend=backend), backend=backend)
+    net.train_step(xp.ones((6, 4)), xp.asarray([0, 1, 2, 0, 1, 2]),
+                   loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    params, velocity = to_numpy(net._params).copy(), to_numpy(net._velocity).copy()
+    net.forward(xp.ones((6, 4)))
+    net.backward(xp.ones((6, 3)))
+    np.testing.assert_array_equal(to_numpy(net._params), params)
+    np.testing.assert_array_equal(to_numpy(net._velocity), velocity)
+
+
+def test_relu_special_values_as_the_reference():
+    """The numba step's ReLU, forward and its gradient in place: NaN passes (its output and its
+    gradient), -inf and negative zero give 0, +inf stays, as the numpy backend gives them."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    z = np.array([np.nan, -np.inf, np.inf, -0.0, 0.0, -2.0, 3.0, 1e-300])
+    nets = []
+    for backend in ("numpy", "numba"):
+        layer = Linear(1, z.size, bias=False, activation="relu", backend=backend)
+        layer.W = z[None, :].copy()
+        nets.append(Sequential(layer, backend=backend))
+    X, dY = np.ones((3, 1)), np.ones((3, z.size))
+    with np.errstate(invalid="ignore"):
+        outs = [net.forward(X) for net in nets]
+        dXs = [net.backward(dY) for net in nets]
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(nets[1].layers[0].dW, nets[0].layers[0].dW)
+    np.testing.assert_array_equal(dXs[1], dXs[0])
+    np.testing.assert_array_equal(outs[1][0], [np.nan, 0, np.inf, 0, 0, 0, 3, 1e-300])
+
+
+def test_relu_turns_negative_zero_into_positive_zero_as_the_reference():
+    """-0.0 never reaches the ReLU through the step (the gemm gives +0.0), so the compiled
+    activation is applied to it directly: +0.0, as np.maximum (torch.relu keeps -0.0)."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear import activations
+    from fastlinear.backends import _numba_activations
+
+    row = np.array([-0.0, 0.0, -1.0, 2.0])
+    reference = activations.apply("relu", row.copy())
+    # the signature the step compiled: an int64 code, a C-contiguous float64 row
+    _numba_activations.activate(np.int64(activations.ACTIVATION_CODES["relu"]), row)
+    np.testing.assert_array_equal(np.signbit(reference), [False] * 4)
+    np.testing.assert_array_equal(np.signbit(row), [False] * 4)
+    np.testing.assert_array_equal(row, [0.0, 0.0, 0.0, 2.0])
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=st.lists(st.integers(1, 9), min_size=2, max_size=5),
        activations=st.lists(st.sampled_from(ACTIVATIONS), min_size=4, max_size=4),
@@ -371,93 +439,13 @@ def test_layer_by_layer_path_matches_torch(loss, monkeypatch):
     assert net._work.size == 0, "the compiled step was not used"
 
 
-@pytest.fixture
-def row_split(monkeypatch):
-    """Force the numba step's batch-row split (two threads) at any size."""
-    from fastlinear import sequential
-
-    if fastlinear.available_backends()["numba"] is not None:
-        pytest.skip("numba backend not available")
-    monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 0)
-    monkeypatch.setattr(sequential, "_split_threads", lambda: 2)
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("loss", losses.LOSSES)
-@pytest.mark.parametrize("N", [2, 9])
-def test_row_split_step_matches_torch(row_split, dtype, loss, N):
-    layers = make_layers((5, 7, 6, 4), ("relu", "gelu", None), dtype, seed=18)
-    net = compare_steps(layers, "numba", loss, momentum=0.9, steps=3, N=N, seed=19)
-    assert net._split_arenas is not None, "the row split was not taken"
-
-
-@pytest.mark.parametrize("loss", losses.LOSSES)
-def test_row_split_matches_one_thread_step(loss, monkeypatch):
-    """Split and unsplit steps differ only by the order of the gradient sums (float64)."""
-    from fastlinear import sequential
-
-    if fastlinear.available_backends()["numba"] is not None:
-        pytest.skip("numba backend not available")
-    sizes = (6, 9, 7, 3)
-    nets = [Sequential(*make_layers(sizes, ("tanh", "relu", None), np.float64, seed=20),
-                       backend="numba") for _ in range(2)]
-    rng = np.random.default_rng(21)
-    for _ in range(3):
-        X, y = batch(rng, loss, 11, sizes, np.float64)
-        values = []
-        for net, threshold in zip(nets, (1 << 62, 0), strict=True):
-            monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", threshold)
-            monkeypatch.setattr(sequential, "_split_threads", lambda: 2)
-            values.append(net.train_step(X, y, loss=loss, lr=0.1, momentum=0.9))
-        assert values[0] == pytest.approx(values[1], rel=1e-14, abs=1e-14)
-        for one, split in zip(nets[0].layers, nets[1].layers, strict=True):
-            for name in ("W", "b", "dW", "db"):
-                np.testing.assert_allclose(getattr(split, name), getattr(one, name), rtol=0,
-                                           atol=1e-13, err_msg=name)
-        np.testing.assert_allclose(nets[1]._velocity, nets[0]._velocity, rtol=0, atol=1e-13)
-    assert nets[0]._split_arenas is None and nets[1]._split_arenas is not None
-
-
-def test_row_split_bad_labels_change_nothing_and_blas_threads_restored(row_split):
-    from threadpoolctl import threadpool_limits
-
-    from fastlinear.backends import _numba_blas
-
-    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=22),
-                     backend="numba")
-    before = [a.copy() for a in (net._params, net._grads, net._velocity)]
-    with pytest.raises(ValueError, match="label 3 at row 5"):
-        net.train_step(np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 3]),
-                       loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
-    for old, new in zip(before, (net._params, net._grads, net._velocity), strict=True):
-        np.testing.assert_array_equal(new, old)
-    controllers = _numba_blas.blas_thread_controllers()
-    threads = [c.get_num_threads() for c in controllers]
-    net.train_step(np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2]),
-                   loss="softmax_cross_entropy", lr=0.1)
-    assert [c.get_num_threads() for c in controllers] == threads
-    with threadpool_limits(1, user_api="blas"):  # a limit the user set stays
-        net.train_step(np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2]),
-                       loss="softmax_cross_entropy", lr=0.1)
-        assert all(c.get_num_threads() == 1 for c in controllers)
-    assert [c.get_num_threads() for c in controllers] == threads
-
-
 # --- review fixes ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_backward_after_a_step_needs_a_fresh_forward(backend, split, monkeypatch):
-    """One rule on every backend and path: a step keeps no activations, so ``backward`` after
+def test_backward_after_a_step_needs_a_fresh_forward(backend):
+    """One rule on every backend: a step keeps no activations, so ``backward`` after
     ``train_step`` raises until the next ``forward``; a step refused for bad labels keeps the
     forward it followed."""
-    from fastlinear import sequential
-
-    if split:
-        if backend != "numba":
-            pytest.skip("the row split is the numba step's")
-        monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 0)
-        monkeypatch.setattr(sequential, "_split_threads", lambda: 2)
     xp = np if backend != "cupy" else __import__("cupy")
     net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=30,
                                   backend=backend), backend=backend)
@@ -474,6 +462,64 @@ def test_backward_after_a_step_needs_a_fresh_forward(backend, split, monkeypatch
         net.backward(dY)
     net.forward(X)
     assert net.backward(dY).shape == (6, 4)
+
+
+@pytest.mark.parametrize("loss, target", [("softmax_cross_entropy", np.zeros(0, np.int64)),
+                                          ("mse", np.zeros((0, 3)))])
+def test_the_loss_functions_refuse_an_empty_batch(loss, target):
+    """The public reference losses: an empty batch has no mean, a ValueError says so (not a
+    ZeroDivisionError, nor NaN with a warning)."""
+    with pytest.raises(ValueError, match=r"empty \(shape \(0, 3\)\)"):
+        losses.value_and_grad(loss, np.zeros((0, 3)), target)
+
+
+def test_a_refused_bigger_step_keeps_the_forward_for_backward(backend):
+    """A step refused for a bad label, with a bigger batch than the last forward's, leaves that
+    forward's activations: the next ``backward`` gives the same values as without the refused
+    step (the numba step grows its workspace for the bigger batch, which must not be the
+    forward's)."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    nets = [Sequential(*make_layers((4, 5, 3), ("gelu", None), np.float64, seed=36,
+                                    backend=backend), backend=backend) for _ in range(2)]
+    rng = np.random.default_rng(37)
+    X, dY = xp.asarray(rng.standard_normal((2, 4))), xp.asarray(rng.standard_normal((2, 3)))
+    big, labels = xp.asarray(rng.standard_normal((50, 4))), xp.zeros(50, np.int64)
+    labels[7] = 9
+    for net in nets:
+        net.forward(X)
+    with pytest.raises(ValueError, match="label 9 at row 7"):
+        nets[1].train_step(big, labels, loss="softmax_cross_entropy", lr=0.1)
+    dXs = [to_numpy(net.backward(dY)) for net in nets]
+    np.testing.assert_array_equal(dXs[1], dXs[0])
+    for first, second in zip(*(net.layers for net in nets), strict=True):
+        np.testing.assert_array_equal(to_numpy(second.dW), to_numpy(first.dW))
+        np.testing.assert_array_equal(to_numpy(second.db), to_numpy(first.db))
+
+
+def test_a_refused_step_takes_in_no_assignment(backend):
+    """A step refused for a bad label changes nothing on any backend, not even by taking in an
+    assigned ``W`` or activation: the arena keeps its values, the layer its new array, until
+    the next call that runs."""
+    if backend == "cupy":
+        pytest.skip("the label check is shared; the cupy backend's arrays are covered elsewhere")
+    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=38,
+                                  backend=backend), backend=backend)
+    X, y = np.ones((3, 4)), np.array([0, 1, 2])
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+    before, layout = snapshot(net), net._layout.copy()
+    assigned = np.full((4, 5), 0.25)
+    net.layers[0].W = assigned
+    net.layers[1].activation = "tanh"
+    with pytest.raises(ValueError, match="label 3 at row 2"):
+        net.train_step(X, np.array([0, 1, 3]), loss="softmax_cross_entropy", lr=0.1)
+    for old, new in zip(before, snapshot(net), strict=True):
+        np.testing.assert_array_equal(old, new)
+    np.testing.assert_array_equal(net._layout, layout)
+    assert net.layers[0].W is assigned
+    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.0)
+    np.testing.assert_array_equal(net.layers[0].W, assigned)
+    assert np.shares_memory(net.layers[0].W, net._params)
+    assert net._activations[1] == "tanh"
 
 
 @pytest.mark.parametrize("libraries, dtypes, message", [
@@ -512,27 +558,6 @@ def test_an_unavailable_backend_fails_before_anything_changes():
     with pytest.raises(fastlinear.BackendUnavailableError):
         net.forward(np.ones((2, 3)))
     np.testing.assert_array_equal(net._params, params)
-
-
-def test_overlapping_one_blas_thread_blocks_restore_the_counts_on_the_last_exit():
-    """Two threads' blocks overlapping (A enters, B enters, A leaves, B leaves): the counts stay
-    one until B leaves, then are the ones found before A entered."""
-    if fastlinear.available_backends()["numba"] is not None:
-        pytest.skip("numba backend not available")
-    from threadpoolctl import threadpool_limits
-
-    from fastlinear.backends import _numba_blas
-
-    controllers = _numba_blas.blas_thread_controllers()
-    with threadpool_limits(2, user_api="blas"):
-        threads = [c.get_num_threads() for c in controllers]
-        first, second = _numba_blas.one_blas_thread(), _numba_blas.one_blas_thread()
-        first.__enter__()
-        second.__enter__()
-        first.__exit__(None, None, None)
-        assert all(c.get_num_threads() == 1 for c in controllers)
-        second.__exit__(None, None, None)
-        assert [c.get_num_threads() for c in controllers] == threads
 
 
 def test_calls_take_in_assignments_only_when_a_layer_changed(backend, monkeypatch):
@@ -574,51 +599,6 @@ def test_the_blas_threads_threshold_is_the_numba_blas_one(threshold, calls, monk
     net = Sequential(*make_layers((3, 2), ("relu",), np.float64, seed=34), backend="numba")
     net.forward(np.ones((2, 3)))
     assert len(matched) == calls
-
-
-def test_a_split_step_falls_back_to_one_thread_when_the_worker_takes_no_work(row_split,
-                                                                            monkeypatch):
-    """At interpreter shutdown the worker pool refuses work: the step runs on one thread."""
-    from fastlinear import sequential
-
-    class Refusing:
-        def submit(self, *args, **kwargs):
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-
-    sizes = (4, 5, 3)
-    X, y = np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2])
-    refused = Sequential(*make_layers(sizes, ("relu", None), np.float64, seed=35),
-                         backend="numba")
-    one = Sequential(*make_layers(sizes, ("relu", None), np.float64, seed=35), backend="numba")
-    monkeypatch.setattr(sequential, "_split_worker", lambda: Refusing())
-    value = refused.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
-    monkeypatch.setattr(sequential, "ROW_SPLIT_MIN_WORK", 1 << 62)
-    assert value == one.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
-    np.testing.assert_array_equal(refused._params, one._params)
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_starts_its_own_split_worker(row_split):
-    """The worker thread is one per process: a forked child forgets its parent's (which it
-    does not have) and its split steps run on a thread of its own."""
-    from fastlinear import sequential
-
-    net = Sequential(*make_layers((4, 5, 3), ("relu", None), np.float64, seed=36),
-                     backend="numba")
-    X, y = np.ones((6, 4)), np.array([0, 1, 2, 0, 1, 2])
-    net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
-    parent = sequential._split_worker()
-    pid = os.fork()
-    if pid == 0:  # the child: report through the exit status only, whatever happens
-        ok = False
-        try:
-            ok = not sequential._split_pool and sequential._split_worker() is not parent
-            net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1)
-        finally:
-            os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert sequential._split_worker() is parent
 
 
 def test_x_is_converted_to_the_networks_dtype(backend):

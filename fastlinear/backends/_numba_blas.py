@@ -11,11 +11,9 @@ transpose of a column-major one (``'N'`` with its row stride as leading dimensio
 operand is column-major itself (``'T'``). Only operands with no unit stride are copied.
 """
 
-import contextlib
 import ctypes
 import functools
 import os
-import threading
 from typing import NamedTuple
 
 import numba
@@ -27,7 +25,6 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import get_cython_function_address, intrinsic
 
 __all__ = ["BLAS_THREADS_MIN_WORK", "BlasRoutines", "blas_routines", "match_blas_threads",
-           "one_blas_thread",
            "matmul_into", "row_times_matrix", "assume_contiguous", "is_contiguous"]
 
 # Symbol templates of NumPy's BLAS (OpenBLAS, ILP64 in NumPy's wheels) and their int width.
@@ -127,45 +124,6 @@ def match_blas_threads():
         if target != current:
             controller.set_num_threads(target)
             _set_here[controller.filepath] = (target, ceiling)
-
-
-# one_blas_thread's state: the BLAS thread count is process-wide, so overlapping blocks (two
-# threads each running a row-split step) share one setting: the first to enter sets one thread
-# and remembers the counts, the last to leave gives them back.
-_one_thread_lock = threading.Lock()
-_one_thread_users = 0
-_one_thread_before: list[int] = []
-
-
-@contextlib.contextmanager
-def one_blas_thread():
-    """Run the block with the BLAS on one thread per caller, then give back the thread count it
-    had (so a limit the user set stays): for callers that run BLAS calls on threads of their own
-    at once (``Sequential``'s row split).
-
-    The setting is process-wide (the BLAS has one thread pool): while any thread is inside
-    such a block every BLAS call in the process runs on one thread. Blocks may overlap across
-    threads: the first entry sets one thread, the last exit restores the counts found by the
-    first.
-    """
-    global _one_thread_users, _one_thread_before
-    controllers = blas_thread_controllers()
-    with _one_thread_lock:
-        if _one_thread_users == 0:
-            _one_thread_before = [controller.get_num_threads() for controller in controllers]
-            for controller, threads in zip(controllers, _one_thread_before, strict=True):
-                if threads != 1:
-                    controller.set_num_threads(1)
-        _one_thread_users += 1
-    try:
-        yield
-    finally:
-        with _one_thread_lock:
-            _one_thread_users -= 1
-            if _one_thread_users == 0:
-                for controller, threads in zip(controllers, _one_thread_before, strict=True):
-                    if threads != 1:
-                        controller.set_num_threads(threads)
 
 
 def _blas_codegen(kinds, dtype):

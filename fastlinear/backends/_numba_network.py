@@ -32,8 +32,7 @@ from fastlinear.backends._numba_activations import (
 )
 from fastlinear.backends._numba_blas import _gemm
 
-__all__ = ["FORWARD", "BACKWARD", "STEP", "network_call", "half_step", "sum_and_sgd",
-           "first_bad_label"]
+__all__ = ["FORWARD", "BACKWARD", "STEP", "network_call", "first_bad_label"]
 
 # What network_call does (its ``mode``).
 FORWARD, BACKWARD, STEP = 0, 1, 2
@@ -94,13 +93,14 @@ def _activation_grad_in_place(code, g, saved):
     """``g *= act'`` for one row, ``g`` holding ``dy`` on entry (``_numba_activations``'s
     formulas). ReLU, tanh and sigmoid have their own loops here: the shared
     ``activation_grad(code, dy, saved, g)`` called with ``dy`` and ``g`` the same row ran
-    several times slower inside the step (a loop over two arguments that may alias)."""
+    several times slower inside the step (a loop over two arguments that may alias); for ReLU,
+    the same select in both, still 0.2-0.5 against 1.4-5.5 ns an element
+    (``benchmarks/relu_grad_in_place.py``)."""
     real = g.dtype.type
     zero, one = real(0.0), real(1.0)
     if code == RELU:
-        for j in range(g.shape[0]):
-            if saved[j] <= zero:  # NaN outputs pass the gradient, as torch's threshold_backward
-                g[j] = zero
+        for j in range(g.shape[0]):  # NaN outputs pass the gradient, as torch's threshold_backward
+            g[j] = zero if saved[j] <= zero else g[j]  # a select: vectorises, unlike an if
     elif code == TANH:
         for j in range(g.shape[0]):
             y = saved[j]
@@ -114,13 +114,12 @@ def _activation_grad_in_place(code, g, saved):
 
 
 @njit(cache=True)
-def _cross_entropy(logits, labels, dlogits, batch_rows):
-    """Softmax cross-entropy of ``logits`` (N, C) against ``labels``, summed over these rows and
-    divided by ``batch_rows`` (the whole batch's, of which these rows may be a part); its
-    gradient ``(softmax - onehot) / batch_rows`` into ``dlogits``."""
+def _cross_entropy(logits, labels, dlogits):
+    """Mean softmax cross-entropy of ``logits`` (N, C) against ``labels`` over the N rows; its
+    gradient ``(softmax - onehot) / N`` into ``dlogits``."""
     rows, classes = logits.shape
     real = logits.dtype.type
-    inv_rows = real(1.0 / batch_rows)
+    inv_rows = real(1.0 / rows)
     total = 0.0
     for n in range(rows):
         z, g = logits[n], dlogits[n]
@@ -137,27 +136,27 @@ def _cross_entropy(logits, labels, dlogits, batch_rows):
         for j in range(classes):
             g[j] *= scale
         g[labels[n]] -= inv_rows
-    return total / batch_rows
+    return total / rows
 
 
 @njit(cache=True)
-def _mse(outputs, targets, doutputs, batch_rows):
-    """Sum of ``(outputs - targets)**2`` over these rows, divided by ``batch_rows * cols`` (the
-    whole batch's element count); its gradient into ``doutputs``."""
+def _mse(outputs, targets, doutputs):
+    """Mean of ``(outputs - targets)**2`` over all elements; its gradient into ``doutputs``."""
     rows, cols = outputs.shape
-    scale = outputs.dtype.type(2.0 / (batch_rows * cols))
+    scale = outputs.dtype.type(2.0 / (rows * cols))
     total = 0.0
     for n in range(rows):
         for j in range(cols):
             diff = outputs[n, j] - targets[n, j]
             total += float(diff) * float(diff)
             doutputs[n, j] = diff * scale
-    return total / (batch_rows * cols)
+    return total / (rows * cols)
 
 
 @njit(cache=True)
 def _sgd(params, velocity, grads, lr, momentum):
-    """``torch.optim.SGD``: ``v = momentum v + g; p -= lr v`` (``p -= lr g`` without momentum)."""
+    """``torch.optim.SGD`` on these (equal-length) slices of the arenas: ``v = momentum v + g;
+    p -= lr v`` (``p -= lr g`` without momentum)."""
     real = params.dtype.type
     rate, keep = real(lr), real(momentum)
     if momentum == 0.0:
@@ -168,21 +167,6 @@ def _sgd(params, velocity, grads, lr, momentum):
             v = keep * velocity[k] + grads[k]
             velocity[k] = v
             params[k] -= rate * v
-
-
-@njit(cache=True)
-def sum_and_sgd(params, velocity, grads, part, lr, momentum):
-    """``grads += part`` (the second half-batch's gradients, added in this fixed order), then
-    the SGD update of ``_sgd``, in one pass over the arenas."""
-    real = params.dtype.type
-    rate, keep = real(lr), real(momentum)
-    for k in range(params.shape[0]):
-        g = grads[k] + part[k]
-        grads[k] = g
-        if momentum != 0.0:
-            g = keep * velocity[k] + g
-            velocity[k] = g
-        params[k] -= rate * g
 
 
 @njit(cache=True)
@@ -230,12 +214,17 @@ def _forward_all(gemm, int_bits, layout, params, X, work, offsets):
 
 
 @njit(cache=True)
-def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX):
+def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, velocity, lr,
+                  momentum, update):
     """Every layer's gradients from ``dH`` of the last layer (in its workspace block); ``dX``
-    (N, D_0) receives the input's gradient unless it has no rows."""
+    (N, D_0) receives the input's gradient unless it has no rows. With ``update``, each layer's
+    SGD update (``_sgd``) runs as soon as its last product that reads ``W`` is done, while its
+    ``dW``, ``db`` and ``W`` are still in cache; no later product reads that layer's
+    parameters, so the result is that of one update after the whole backward pass."""
     rows = X.shape[0]
     for i in range(layout.shape[0] - 1, -1, -1):
-        M, code, b_at = layout[i, 1], layout[i, 4], layout[i, 3]
+        D, M, w_at, b_at, code = layout[i, 0], layout[i, 1], layout[i, 2], layout[i, 3], \
+            layout[i, 4]
         W, _ = _parameters(params, layout, i)
         H = _block(work, offsets[i], rows, M)
         saved = _block(work, offsets[i] + rows * M, rows, M) if (
@@ -252,7 +241,7 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX):
             else:
                 for j in range(M):
                     db[j] += row[j]
-        dW = _block(grads, layout[i, 2], layout[i, 0], M)
+        dW = _block(grads, w_at, D, M)
         if i > 0:
             A = _block(work, offsets[i - 1], rows, layout[i - 1, 1])
             _product(gemm, int_bits, A, True, G, False, dW, 0.0)
@@ -263,6 +252,9 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX):
             _product(gemm, int_bits, X, True, G, False, dW, 0.0)
             if dX.shape[0] > 0:
                 _product(gemm, int_bits, G, False, W, True, dX, 0.0)
+        if update:  # W and b adjacent in the arenas (Sequential.__init__): one pass over both
+            end = w_at + D * M + (M if b_at >= 0 else 0)
+            _sgd(params[w_at:end], velocity[w_at:end], grads[w_at:end], lr, momentum)
 
 
 @njit(cache=True)
@@ -274,8 +266,10 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
     * ``BACKWARD``: from ``outer`` = the output's gradient and the workspace of the last
       forward, every layer's ``dW``/``db`` into ``grads`` and ``dX``; returns 0.0.
     * ``STEP``: forward, the loss (``labels`` for cross-entropy, ``outer`` = targets for MSE)
-      and its gradient, backward, then the SGD update of ``params`` and ``velocity``; returns
-      the loss. A label out of range returns ``-(1 + its index)`` before anything is written.
+      and its gradient, backward with the SGD update of ``params`` and ``velocity``: each
+      layer's update runs inside the backward pass, as soon as no later product reads its
+      ``W`` (so midway some layers hold new parameters, others old); returns the loss. A label
+      out of range returns ``-(1 + its index)`` before anything is written.
     """
     rows = X.shape[0]
     last = layout.shape[0] - 1
@@ -289,7 +283,8 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
     if mode == BACKWARD:
         for n in range(rows):
             _copy(outer[n], dlast[n])
-        _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX)
+        _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, velocity,
+                      0.0, 0.0, False)
         return 0.0
     output = _forward_all(gemm, int_bits, layout, params, X, work, offsets)
     if mode == FORWARD:
@@ -297,31 +292,9 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
             _copy(output[n], outer[n])
         return 0.0
     if loss_code == CROSS_ENTROPY:
-        loss = _cross_entropy(output, labels, dlast, rows)
+        loss = _cross_entropy(output, labels, dlast)
     else:
-        loss = _mse(output, outer, dlast, rows)
-    _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX)
-    _sgd(params, velocity, grads, lr, momentum)
-    return loss
-
-
-@njit(cache=True, nogil=True)
-def half_step(gemm, int_bits, layout, params, grads, X, work, targets, labels, loss_code,
-              batch_rows):
-    """Forward, loss and backward of some rows of a batch of ``batch_rows`` (a row split's
-    part): their share of the loss (summed, divided as for the whole batch) is returned and
-    their share of every ``dW``/``db`` written to ``grads``; no update. Releases the GIL, so two
-    threads run two parts at once, each with its own ``grads`` and ``work``. Labels are checked
-    by the caller (``first_bad_label``) before either part starts."""
-    rows = X.shape[0]
-    last = layout.shape[0] - 1
-    classes = layout[last, 1]
-    offsets = _offsets(layout, rows)
-    dlast = _block(work, offsets[last] + 2 * rows * classes, rows, classes)
-    output = _forward_all(gemm, int_bits, layout, params, X, work, offsets)
-    if loss_code == CROSS_ENTROPY:
-        loss = _cross_entropy(output, labels, dlast, batch_rows)
-    else:
-        loss = _mse(output, targets, dlast, batch_rows)
-    _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, X[0:0])
+        loss = _mse(output, outer, dlast)
+    _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, velocity, lr,
+                  momentum, True)
     return loss
