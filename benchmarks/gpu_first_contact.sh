@@ -10,9 +10,9 @@
 # Steps, most valuable first (a run cut short still leaves the earlier logs), each time-boxed
 # with `timeout` (a hung step is killed, the next one runs) inside one overall budget
 # (FIRST_CONTACT_BUDGET_S, default 460 s: the whole run ends within 8 minutes). The steps' caps
-# (seconds, below) add up to 410, so each gets its whole cap; the last step, paths, gets what
-# the budget leaves (at least about 45 s, more when earlier steps end early).
-#   00_env.log        versions, nvidia-smi, `fastlinear info` (20), `fastlinear check --backend
+# (seconds, below) add up to 420, so each gets its whole cap; the last step, paths, gets what
+# the budget leaves (at least about 35 s, more when earlier steps end early).
+#   00_env.log        versions, nvidia-smi, `fastlinear info` (30), `fastlinear check --backend
 #                     cupy` (40)
 #   10_pytest_gpu.log pytest -m gpu --maxfail=300 --tb=short (170), one line per test:
 #                     test_cupy_backend.py first, then every backend-generic test through cupy
@@ -164,8 +164,8 @@ sanitize() {
 export PY SANITIZER SCRATCH UNSUPPORTED
 export -f versions sanitize
 
-# caps: 20 + 40 + 170 + 75 + 55 + 50 = 410 s of the 460 s budget; paths takes the rest
-run_step 00_env.log versions 20 bash -c versions
+# caps: 30 + 40 + 170 + 75 + 55 + 50 = 420 s of the 460 s budget; paths takes the rest
+run_step 00_env.log versions 30 bash -c versions
 run_step 00_env.log check 40 "$PY" -m fastlinear check --backend cupy
 run_step 10_pytest_gpu.log pytest_gpu 170 "$PY" -m pytest -m gpu --maxfail=300 --tb=short -v \
     -o faulthandler_timeout=50 --continue-on-collection-errors --durations=15 \

@@ -121,3 +121,15 @@ def test_pytest_m_gpu_selects_the_backend_generic_tests_through_cupy():
 
     assert "gpu" in {mark.name for mark in backend_param("cupy").marks}
     assert "gpu" not in {mark.name for mark in backend_param("numpy").marks}
+
+
+def test_step_caps_fit_the_default_budget_with_time_left_for_the_last_step():
+    import re
+
+    text = SCRIPT.read_text()
+    budget = int(re.search(r"BUDGET_S=\$\{FIRST_CONTACT_BUDGET_S:-(\d+)\}", text).group(1))
+    steps = re.findall(r"^run_step \S+ (\S+) (\S+) ", text, re.MULTILINE)
+    assert [name for name, _ in steps] == list(STEPS)
+    *capped, (_, last_cap) = steps
+    assert last_cap == '"$BUDGET_S"'  # paths takes what the budget leaves
+    assert sum(int(cap) for _, cap in capped) + 30 <= budget <= 540 - 60  # run(timeout_s=540)
