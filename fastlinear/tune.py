@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="three shapes, few rounds (seconds, for tests and CI); stores "
                              "nothing unless --profile names a file")
     parser.add_argument("--profile", metavar="PATH", default=None,
-                        help=f"the profile to write; default {_profile.profile_path()}")
+                        help=f"the profile to write; default fastlinear/{_profile.FILE_NAME} "
+                             f"in the user cache directory (resolved when written)")
     parser.add_argument("--table", metavar="PATH", default=None,
                         help="also write the final ratio table to this text file")
     return parser

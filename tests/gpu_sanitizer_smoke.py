@@ -96,6 +96,7 @@ def main(argv=None):
 
     cp.cuda.set_allocator(None)  # exact cudaMalloc per array: memcheck sees small overruns
     cupy_launch.COLSUM_MIN_ROWS_PER_SPLIT = 4  # several row splits on small inputs
+    cupy_backend._launch_shape.cache_clear()  # no plan made with the old value is kept
     rng = np.random.default_rng(0)
     count = own_kernel_launches(cp, rng)
     if not args.own_kernels_only:

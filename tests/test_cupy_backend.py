@@ -8,11 +8,14 @@ checked by an emulation of cuBLAS's column-major GEMM on NumPy buffers).
 
 import ctypes
 import dataclasses
+import functools
 import importlib
 import math
 import pathlib
 import sys
+import threading
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -162,22 +165,28 @@ def test_device_is_switched_only_for_arrays_on_another_device(monkeypatch, array
     assert entered == [1, 1] * (array_device == 1) and current == [0]
 
 
-def test_launch_shapes_are_planned_once_per_device_and_shape(monkeypatch):
-    monkeypatch.setattr(cupy_backend, "_sm_count", lambda device_id: 4)
-    monkeypatch.setattr(cupy_backend, "_MAX_LAUNCH_SHAPES", 3)
-    state, planned = cupy_backend._Device(0), []
+def fresh_launch_cache(monkeypatch):
+    """A fresh, empty launch-shape cache for one test (the process's own comes back after):
+    for a test that patches the constants the plans read."""
+    monkeypatch.setattr(cupy_backend, "_launch_shape",
+                        functools.lru_cache(maxsize=1024)(cupy_backend._launch_shape.__wrapped__))
+
+
+def test_launch_shapes_are_planned_once_per_shape_and_sm_count(monkeypatch):
+    fresh_launch_cache(monkeypatch)
+    planned = []
 
     def plan(rows, cols, sm_count):
         planned.append((rows, cols, sm_count))
         return (rows, cols)
 
-    assert state.launch(plan, 5, 6) == state.launch(plan, 5, 6) == (5, 6)
-    assert planned == [(5, 6, 4)]
+    launch = cupy_backend._launch_shape
+    assert launch(plan, 5, 6, 4) == launch(plan, 5, 6, 4) == (5, 6)
+    assert launch(plan, 5, 6, 8) == (5, 6)  # a device with another SM count: its own plan
+    assert planned == [(5, 6, 4), (5, 6, 8)]
     for plan_of_shape in (cupy_launch.column_sum_launch, cupy_launch.rows_launch):
-        assert state.launch(plan_of_shape, 70, 40) == plan_of_shape(70, 40, 4)
-    for rows in range(4):  # past the limit the cache starts again, bounded
-        assert state.launch(plan, rows, 1) == (rows, 1)
-    assert len(state.launches) <= 3
+        assert launch(plan_of_shape, 70, 40, 4) == plan_of_shape(70, 40, 4)
+    assert launch.cache_info().maxsize == 1024  # bounded
 
 
 def test_reason_says_no_cuda_device(monkeypatch):
@@ -717,7 +726,7 @@ def test_backward_matches_reference(cp, rng, N, D, M, dtype, has_bias, need_dX, 
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_column_sums_split_over_many_blocks(cp, rng, monkeypatch, dtype, accumulate):
     monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 1)
-    monkeypatch.setattr(cupy_backend, "_devices", {})  # launch shapes planned with the new value
+    fresh_launch_cache(monkeypatch)  # launch shapes planned with the new value
     dY = rng.standard_normal((1000, 33)).astype(dtype)
     grid, _, _ = cupy_launch.column_sum_launch(1000, 33, cupy_backend._sm_count(0))
     assert grid[1] > 1
@@ -954,6 +963,36 @@ def test_forward_and_backward_in_a_non_blocking_stream(cp, rng, path):
 
 @requires_gpu
 @pytest.mark.gpu
+def test_two_threads_on_the_per_thread_default_stream(cp, rng):
+    """Inside ``Stream.ptds`` each host thread runs on its own stream under one handle: the
+    split column sums of db (1000 rows: several row splits) must not share tile counters."""
+    X, W, b, dY = make_inputs(rng, 1000, 33, 40, np.float32)
+    reference = reference64(X, W, b, dY)
+    grid, _, _ = cupy_launch.column_sum_launch(1000, 40, cupy_backend._sm_count(0))
+    assert grid[1] > 1
+    start, results = threading.Barrier(2, timeout=60), {}
+
+    def run(index):
+        with cp.cuda.Stream.ptds:
+            args = [cp.asarray(a) for a in (dY, X, W)]
+            start.wait()
+            dbs = [fastlinear.linear_backward(*args, has_bias=True, backend="cupy")[2]
+                   for _ in range(50)]
+            results[index] = [db.get() for db in dbs]
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(results) == [0, 1]
+    for index, dbs in results.items():
+        for call, db in enumerate(dbs):
+            assert_matches(db, "db", reference, np.float32, f"db of thread {index}, call {call}")
+
+
+@requires_gpu
+@pytest.mark.gpu
 def test_cublas_pointer_mode_is_restored(cp, rng):
     from cupy_backends.cuda.libs import cublas
 
@@ -1067,12 +1106,11 @@ def test_own_kernels_keep_float32_subnormals_under_cupys_ftz(cp):
     for path in ("small_batch", "tiled"):
         assert np.array_equal(results[path], exact), (path, results[path], exact)
     if not np.array_equal(results["cublas"], exact):
-        import warnings
-
-        warnings.warn(f"cuBLAS SGEMM flushed float32 subnormals here (got "
-                      f"{results['cublas'][0].tolist()}, IEEE {exact[0].tolist()}): the cublas "
-                      f"path differs from our kernels below float32's smallest normal",
-                      stacklevel=1)
+        message = (f"cuBLAS SGEMM flushed float32 subnormals here (got "
+                   f"{results['cublas'][0].tolist()}, IEEE {exact[0].tolist()}): the cublas "
+                   f"path differs from our kernels below float32's smallest normal")
+        print(message, file=sys.__stderr__, flush=True)  # in the log at once, should a run stop
+        warnings.warn(message, stacklevel=1)
 
 
 # compute-sanitizer's tools and the smoke run each gets: racecheck instruments every kernel it

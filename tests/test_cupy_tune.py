@@ -56,3 +56,41 @@ def test_path_table_marks_where_the_rule_is_not_the_fastest():
     text = cupy_tune.format_table(rows)
     assert text.splitlines()[0].split()[:4] == ["N", "D", "M", "W"]
     assert len(text.splitlines()) == len(rows) + 1
+
+
+def test_each_row_is_handed_on_as_it_is_measured():
+    timed, seen, shapes = [], [], cupy_tune.CLIFF_SHAPES[:2]
+
+    def timer(*args):
+        timed.append(args)
+        return cost_model()(*args)
+
+    rows = cupy_tune.path_table(shapes, time_path=timer, sm_count=132,
+                                on_row=lambda row: seen.append((row, len(timed))))
+    assert [row for row, _ in seen] == rows and len(rows) == 2 * len(shapes)
+    assert [count for _, count in seen] == [3, 6, 9, 12]  # after its own three paths
+
+
+def test_main_prints_rows_as_measured_and_keeps_the_table_in_json(tmp_path, monkeypatch, capsys):
+    import json
+    import types
+
+    from fastlinear.backends import cupy as cupy_backend
+
+    monkeypatch.setattr(cupy_tune, "cupy_timer", lambda dtype, reps: cost_model())
+    monkeypatch.setattr(cupy_backend, "_device_state",
+                        lambda: types.SimpleNamespace(sm_count=132))
+    written = []
+    write_json = cupy_tune._write_json
+
+    def record_and_write(path, result):
+        written.append(sorted(result))
+        write_json(path, result)
+
+    monkeypatch.setattr(cupy_tune, "_write_json", record_and_write)
+    result = cupy_tune.main(["--quick", "--json", str(tmp_path / "paths.json")])
+    assert written == [["dtype", "in_force", "table"], ["dtype", "in_force", "measured", "table"]]
+    assert json.loads((tmp_path / "paths.json").read_text())["measured"] == result["measured"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == cupy_tune.TABLE_HEADER
+    assert lines[2:2 + len(result["table"])] == list(map(cupy_tune.format_row, result["table"]))

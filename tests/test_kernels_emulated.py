@@ -8,6 +8,7 @@ every activation on every path against ``fastlinear.activations``' NumPy referen
 covered here: CuPy and cuBLAS themselves, NVRTC, and blocks running concurrently.
 """
 
+import functools
 import importlib
 import types
 
@@ -66,6 +67,8 @@ def _emulate(monkeypatch, host):
     monkeypatch.setattr(cupy_backend, "_gemm_call", backend_gemm_call)
     monkeypatch.setattr(cupy_backend, "_devices", {})  # fresh kernels, SM count and counters
     monkeypatch.setattr(cupy_launch, "COLSUM_MIN_ROWS_PER_SPLIT", 4)  # split small inputs
+    monkeypatch.setattr(cupy_backend, "_launch_shape",  # planned with that value, then dropped
+                        functools.lru_cache(maxsize=1024)(cupy_backend._launch_shape.__wrapped__))
     return cupy_backend
 
 
@@ -208,6 +211,40 @@ def test_tile_counters_keep_a_few_streams(backend, rng, monkeypatch):
         backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
         np.testing.assert_allclose(db, dY.sum(0), rtol=1e-13)
     assert list(state.counters) == [22, 33]
+
+
+def test_tile_counters_of_the_per_thread_stream_are_kept_per_thread(backend, rng, monkeypatch):
+    """The per-thread default stream has one handle (ptr 2) but is a stream per host thread:
+    two threads must not share its counters (the last block of one launch resets them while
+    the other's launch may still be counting)."""
+    import threading
+
+    current = types.SimpleNamespace(ptr=backend._PER_THREAD_STREAM)
+    monkeypatch.setattr(NumpyAsCupy, "cuda",
+                        types.SimpleNamespace(get_current_stream=lambda: current))
+    state = backend._device_state()
+    dY = rng.standard_normal((70, 40))
+    buffers, both_alive, one_launch = {}, threading.Barrier(2, timeout=30), threading.Lock()
+
+    def run(wait=both_alive.wait):
+        db = np.empty(40)
+        with one_launch:  # the host emulation of the kernels runs one launch at a time
+            backend._gradient_column_sums(dY, None, None, None, db, accumulate=False)
+        np.testing.assert_allclose(db, dY.sum(0), rtol=1e-13)
+        buffers[threading.get_ident()] = state.tile_counters(1)
+        wait()  # both threads alive at once: their ids differ
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    run(wait=lambda: None)  # and this thread
+    assert sorted(state.counters) == sorted((2, ident) for ident in buffers)
+    assert len({id(buffer) for buffer in buffers.values()}) == len(buffers) == 3
+    current.ptr = 7  # an ordinary stream: one buffer, whichever thread launches
+    backend._gradient_column_sums(dY, None, None, None, np.empty(40), accumulate=False)
+    assert 7 in state.counters
 
 
 def test_kernels_are_looked_up_once_per_device_name_and_dtype(backend, rng, monkeypatch):

@@ -366,3 +366,17 @@ def _refuse_then_default(cupy_launch):
             raise ValueError("refused")
         return original(values)
     return apply
+
+
+def test_the_parser_is_built_without_the_profile_path(monkeypatch):
+    """`fastlinear tune --help` (and parsing) needs no platformdirs: the profile's path is
+    resolved only when a profile is written."""
+    from fastlinear import tune
+
+    def no_platformdirs():
+        raise ModuleNotFoundError("No module named 'platformdirs'")
+
+    monkeypatch.setattr(_profile, "profile_path", no_platformdirs)
+    parser = tune.build_parser()
+    assert _profile.FILE_NAME in parser.format_help()
+    assert parser.parse_args(["--quick"]).profile is None

@@ -36,6 +36,7 @@ import contextlib
 import contextvars
 import functools
 import sys
+import threading
 
 import numpy as np
 
@@ -183,30 +184,27 @@ def _device_id():
     return _cupy().cuda.runtime.getDevice()
 
 
-class _Device:
-    """What the backend keeps per CUDA device: its SM count, its kernels by (name, dtype), the
-    launch shapes of its row and column-sum passes by output shape (pure functions of the shape
-    and the SM count, computed once), and per stream the zeroed tile counters of
-    ``gradient_column_sums`` (its last block per column tile sets its counter back to zero, so
-    one buffer serves every launch on that stream)."""
+@functools.lru_cache(maxsize=1024)
+def _launch_shape(plan, rows, cols, sm_count):
+    """``plan(rows, cols, sm_count)`` (``rows_launch`` or ``column_sum_launch``), cached: a layer
+    launches the same few shapes again and again. The plans also read ``cupy_launch``'s module
+    constants (``COLSUM_MIN_ROWS_PER_SPLIT``, ``COLSUM_BLOCKS_PER_SM``): whoever changes one
+    clears this cache (``_launch_shape.cache_clear()``) or patches in a fresh one."""
+    return plan(rows, cols, sm_count)
 
-    __slots__ = ("id", "sm_count", "kernels", "launches", "counters")
+
+class _Device:
+    """What the backend keeps per CUDA device: its SM count, its kernels by (name, dtype), and
+    per stream the zeroed tile counters of ``gradient_column_sums`` (its last block per column
+    tile sets its counter back to zero, so one buffer serves every launch on that stream)."""
+
+    __slots__ = ("id", "sm_count", "kernels", "counters")
 
     def __init__(self, device_id):
         self.id = device_id
         self.sm_count = _sm_count(device_id)
         self.kernels = {}
-        self.launches = {}
         self.counters = {}
-
-    def launch(self, plan, rows, cols):
-        """``plan(rows, cols, sm_count)`` (``rows_launch`` or ``column_sum_launch``), cached."""
-        shape = self.launches.get((plan, rows, cols))
-        if shape is None:
-            if len(self.launches) >= _MAX_LAUNCH_SHAPES:
-                self.launches.clear()
-            shape = self.launches[(plan, rows, cols)] = plan(rows, cols, self.sm_count)
-        return shape
 
     def kernel(self, name, dtype):
         function = self.kernels.get((name, dtype))
@@ -216,9 +214,17 @@ class _Device:
         return function
 
     def tile_counters(self, count):
-        """``count`` zeroed uint32 counters for a launch on the current stream."""
+        """``count`` zeroed uint32 counters for a launch on the current stream.
+
+        The per-thread default stream (``cupy.cuda.Stream.ptds``, or every default stream under
+        ``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``) has one handle but is a different stream in
+        each host thread: its counters are kept per thread, else two threads' launches would
+        share counters out of order (as CuPy's memory pool keys its free blocks).
+        """
         cupy = _cupy()
         stream = cupy.cuda.get_current_stream().ptr
+        if stream == _PER_THREAD_STREAM:
+            stream = (stream, threading.get_ident())
         buffer = self.counters.get(stream)
         if buffer is None or buffer.size < count:
             if buffer is None and len(self.counters) >= _MAX_COUNTER_STREAMS:
@@ -232,7 +238,7 @@ class _Device:
 
 _devices: dict[int, _Device] = {}
 _MAX_COUNTER_STREAMS = 16
-_MAX_LAUNCH_SHAPES = 1024
+_PER_THREAD_STREAM = 2  # cudaStreamPerThread (driver_types.h; CuPy's runtime.streamPerThread)
 
 
 def _device_state(device_id=None):
@@ -275,14 +281,6 @@ def _call_device(names, arrays):
                              f"copy them to one device first (cupy.asarray inside "
                              f"`with cupy.cuda.Device(i):`)")
     return device, any_host
-
-
-def _elsewhere(device_id):
-    """Whether the call's arrays are on a device that is not the current one (None: no CuPy
-    array). Only then is the call run inside ``cupy.cuda.Device(device_id)``: that context's
-    ``__exit__`` sets the device again even when it did not change, work a call on the current
-    device has no need of."""
-    return device_id is not None and device_id != _device_id()
 
 
 # np.int32 arguments ("i32"): flags and activation codes, boxed once.
@@ -426,7 +424,7 @@ def _bias_argument(b, Y):
 
 def _fill_rows_with_bias(state, Y, b):
     rows, cols = Y.shape
-    grid, block = state.launch(rows_launch, rows, cols)
+    grid, block = _launch_shape(rows_launch, rows, cols, state.sm_count)
     b, b_step = _vector(b)
     _launch(state, "fill_rows_with_bias", Y.dtype, grid, block, (Y, b, b_step, rows, cols))
 
@@ -435,7 +433,7 @@ def _bias_activation_epilogue(Y, b, activation, Z, state=None):
     """``Z = Y + b`` (when Z is given), ``Y = act(Y + b)`` in one pass over Y."""
     state = state or _device_state()
     rows, cols = Y.shape
-    grid, block = state.launch(rows_launch, rows, cols)
+    grid, block = _launch_shape(rows_launch, rows, cols, state.sm_count)
     bias, b_step, has_bias = _bias_argument(b, Y)
     _launch(state, "bias_activation_epilogue", Y.dtype, grid, block,
             (Y, bias, b_step, has_bias, _ACTIVATION_ARGS[activation], Y if Z is None else Z,
@@ -498,7 +496,7 @@ def _gradient_column_sums(dY, saved, activation, G, db, accumulate, state=None):
     ``db (+)= G.sum(0)`` when db is given; dY has rows and columns."""
     state = state or _device_state()
     rows, cols = dY.shape
-    grid, block, rows_per_split = state.launch(column_sum_launch, rows, cols)
+    grid, block, rows_per_split = _launch_shape(column_sum_launch, rows, cols, state.sm_count)
     dY, row_step, col_step = _strided(dY)
     if activation is None:
         saved, saved_row, saved_col, G = dY, 0, 0, db  # valid pointers, never read or written
@@ -600,10 +598,17 @@ def forward(X, W, b, out, activation=None, preactivation=None):
     library of ``X``. The call runs on the device of its CuPy arrays.
     """
     device, any_host = _call_device(_FORWARD_NAMES, (X, W, b, out, preactivation))
-    if _elsewhere(device):
-        with _cupy().cuda.Device(device):
-            return forward(X, W, b, out, activation, preactivation)
-    state = _device_state(device)
+    current = _device_id()
+    if device is None or device == current:
+        return _forward_on(_device_state(current), any_host, X, W, b, out, activation,
+                           preactivation)
+    with _cupy().cuda.Device(device):  # only here: its __exit__ sets the device even unchanged
+        return _forward_on(_device_state(device), any_host, X, W, b, out, activation,
+                           preactivation)
+
+
+def _forward_on(state, any_host, X, W, b, out, activation, preactivation):
+    """``forward`` on ``state``'s device, the current one."""
     if not any_host:
         return _forward_device(X, W, b, out, activation, preactivation, state)
     Z = None
@@ -627,12 +632,18 @@ def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=Non
     ``db`` in the library of ``W`` (a layer's gradients stay where its parameters are). The call
     runs on the device of its CuPy arrays.
     """
+    args = (dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation, saved)
     device, any_host = _call_device(_BACKWARD_NAMES, (dY, X, W, saved, dX, dW, db))
-    if _elsewhere(device):
-        with _cupy().cuda.Device(device):
-            return backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation,
-                            saved)
-    state = _device_state(device)
+    current = _device_id()
+    if device is None or device == current:
+        return _backward_on(_device_state(current), any_host, *args)
+    with _cupy().cuda.Device(device):  # only here: its __exit__ sets the device even unchanged
+        return _backward_on(_device_state(device), any_host, *args)
+
+
+def _backward_on(state, any_host, dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
+                 activation, saved):
+    """``backward`` on ``state``'s device, the current one."""
     if not any_host:
         return _backward_device(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db,
                                 activation, saved, state)

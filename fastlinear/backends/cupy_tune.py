@@ -47,18 +47,34 @@ TILED_INNER = 128
 def cupy_timer(dtype: str = "float32", reps: int = 15, inner: int = 10,
                warmup: int = 3) -> PathTimer:
     """A ``PathTimer`` on the current CUDA device: the backend's ``forward`` with a bias into a
-    preallocated output, ``inner`` calls between two CUDA events, the median of ``reps``."""
+    preallocated output, ``inner`` calls between two CUDA events, the median of ``reps``.
+
+    The inputs of one shape are made once and kept while the timer is asked for that shape
+    (the paths and W layouts of a table row in turn); a new shape replaces them."""
     import cupy
 
     from fastlinear.backends import cupy as cupy_backend
 
+    inputs: dict[tuple, tuple] = {}
+
+    def arrays(n: int, d: int, m: int, w_row_major: bool) -> tuple:
+        key = (n, d, m, w_row_major)
+        if key not in inputs:
+            row_major = inputs.get((n, d, m, True)) or inputs.get((n, d, m, False))
+            inputs.clear()
+            if row_major is None:
+                rng = np.random.default_rng(0)
+                row_major = (cupy.asarray(rng.standard_normal((n, d), np.float32).astype(dtype)),
+                             cupy.asarray(rng.standard_normal((d, m), np.float32).astype(dtype)),
+                             cupy.asarray(rng.standard_normal(m, np.float32).astype(dtype)),
+                             cupy.empty((n, m), dtype))
+            X, W, b, Y = row_major
+            W = cupy.ascontiguousarray(W) if w_row_major else cupy.asfortranarray(W)
+            inputs[key] = (X, W, b, Y)
+        return inputs[key]
+
     def time_path(path: str, n: int, d: int, m: int, w_row_major: bool = True) -> float:
-        rng = np.random.default_rng(0)
-        X = cupy.asarray(rng.standard_normal((n, d)).astype(dtype))
-        W = cupy.asarray(rng.standard_normal((d, m)).astype(dtype))
-        W = W if w_row_major else cupy.asfortranarray(W)
-        b = cupy.asarray(rng.standard_normal(m).astype(dtype))
-        Y = cupy.empty((n, m), dtype)
+        X, W, b, Y = arrays(n, d, m, w_row_major)
         with cupy_backend.forced_forward_path(path):
             for _ in range(warmup):
                 cupy_backend.forward(X, W, b, Y)
@@ -129,11 +145,13 @@ def measure_thresholds(time_path: PathTimer | None = None, *, reps: int = 15) ->
 
 
 def path_table(shapes: Iterable[tuple[int, int, int]] = CLIFF_SHAPES,
-               time_path: PathTimer | None = None, sm_count: int | None = None) -> list[dict]:
+               time_path: PathTimer | None = None, sm_count: int | None = None,
+               on_row: Callable[[dict], object] | None = None) -> list[dict]:
     """One row per shape and W layout: each path forced (ms), the rule's choice, the fastest.
 
     ``small_batch`` is timed for N <= 64 only (one block row per 8 rows). ``sm_count`` (default:
-    the current device's) feeds the rule's choice.
+    the current device's) feeds the rule's choice. ``on_row(row)`` is called as each row is
+    measured (a run cut short keeps the rows printed so far).
     """
     if time_path is None or sm_count is None:
         from fastlinear.backends import cupy as cupy_backend
@@ -148,19 +166,25 @@ def path_table(shapes: Iterable[tuple[int, int, int]] = CLIFF_SHAPES,
             rows.append({"N": n, "D": d, "M": m, "W": "C" if w_row_major else "F",
                          "ms": times, "fastest": min(times, key=times.__getitem__),
                          "rule": cupy_launch.forward_path(n, d, m, w_row_major, sm_count)})
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
+TABLE_HEADER = (f"{'N':>6} {'D':>6} {'M':>6} W {'small_batch':>12} {'tiled':>9} {'cublas':>9} "
+                f"{'fastest':12} rule")
+
+
+def format_row(row: dict) -> str:
+    cells = " ".join(f"{row['ms'][path]:{width}.4f}" if path in row["ms"] else f"{'-':>{width}}"
+                     for path, width in (("small_batch", 12), ("tiled", 9), ("cublas", 9)))
+    flag = "" if row["rule"] == row["fastest"] else "  <- rule differs"
+    return (f"{row['N']:6} {row['D']:6} {row['M']:6} {row['W']} {cells} "
+            f"{row['fastest']:12} {row['rule']}{flag}")
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'N':>6} {'D':>6} {'M':>6} W {'small_batch':>12} {'tiled':>9} {'cublas':>9} "
-             f"{'fastest':12} rule"]
-    for row in rows:
-        cells = " ".join(f"{row['ms'][path]:{width}.4f}" if path in row["ms"] else f"{'-':>{width}}"
-                         for path, width in (("small_batch", 12), ("tiled", 9), ("cublas", 9)))
-        flag = "" if row["rule"] == row["fastest"] else "  <- rule differs"
-        lines.append(f"{row['N']:6} {row['D']:6} {row['M']:6} {row['W']} {cells} "
-                     f"{row['fastest']:12} {row['rule']}{flag}")
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEADER, *map(format_row, rows)])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -170,19 +194,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     timer = cupy_timer(args.dtype, reps=5 if args.quick else 15)
-    rows = path_table(time_path=timer)
     print(f"# forced forward paths, {args.dtype}, ms per call (median); rule = the shape rule's "
           f"choice under {cupy_launch.current_thresholds()}")
-    print(format_table(rows))
-    measured = measure_thresholds(timer)
-    print(f"# measured thresholds: {measured}")
-    print(f"# in force:            {cupy_launch.current_thresholds()}")
-    result = {"dtype": args.dtype, "table": rows, "measured": measured,
-              "in_force": cupy_launch.current_thresholds()}
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(result, file, indent=1)
+    print(TABLE_HEADER, flush=True)
+    result: dict = {"dtype": args.dtype, "in_force": cupy_launch.current_thresholds()}
+    result["table"] = path_table(time_path=timer,
+                                 on_row=lambda row: print(format_row(row), flush=True))
+    _write_json(args.json, result)  # the table kept should the thresholds be cut short
+    result["measured"] = measure_thresholds(timer)
+    print(f"# measured thresholds: {result['measured']}")
+    print(f"# in force:            {cupy_launch.current_thresholds()}", flush=True)
+    _write_json(args.json, result)
     return result
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(result, file, indent=1)
 
 
 if __name__ == "__main__":
