@@ -129,7 +129,8 @@ class Sequential:
     operands. float64 ``X`` given to a float32 network is rounded to float32 and the output is
     float32; any dtype that casts to the network's under ``same_kind`` is accepted, others
     (complex) raise ``TypeError``. A step keeps no activations: after ``train_step``,
-    ``backward`` needs a fresh ``forward``.
+    ``backward`` needs a fresh ``forward``. ``backward`` differentiates the last ``forward``:
+    an activation changed in between raises ``RuntimeError``; a new ``W`` or ``b`` is used.
 
     Attributes
     ----------
@@ -185,7 +186,8 @@ class Sequential:
         self._remember_layers()
         self._work = np.empty(0, self.dtype)  # the numba step's workspace (see its module)
         self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
-        self._cache: Any = None  # what backward needs from the last forward: (backend, X, state)
+        self._cache: Any = None  # what backward needs from the last forward:
+        # (backend, X, state, the activations it ran with)
         self._no_cache = "backward() called before forward(): call forward(X) first"
         self._backends_checked: set[str] = set()  # backends that take the network (_module)
         self._dummies = (np.empty((0, 0), self.dtype), np.empty(0, np.int64))
@@ -368,28 +370,47 @@ class Sequential:
             self._native(0, X, out, self._dummies[1], self._dummies[0], 0, 0.0, 0.0)
             # The workspace holding this forward's activations: a later call (a refused step
             # with a bigger batch) may replace self._work, and backward must not read that.
-            self._cache = ("native", X, self._work)
+            self._cache = ("native", X, self._work, self._activations)
             return out
         out, state = self._layered_forward(module.NAME, X)
-        self._cache = (module.NAME, X, state)
+        self._cache = (module.NAME, X, state, self._activations)
         return out
 
     def backward(self, dY: Any) -> Any:
         """From ``dY`` (the gradient with respect to the last ``forward``'s output), store every
-        layer's ``dW`` and ``db`` and return ``dX`` ``(N, in_features)``."""
+        layer's ``dW`` and ``db`` and return ``dX`` ``(N, in_features)``.
+
+        ``backward`` differentiates the forward that was run, from the activations it saved, on
+        every backend. A layer's activation changed since that forward makes them stale: that
+        is a ``RuntimeError`` (call ``forward(X)`` again), raised before anything changes. A
+        ``W`` or ``b`` changed since (assigned or edited in place) is used as it is now, as
+        ``Linear.backward`` uses the current ``W``: ``dX`` and the earlier layers' gradients
+        flow back through the new ``W``; ``dW`` and ``db`` come from the saved activations."""
         if self._cache is None:
             raise RuntimeError(self._no_cache)
-        name, X, state = self._cache
+        name, X, state, forward_activations = self._cache
         dY = self._check_rows(dY, "dY", self._out_width, "columns")
         if dY.shape[0] != X.shape[0]:
             raise ValueError(f"dY has {dY.shape[0]} rows but the last forward had {X.shape[0]}")
         if self._layers_changed():
+            self._check_activations_since(forward_activations)
             self._sync_layers()
         if name == "native":
             dX = np.empty(X.shape, self.dtype)
             self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0, work=state)
             return dX
         return self._layered_backward(name, X, state, dY, need_dX=True)
+
+    def _check_activations_since(self, forward_activations: list) -> None:
+        """Raise unless every layer's activation is the one the last forward ran with."""
+        changed = [f"layer {index}'s activation changed from {before!r} to {layer.activation!r}"
+                   for index, (layer, before) in enumerate(zip(self.layers, forward_activations,
+                                                                strict=True))
+                   if layer.activation != before]
+        if changed:
+            raise RuntimeError(f"backward() differentiates the last forward, but since it ran "
+                               f"{', '.join(changed)}: the activations it saved are stale; call "
+                               f"forward(X) again before backward(dY)")
 
     def train_step(self, X: Any, y: Any, *, loss: str, lr: float, momentum: float = 0.0) -> float:
         """One step of SGD on the batch ``(X, y)``; returns the batch's loss (before the update).

@@ -464,6 +464,67 @@ def test_backward_after_a_step_needs_a_fresh_forward(backend):
     assert net.backward(dY).shape == (6, 4)
 
 
+def test_backward_refuses_an_activation_changed_since_the_forward(backend):
+    """One rule on every backend: ``backward`` differentiates the forward that was run, so an
+    activation changed in between raises (the saved activations are stale) and changes nothing;
+    the activation set back, or a fresh forward, and backward runs."""
+    xp = np if backend != "cupy" else __import__("cupy")
+    layers = make_layers((4, 5, 3), ("relu", None), np.float64, seed=43, backend=backend)
+    net = Sequential(*layers, backend=backend)
+    rng = np.random.default_rng(44)
+    X, dY = xp.asarray(rng.standard_normal((6, 4))), xp.asarray(rng.standard_normal((6, 3)))
+    net.forward(X)
+    dX = to_numpy(net.backward(dY))
+    params, grads = to_numpy(net._params).copy(), to_numpy(net._grads).copy()
+    views = [(layer.W, layer.b, layer.dW, layer.db) for layer in layers]
+    layers[0].activation = "tanh"
+    message = (r"since it ran layer 0's activation changed from 'relu' to 'tanh': .* call "
+               r"forward\(X\) again")
+    with pytest.raises(RuntimeError, match=message):
+        net.backward(dY)
+    np.testing.assert_array_equal(to_numpy(net._params), params)
+    np.testing.assert_array_equal(to_numpy(net._grads), grads)
+    assert all(now is before for layer, held in zip(layers, views, strict=True)
+               for now, before in zip((layer.W, layer.b, layer.dW, layer.db), held, strict=True))
+    layers[0].activation = "relu"  # the forward's activation again: its backward is valid
+    np.testing.assert_array_equal(to_numpy(net.backward(dY)), dX)
+    layers[0].activation = "tanh"
+    net.forward(X)
+    assert not np.array_equal(to_numpy(net.backward(dY)), dX)
+
+
+def test_backward_uses_a_w_assigned_since_the_forward_as_linear_does():
+    """A ``W`` assigned between ``forward`` and ``backward`` is used as it is now (as
+    ``Linear.backward`` uses the current ``W``), the same on numpy and numba: ``dX`` and the
+    earlier layers' gradients flow back through the new ``W``; ``dW``, ``db`` come from the
+    forward's saved activations. Compared with the math written out."""
+    backends = ["numpy"]
+    if fastlinear.available_backends()["numba"] is None:
+        backends.append("numba")
+    rng = np.random.default_rng(45)
+    X, dY = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    new_W0, new_W1 = rng.standard_normal((4, 5)), rng.standard_normal((5, 3))
+    results = []
+    for backend in backends:
+        layers = make_layers((4, 5, 3), ("relu", None), np.float64, seed=46)
+        W0, b0 = layers[0].W.copy(), layers[0].b.copy()
+        net = Sequential(*layers, backend=backend)
+        net.forward(X)
+        layers[0].W, layers[1].W = new_W0.copy(), new_W1.copy()
+        dX = net.backward(dY)
+        assert np.shares_memory(layers[1].W, net._params)
+        np.testing.assert_array_equal(layers[1].W, new_W1)
+        results.append((dX, *(grad.copy() for layer in layers for grad in (layer.dW, layer.db))))
+    Z0 = X @ W0 + b0  # the forward ran with the old W0
+    G0 = (dY @ new_W1.T) * (Z0 > 0)
+    expected = (G0 @ new_W0.T, X.T @ G0, G0.sum(0), np.maximum(Z0, 0).T @ dY, dY.sum(0))
+    for backend, result in zip(backends, results, strict=True):
+        for name, actual, wanted in zip(("dX", "dW0", "db0", "dW1", "db1"), result, expected,
+                                        strict=True):
+            np.testing.assert_allclose(actual, wanted, rtol=0, atol=1e-12,
+                                       err_msg=f"{name} on {backend}")
+
+
 @pytest.mark.parametrize("loss, target", [("softmax_cross_entropy", np.zeros(0, np.int64)),
                                           ("mse", np.zeros((0, 3)))])
 def test_the_loss_functions_refuse_an_empty_batch(loss, target):
@@ -579,9 +640,10 @@ def test_calls_take_in_assignments_only_when_a_layer_changed(backend, monkeypatc
     np.testing.assert_array_equal(to_numpy(net.forward(X)), np.full((2, 2), 3.0))
     assert syncs == [1]
     assert net.layers[1].W is net._views[1][0] and net.layers[1].b is net._views[1][1]
-    net.layers[0].activation = None
+    net.layers[0].W = xp.ones((3, 4))  # backward takes in a new W (an activation raises)
     net.backward(dY)
     assert syncs == [1, 1]
+    assert net.layers[0].W is net._views[0][0]
 
 
 @pytest.mark.parametrize("threshold, calls", [(0, 1), (1 << 62, 0)])
