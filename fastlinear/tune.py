@@ -47,6 +47,18 @@ SKINNY_SIDES = (128, 256, 512, 1024, 2048)
 HAND_OVER = 1.02
 
 
+# The spin window: after a gemv of SPIN_SIDE x SPIN_SIDE (threaded by OpenBLAS), the process's
+# CPU time is watched for SPIN_WATCH seconds in SPIN_SLICE slices; a slice counts as spinning
+# when it burnt more than SPIN_BUSY of a core (asleep: ~0.01; spinning under load: >= 0.5).
+SPIN_SIDE = 1024
+SPIN_WATCH = 0.5
+SPIN_SLICE = 0.005
+SPIN_BUSY = 0.1
+# BLAS threads: square gemm probes of 2**bits multiply-adds; the count "matters" from a time
+# ratio of THREADS_MATTER between one thread and Numba's count.
+THREADS_PROBE_BITS = tuple(range(14, 26))
+THREADS_MATTER = 1.1
+
 # Seconds one comparison may take: large shapes get fewer rounds (never fewer than 3).
 COMPARISON_BUDGET = 3.0
 
@@ -152,6 +164,91 @@ def _skinny_min_weights(module: Any, rounds: int, block_time: float) -> int:
     return SKINNY_SIDES[first] ** 2 if first < len(SKINNY_SIDES) else 1 << 62
 
 
+def _blas_spin_seconds(module: Any, repeats: int = 3) -> float:
+    """How long the BLAS's workers spin after a threaded call (a skinny forward, gemv): the
+    process's CPU time over wall time, watched in slices of a sleep after the call; the end of
+    the last slice that burnt more than ``SPIN_BUSY`` of a core, the longest of ``repeats``.
+
+    CPU time, not timings of the backward itself: what the workers burn is this process's own,
+    so other processes' load (a shared machine) slows it but does not hide it.
+    """
+    a = _inputs((1, SPIN_SIDE, SPIN_SIDE), "float32")
+    longest = 0.0
+    for _ in range(repeats):
+        time.sleep(SPIN_WATCH)  # the workers asleep before the call
+        module.forward(a["X"], a["W"], a["b"], None)
+        start = last = time.perf_counter()
+        cpu = time.process_time()
+        busy_until = 0.0
+        while last - start < SPIN_WATCH:
+            time.sleep(SPIN_SLICE)
+            now, now_cpu = time.perf_counter(), time.process_time()
+            if now_cpu - cpu > SPIN_BUSY * (now - last):
+                busy_until = now - start
+            last, cpu = now, now_cpu
+        longest = max(longest, busy_until)
+    return round(longest, 3)
+
+
+def _threads_ratio(controllers: list[Any], threads: int, bits: int, rounds: int,
+                   block_time: float) -> tuple[float, float]:
+    """A square gemm of about ``2**bits`` multiply-adds (float64, NumPy's BLAS): the time on one
+    BLAS thread over that on ``threads``, timed in interleaved blocks: ``(of the minimums, of
+    the medians)``."""
+    side = round(2 ** (bits / 3))
+    rng = np.random.default_rng(0)
+    A, B, out = rng.standard_normal((side, side)), rng.standard_normal((side, side)), \
+        np.empty((side, side))
+
+    def block(count: int, calls: int) -> float:
+        for controller in controllers:
+            controller.set_num_threads(count)
+        start = time.perf_counter()
+        for _ in range(calls):
+            np.matmul(A, B, out=out)
+        return (time.perf_counter() - start) / calls
+
+    seconds = block(1, 1) + block(threads, 1)
+    calls = max(1, int(block_time / max(seconds / 2, 1e-7)))
+    rounds = max(3, min(rounds, int(COMPARISON_BUDGET / (calls * seconds))))
+    samples: dict[int, list[float]] = {1: [], threads: []}
+    for round_index in range(rounds):
+        for count in ((1, threads) if round_index % 2 else (threads, 1)):
+            samples[count].append(block(count, calls))
+    return min(samples[1]) / min(samples[threads]), \
+        statistics.median(samples[1]) / statistics.median(samples[threads])
+
+
+def _blas_threads_min_work(rounds: int, block_time: float) -> int | None:
+    """The smallest gemm work (N * D * M) from which the BLAS's thread count changes its time,
+    minimum and median alike, by ``THREADS_MATTER`` either way (threads pay on an idle machine,
+    cost on a loaded one), at two probes in a row (one alone may be noise; on a half-loaded
+    machine a larger probe's ratio may pass through 1). Below it OpenBLAS runs one thread
+    whatever its count, so matching the count there costs without effect. ``None`` when Numba
+    has one thread (nothing to match) or no two probes in a row differ."""
+    import numba
+
+    from fastlinear.backends import _numba_blas
+
+    threads = numba.get_num_threads()
+    controllers = _numba_blas.blas_thread_controllers()
+    if threads < 2 or not controllers:
+        return None
+    before = [c.get_num_threads() for c in controllers]
+    differs = []
+    try:
+        for bits in THREADS_PROBE_BITS:
+            ratios = _threads_ratio(controllers, threads, bits, rounds, block_time)
+            differs.append(all(not 1 / THREADS_MATTER < r < THREADS_MATTER for r in ratios))
+    finally:
+        for controller, count in zip(controllers, before, strict=True):
+            controller.set_num_threads(count)
+    for index in range(len(differs) - 1):
+        if differs[index] and differs[index + 1]:
+            return 1 << THREADS_PROBE_BITS[index]
+    return None
+
+
 def _against_plain(module: Any, shapes: tuple[tuple[int, int, int], ...],
                    dtypes: tuple[str, ...], rounds: int, block_time: float,
                    ) -> Iterator[tuple[tuple[int, int, int], str, str, float, float]]:
@@ -186,12 +283,21 @@ def tune_numba(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...]
     skinny = _skinny_min_weights(module, rounds, block_time)
     log(f"numba skinny backward from {skinny} weights" if skinny < 1 << 62
         else "numba skinny backward: never (the BLAS path wins)")
+    spin = _blas_spin_seconds(module)
+    log(f"BLAS workers spin {spin * 1e3:.0f} ms after a threaded call")
+    threads_work = _blas_threads_min_work(rounds, block_time)
+    log(f"BLAS thread count matters from {threads_work} multiply-adds"
+        if threads_work is not None else "BLAS thread count: no difference measured (kept "
+        f"{module._numba_blas.BLAS_THREADS_MIN_WORK})")
+    handoff = {"blas_spin_seconds": spin}
+    if threads_work is not None:
+        handoff["blas_threads_min_work"] = threads_work
     module.apply_profile({"rows_dot_rows_max_work": (1 << 18) if rows else 0,
-                          "skinny_min_weights": skinny})
+                          "skinny_min_weights": skinny, **handoff})
     classes = _numpy_classes(module, shapes, dtypes, rounds, block_time)
     log(f"shape classes handed to NumPy: {', '.join(classes) or 'none'}")
     values = {"rows_dot_rows_max_work": (1 << 18) if rows else 0, "rows_dot_rows_min_m": 96,
-              "skinny_min_weights": skinny, "numpy_classes": classes}
+              "skinny_min_weights": skinny, "numpy_classes": classes, **handoff}
     module.apply_profile(values)  # in force for the rest of this process
     return values
 
