@@ -174,8 +174,7 @@ def _blas_spin_seconds(module: Any, repeats: int = 3) -> float:
     """
     a = _inputs((1, SPIN_SIDE, SPIN_SIDE), "float32")
     longest = 0.0
-    for _ in range(repeats):
-        time.sleep(SPIN_WATCH)  # the workers asleep before the call
+    for _ in range(repeats):  # each call after the last one's watch: its workers asleep
         module.forward(a["X"], a["W"], a["b"], None)
         start = last = time.perf_counter()
         cpu = time.process_time()
@@ -187,7 +186,7 @@ def _blas_spin_seconds(module: Any, repeats: int = 3) -> float:
                 busy_until = now - start
             last, cpu = now, now_cpu
         longest = max(longest, busy_until)
-    return round(longest, 3)
+    return round(min(longest, SPIN_WATCH), 3)  # still spinning at the end: the watch's length
 
 
 def _threads_ratio(controllers: list[Any], threads: int, bits: int, rounds: int,
@@ -283,7 +282,7 @@ def tune_numba(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...]
     skinny = _skinny_min_weights(module, rounds, block_time)
     log(f"numba skinny backward from {skinny} weights" if skinny < 1 << 62
         else "numba skinny backward: never (the BLAS path wins)")
-    spin = _blas_spin_seconds(module)
+    spin = _blas_spin_seconds(module, repeats=1 if rounds < 5 else 3)
     log(f"BLAS workers spin {spin * 1e3:.0f} ms after a threaded call")
     threads_work = _blas_threads_min_work(rounds, block_time)
     log(f"BLAS thread count matters from {threads_work} multiply-adds"
