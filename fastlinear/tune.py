@@ -62,6 +62,7 @@ SPIN_BUSY = 0.1
 # ratio of THREADS_MATTER between one thread and Numba's count.
 THREADS_PROBE_BITS = tuple(range(14, 26))
 THREADS_MATTER = 1.1
+THREADS_IN_A_ROW = 3
 
 # Seconds one comparison may take: large shapes get fewer rounds (never fewer than 3).
 COMPARISON_BUDGET = 3.0
@@ -231,10 +232,11 @@ def _threads_ratio(controllers: list[Any], threads: int, bits: int, rounds: int,
 def _blas_threads_min_work(rounds: int, block_time: float) -> int | None:
     """The smallest gemm work (N * D * M) from which the BLAS's thread count changes its time,
     minimum and median alike, by ``THREADS_MATTER`` either way (threads pay on an idle machine,
-    cost on a loaded one), at two probes in a row (one alone may be noise; on a half-loaded
-    machine a larger probe's ratio may pass through 1). Below it OpenBLAS runs one thread
-    whatever its count, so matching the count there costs without effect. ``None`` when Numba
-    has one thread (nothing to match) or no two probes in a row differ."""
+    cost on a loaded one), at ``THREADS_IN_A_ROW`` probes in a row (at load 5, two small probes
+    in a row differed once in 13 runs; on a half-loaded machine a larger probe's ratio may pass
+    through 1). Below it OpenBLAS runs one thread whatever its count, so matching the count
+    there costs without effect. ``None`` when Numba has one thread (nothing to match) or no
+    probes in a row differ."""
     import numba
 
     from fastlinear.backends import _numba_blas
@@ -252,8 +254,8 @@ def _blas_threads_min_work(rounds: int, block_time: float) -> int | None:
     finally:
         for controller, count in zip(controllers, before, strict=True):
             controller.set_num_threads(count)
-    for index in range(len(differs) - 1):
-        if differs[index] and differs[index + 1]:
+    for index in range(len(differs) - THREADS_IN_A_ROW + 1):
+        if all(differs[index:index + THREADS_IN_A_ROW]):
             return 1 << THREADS_PROBE_BITS[index]
     return None
 
