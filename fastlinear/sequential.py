@@ -170,9 +170,14 @@ class Sequential:
         # Workspace floats per batch row (see _numba_network) and multiply-adds per batch row.
         self._work_per_row = 3 * int(layout[:, _M].sum())
         self._macs_per_row = int((layout[:, _D] * layout[:, _M]).sum())
-        self._params = xp.empty(position, self.dtype)
-        self._grads = xp.zeros(position, self.dtype)
-        self._velocity = xp.zeros(position, self.dtype)
+        # The three arenas are the rows of one array, so the compiled call takes one argument;
+        # rows within 256 bytes of a multiple of 4 KiB apart are padded apart: the update reads
+        # p[k], g[k], v[k] together, which would alias in the L1 cache's disambiguation.
+        stride = position * self.dtype.itemsize % 4096
+        width = position + (512 // self.dtype.itemsize if stride < 256 or stride > 3840 else 0)
+        self._arenas = xp.zeros((3, width), self.dtype)
+        self._params, self._grads, self._velocity = (self._arenas[row, :position]
+                                                     for row in range(3))
         self._views = [self._arena_views(self._params, index) for index in range(len(layers))]
         self._grad_views = [self._arena_views(self._grads, index) for index in range(len(layers))]
         self.velocity = [self._arena_views(self._velocity, index) for index in range(len(layers))]
@@ -493,8 +498,8 @@ class Sequential:
         if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:  # read each call:
             native.blas.match_blas_threads()  # the threshold may be changed at run time
         return native.network_call(mode, native.gemm, native.int_bits, self._layout,
-                                   self._params, self._velocity, self._grads, X, work, outer,
-                                   labels, dX, loss_code, lr, momentum)
+                                   self._arenas, X, work, outer, labels, dX, loss_code, lr,
+                                   momentum)
 
     def _find_native(self) -> _Native:
         """The compiled call and the BLAS routines it takes, looked up once per network."""

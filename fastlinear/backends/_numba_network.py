@@ -314,9 +314,10 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, v
 
 
 @njit(cache=True)
-def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work, outer, labels,
-                 dX, loss_code, lr, momentum):
-    """One native call on the arenas; ``mode`` says which:
+def network_call(mode, gemm, int_bits, layout, arenas, X, work, outer, labels, dX, loss_code,
+                 lr, momentum):
+    """One native call on the arenas, the rows of ``arenas`` (3, P): parameters, gradients and
+    velocity; ``mode`` says which:
 
     * ``FORWARD``: ``outer`` (N, M_last) receives the network's output; returns 0.0.
     * ``BACKWARD``: from ``outer`` = the output's gradient and the workspace of the last
@@ -327,6 +328,7 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
       ``W`` (so midway some layers hold new parameters, others old); returns the loss. A label
       out of range returns ``-(1 + its index)`` before anything is written.
     """
+    params, grads, velocity = arenas[0], arenas[1], arenas[2]
     rows = X.shape[0]
     last = layout.shape[0] - 1
     classes = layout[last, 1]
