@@ -216,6 +216,21 @@ def test_cross_entropy_with_underflowing_and_infinite_logits_as_the_reference(dt
                                    getattr(nets[0].layers[0], name), rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("inputs, dtype",
+                         [(1024, np.float32), (512, np.float64), (1000, np.float32)])
+def test_the_arenas_are_rows_of_one_array_padded_off_4k_multiples(inputs, dtype):
+    """Parameters, gradients and velocity are rows of one array, the layers' views into them;
+    rows whose distance would be within 256 bytes of a multiple of 4 KiB are padded apart."""
+    net = Sequential(Linear(inputs, 1, bias=False, dtype=dtype, rng=0), backend="numpy")
+    params, grads, velocity = net._params, net._grads, net._velocity
+    assert params.shape == grads.shape == velocity.shape == (inputs,)
+    for row, arena in enumerate((params, grads, velocity)):
+        assert np.shares_memory(arena, net._arenas[row])
+    distance = (grads.ctypes.data - params.ctypes.data) % 4096
+    assert 256 <= distance <= 3840
+    assert np.shares_memory(net.layers[0].W, params) and np.shares_memory(net.layers[0].dW, grads)
+
+
 def test_relu_turns_negative_zero_into_positive_zero_as_the_reference():
     """-0.0 never reaches the ReLU through the step (the gemm gives +0.0), so the compiled
     activation is applied to it directly: +0.0, as np.maximum (torch.relu keeps -0.0)."""
