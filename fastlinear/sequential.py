@@ -2,13 +2,13 @@
 
 The network keeps every layer's parameters in one flat arena (and their gradients and the SGD
 velocity in two more of the same layout, the three being rows of one array); each layer's ``W``,
-``b``, ``dW`` and ``db`` are views into them. So the layers passed in are the layers trained: after a step they hold the new values,
-in-place edits (``layer.W *= 2``) are seen by the next step, and an assigned array
-(``layer.W = ...``) is copied into the arena before the next step, after which ``layer.W`` is the
-arena's view again. On the numba backend a whole ``forward``, ``backward`` or ``train_step`` is
-one compiled call over the arenas (``fastlinear.backends._numba_network``); the numpy backend is
-the reference, the math spelled out below; the cupy backend runs layer by layer through
-``fastlinear.functional``.
+``b``, ``dW`` and ``db`` are views into them. So the layers passed in are the layers trained:
+after a step they hold the new values, in-place edits (``layer.W *= 2``) are seen by the next
+step, and an assigned array (``layer.W = ...``) is copied into the arena before the next step,
+after which ``layer.W`` is the arena's view again. On the numba backend a whole ``forward``,
+``backward`` or ``train_step`` is one compiled call over the arenas
+(``fastlinear.backends._numba_network``); the numpy backend is the reference, the math spelled
+out below; the cupy backend runs layer by layer through ``fastlinear.functional``.
 """
 
 from __future__ import annotations
