@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ENV_VAR", "FORMAT", "profile_path", "cpu_key", "read_section", "apply_section",
-           "write_section", "int_at_least", "list_of"]
+           "write_section", "int_at_least", "seconds_at_most", "list_of"]
 
 ENV_VAR = "FASTLINEAR_TUNE"
 FORMAT = 1
@@ -126,6 +126,12 @@ def int_at_least(low: int) -> Callable[[Any], bool]:
     """A schema check: an int (not a bool) of at least ``low``."""
     return lambda value: (isinstance(value, int) and not isinstance(value, bool)
                           and value >= low)
+
+
+def seconds_at_most(high: float) -> Callable[[Any], bool]:
+    """A schema check: a number of seconds (int or float, not a bool) from 0 to ``high``."""
+    return lambda value: (isinstance(value, (int, float)) and not isinstance(value, bool)
+                          and 0 <= value <= high)
 
 
 def list_of(item: Callable[[Any], bool]) -> Callable[[Any], bool]:

@@ -8,9 +8,13 @@ numbers are measured where they run, once, and remembered per machine (``fastlin
   at small backward calls; stored only where it wins at every probe.
 * numba, the skinny path: the fused one-sweep backward for N <= ``SKINNY_ROWS`` rows against
   the BLAS path, over growing weight counts: the smallest count from which it wins.
+* the BLAS-thread hand-off, by what the BLAS's threads do (timings of the kernels around them
+  are noise on a shared machine): how long its workers spin after a threaded call (the CPU time
+  they burn), within which numba's skinny backward runs on one thread; and the gemm work from
+  which the BLAS's thread count changes its time, from which numba calls give it Numba's count.
 * numba against NumPy per shape class: at every shape of the bench's grid, each pass and dtype,
-  the backend's kernels against the plain NumPy expression; a class where NumPy is faster runs
-  the NumPy reference from then on.
+  the backend's kernels against the plain NumPy expression; a class where NumPy is faster, in
+  median and minimum alike, runs the NumPy reference from then on.
 * cupy (with CuPy and a GPU): the forward path thresholds, from the forced-path table.
 
 Each comparison interleaves its contenders (A B A B ...) and takes medians of wall-clock
@@ -47,6 +51,19 @@ SKINNY_SIDES = (128, 256, 512, 1024, 2048)
 HAND_OVER = 1.02
 
 
+# The spin window: after a gemv of SPIN_SIDE x SPIN_SIDE (threaded by OpenBLAS), the process's
+# CPU time is watched for SPIN_WATCH seconds in SPIN_SLICE slices; a slice counts as spinning
+# when it burnt more than SPIN_BUSY of a core (asleep: ~0.01; spinning under load: >= 0.5).
+SPIN_SIDE = 1024
+SPIN_WATCH = 0.5
+SPIN_SLICE = 0.005
+SPIN_BUSY = 0.1
+# BLAS threads: square gemm probes of 2**bits multiply-adds; the count "matters" from a time
+# ratio of THREADS_MATTER between one thread and Numba's count.
+THREADS_PROBE_BITS = tuple(range(14, 26))
+THREADS_MATTER = 1.1
+THREADS_IN_A_ROW = 3
+
 # Seconds one comparison may take: large shapes get fewer rounds (never fewer than 3).
 COMPARISON_BUDGET = 3.0
 
@@ -54,6 +71,12 @@ COMPARISON_BUDGET = 3.0
 def _median_seconds(calls: list[Callable[[], Any]], rounds: int,
                     block_time: float) -> list[float]:
     """Median seconds per call of each of ``calls``, timed in interleaved blocks."""
+    return [statistics.median(s) for s in _block_seconds(calls, rounds, block_time)]
+
+
+def _block_seconds(calls: list[Callable[[], Any]], rounds: int,
+                   block_time: float) -> list[list[float]]:
+    """Seconds per call of each of ``calls`` in each of its interleaved blocks."""
     for call in calls:  # warm up (compile, caches), then size the blocks
         call()
     counts, round_seconds = [], 0.0
@@ -74,7 +97,7 @@ def _median_seconds(calls: list[Callable[[], Any]], rounds: int,
             for _ in range(counts[i]):
                 calls[i]()
             samples[i].append((time.perf_counter() - start) / counts[i])
-    return [statistics.median(s) for s in samples]
+    return samples
 
 
 def _inputs(shape: tuple[int, int, int], dtype: str) -> dict[str, np.ndarray]:
@@ -152,16 +175,104 @@ def _skinny_min_weights(module: Any, rounds: int, block_time: float) -> int:
     return SKINNY_SIDES[first] ** 2 if first < len(SKINNY_SIDES) else 1 << 62
 
 
+def _blas_spin_seconds(module: Any, repeats: int = 3) -> float:
+    """How long the BLAS's workers spin after a threaded call (a skinny forward, gemv): the
+    process's CPU time over wall time, watched in slices of a sleep after the call; the end of
+    the last slice that burnt more than ``SPIN_BUSY`` of a core, the longest of ``repeats``.
+
+    CPU time, not timings of the backward itself: what the workers burn is this process's own,
+    so other processes' load (a shared machine) slows it but does not hide it.
+    """
+    a = _inputs((1, SPIN_SIDE, SPIN_SIDE), "float32")
+    longest = 0.0
+    for _ in range(repeats):  # each call after the last one's watch: its workers asleep
+        module.forward(a["X"], a["W"], a["b"], None)
+        start = last = time.perf_counter()
+        cpu = time.process_time()
+        busy_until = 0.0
+        while last - start < SPIN_WATCH:
+            time.sleep(SPIN_SLICE)
+            now, now_cpu = time.perf_counter(), time.process_time()
+            if now_cpu - cpu > SPIN_BUSY * (now - last):
+                busy_until = now - start
+            last, cpu = now, now_cpu
+        longest = max(longest, busy_until)
+    return round(min(longest, SPIN_WATCH), 3)  # still spinning at the end: the watch's length
+
+
+def _threads_ratio(controllers: list[Any], threads: int, bits: int, rounds: int,
+                   block_time: float) -> tuple[float, float]:
+    """A square gemm of about ``2**bits`` multiply-adds (float64, NumPy's BLAS): the time on one
+    BLAS thread over that on ``threads``, timed in interleaved blocks: ``(of the minimums, of
+    the medians)``."""
+    side = round(2 ** (bits / 3))
+    rng = np.random.default_rng(0)
+    A, B, out = rng.standard_normal((side, side)), rng.standard_normal((side, side)), \
+        np.empty((side, side))
+
+    def block(count: int, calls: int) -> float:
+        for controller in controllers:
+            controller.set_num_threads(count)
+        start = time.perf_counter()
+        for _ in range(calls):
+            np.matmul(A, B, out=out)
+        return (time.perf_counter() - start) / calls
+
+    seconds = block(1, 1) + block(threads, 1)
+    calls = max(1, int(block_time / max(seconds / 2, 1e-7)))
+    rounds = max(3, min(rounds, int(COMPARISON_BUDGET / (calls * seconds))))
+    samples: dict[int, list[float]] = {1: [], threads: []}
+    for round_index in range(rounds):
+        for count in ((1, threads) if round_index % 2 else (threads, 1)):
+            samples[count].append(block(count, calls))
+    return min(samples[1]) / min(samples[threads]), \
+        statistics.median(samples[1]) / statistics.median(samples[threads])
+
+
+def _blas_threads_min_work(rounds: int, block_time: float) -> int | None:
+    """The smallest gemm work (N * D * M) from which the BLAS's thread count changes its time,
+    minimum and median alike, by ``THREADS_MATTER`` either way (threads pay on an idle machine,
+    cost on a loaded one), at ``THREADS_IN_A_ROW`` probes in a row (at load 5, two small probes
+    in a row differed once in 13 runs; on a half-loaded machine a larger probe's ratio may pass
+    through 1). Below it OpenBLAS runs one thread whatever its count, so matching the count
+    there costs without effect. ``None`` when Numba has one thread (nothing to match) or no
+    probes in a row differ."""
+    import numba
+
+    from fastlinear.backends import _numba_blas
+
+    threads = numba.get_num_threads()
+    controllers = _numba_blas.blas_thread_controllers()
+    if threads < 2 or not controllers:
+        return None
+    before = [c.get_num_threads() for c in controllers]
+    differs = []
+    try:
+        for bits in THREADS_PROBE_BITS:
+            ratios = _threads_ratio(controllers, threads, bits, rounds, block_time)
+            differs.append(all(not 1 / THREADS_MATTER < r < THREADS_MATTER for r in ratios))
+    finally:
+        for controller, count in zip(controllers, before, strict=True):
+            controller.set_num_threads(count)
+    for index in range(len(differs) - THREADS_IN_A_ROW + 1):
+        if all(differs[index:index + THREADS_IN_A_ROW]):
+            return 1 << THREADS_PROBE_BITS[index]
+    return None
+
+
+Timings = tuple[tuple[int, int, int], str, str, list[float], list[float]]
+
+
 def _against_plain(module: Any, shapes: tuple[tuple[int, int, int], ...],
                    dtypes: tuple[str, ...], rounds: int, block_time: float,
-                   ) -> Iterator[tuple[tuple[int, int, int], str, str, float, float]]:
-    """``(shape, dtype, pass, numba seconds, plain NumPy seconds)`` at every shape, dtype and
-    pass, the two timed interleaved."""
+                   ) -> Iterator[Timings]:
+    """``(shape, dtype, pass, numba's seconds, plain NumPy's seconds)`` at every shape, dtype
+    and pass, the two timed interleaved (seconds per call of each block)."""
     for shape in shapes:
         for dtype in dtypes:
             a = _inputs(shape, dtype)
             for pass_name in ("forward", "backward"):
-                mine, plain = _median_seconds(
+                mine, plain = _block_seconds(
                     [_numba_call(module, pass_name, a), _plain_call(pass_name, a)], rounds,
                     block_time)
                 yield shape, dtype, pass_name, mine, plain
@@ -169,11 +280,14 @@ def _against_plain(module: Any, shapes: tuple[tuple[int, int, int], ...],
 
 def _numpy_classes(module: Any, shapes: tuple[tuple[int, int, int], ...],
                    dtypes: tuple[str, ...], rounds: int, block_time: float) -> list[str]:
-    """Shape classes where the plain NumPy expression beat the backend's kernels."""
+    """Shape classes where the plain NumPy expression beat the backend's kernels by
+    ``HAND_OVER``, in median and in minimum alike (a shared machine's load moves medians both
+    ways; where both make the same BLAS call, only both together say more than noise)."""
     return sorted({module.shape_class(pass_name, *shape, dtype)
                    for shape, dtype, pass_name, mine, plain
                    in _against_plain(module, shapes, dtypes, rounds, block_time)
-                   if mine > plain * HAND_OVER})
+                   if statistics.median(mine) > statistics.median(plain) * HAND_OVER
+                   and min(mine) > min(plain) * HAND_OVER})
 
 
 def tune_numba(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...],
@@ -186,12 +300,21 @@ def tune_numba(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...]
     skinny = _skinny_min_weights(module, rounds, block_time)
     log(f"numba skinny backward from {skinny} weights" if skinny < 1 << 62
         else "numba skinny backward: never (the BLAS path wins)")
+    spin = _blas_spin_seconds(module, repeats=1 if rounds < 5 else 3)
+    log(f"BLAS workers spin {spin * 1e3:.0f} ms after a threaded call")
+    threads_work = _blas_threads_min_work(rounds, block_time)
+    log(f"BLAS thread count matters from {threads_work} multiply-adds"
+        if threads_work is not None else "BLAS thread count: no difference measured (kept "
+        f"{module._numba_blas.BLAS_THREADS_MIN_WORK})")
+    handoff = {"blas_spin_seconds": spin}
+    if threads_work is not None:
+        handoff["blas_threads_min_work"] = threads_work
     module.apply_profile({"rows_dot_rows_max_work": (1 << 18) if rows else 0,
-                          "skinny_min_weights": skinny})
+                          "skinny_min_weights": skinny, **handoff})
     classes = _numpy_classes(module, shapes, dtypes, rounds, block_time)
     log(f"shape classes handed to NumPy: {', '.join(classes) or 'none'}")
     values = {"rows_dot_rows_max_work": (1 << 18) if rows else 0, "rows_dot_rows_min_m": 96,
-              "skinny_min_weights": skinny, "numpy_classes": classes}
+              "skinny_min_weights": skinny, "numpy_classes": classes, **handoff}
     module.apply_profile(values)  # in force for the rest of this process
     return values
 
@@ -216,13 +339,16 @@ def ratio_table(shapes: tuple[tuple[int, int, int], ...], dtypes: tuple[str, ...
     profile in force: ``plain / numba`` (above 1: numba faster)."""
     module = _dispatch.load_backend("numba")
     lines = [f"{'shape':16} {'dtype':8} {'pass':8} {'numba ms':>9} {'numpy ms':>9} "
-             f"{'numpy/numba':>11}  class"]
+             f"{'numpy/numba':>11} {'of minimums':>11}  class"]
     for shape, dtype, pass_name, mine, plain in _against_plain(module, shapes, dtypes, rounds,
                                                                block_time):
         kind = module.shape_class(pass_name, *shape, dtype)
         handed = " (NumPy)" if kind in module.NUMPY_CLASSES else ""
+        median, plain_median = statistics.median(mine), statistics.median(plain)
         lines.append(f"{grid.shape_text(shape):16} {dtype:8} {pass_name:8} "
-                     f"{mine * 1e3:9.4f} {plain * 1e3:9.4f} {plain / mine:11.3f}  {kind}{handed}")
+                     f"{median * 1e3:9.4f} {plain_median * 1e3:9.4f} "
+                     f"{plain_median / median:11.3f} {min(plain) / min(mine):11.3f}  "
+                     f"{kind}{handed}")
     return lines
 
 
@@ -274,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"fastlinear tune, {stamp}, {time.perf_counter() - started:.0f} s",
               f"machine: {cpu['cpu']} ({os.cpu_count()} cores; ISA {' '.join(cpu['isa'])}); "
               f"load average at the end {' '.join(f'{x:.1f}' for x in load)}",
-              "ratios: medians of interleaved wall-clock blocks, numba backend's function "
-              "against the plain NumPy expression, the profile in force",
+              "ratios: medians (and minimums) of interleaved wall-clock blocks, numba "
+              "backend's function against the plain NumPy expression, the profile in force",
               f"profile: {path if path is not None else 'not stored (--quick)'}"]
     print("\n".join(header + table))
     if options.table:

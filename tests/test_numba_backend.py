@@ -453,6 +453,61 @@ def test_blas_thread_limit_set_by_the_user_is_kept(rng):
     assert [c.get_num_threads() for c in controllers()] == outside
 
 
+def test_blas_threads_unchanged_since_the_last_call_are_only_read(monkeypatch):
+    """Issue 20: once matched, a call with nothing changed reads the counts and stops there
+    (threadpoolctl's controllers are not asked: their 4.6 us were the cost)."""
+    from fastlinear.backends import _numba_blas
+
+    _numba_blas.match_blas_threads()
+
+    def asked():
+        raise AssertionError("the controllers were asked though nothing changed")
+
+    monkeypatch.setattr(_numba_blas, "blas_thread_controllers", asked)
+    _numba_blas.match_blas_threads()
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:  # Numba's count changed: the slow path runs (and here meets the stand-in)
+        with pytest.raises(AssertionError, match="were asked"):
+            _numba_blas.match_blas_threads()
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_a_user_limit_set_after_a_first_call_is_honoured(rng):
+    """A limit set by someone else after the counts were matched (and remembered) is seen: a
+    lower one is kept, a higher one than Numba's count is lowered to it, and when threadpoolctl
+    restores the count the next call follows Numba's again."""
+    from threadpoolctl import threadpool_limits
+
+    from fastlinear.backends import _numba_blas
+    from fastlinear.backends._numba_blas import blas_thread_controllers as controllers
+
+    def counts():
+        return [c.get_num_threads() for c in controllers()]
+
+    before = numba.get_num_threads()
+    _numba_blas.match_blas_threads()
+    matched = counts()
+    with threadpool_limits(limits=1, user_api="blas"):
+        _numba_blas.match_blas_threads()
+        assert counts() == [1] * len(matched)
+    _numba_blas.match_blas_threads()
+    assert counts() == matched
+    X, W, b, dY = make_inputs(rng, 256, 256, 128, np.float64)  # 2**23 multiply-adds
+    try:
+        numba.set_num_threads(1)
+        run_both(X, W, b, dY)
+        assert counts() == [1] * len(matched)
+        with threadpool_limits(limits=max(2, before), user_api="blas"):
+            run_both(X, W, b, dY)  # the user's higher count: lowered to Numba's
+            assert counts() == [1] * len(matched)
+    finally:
+        numba.set_num_threads(before)
+    run_both(X, W, b, dY)
+    assert counts() == matched
+
+
 @pytest.mark.parametrize("N", [1, 64])
 def test_allocates_only_the_results(rng, N):
     """Forward allocates Y only; backward dX, dW, db only (NumPy allocations, by tracemalloc)."""

@@ -156,7 +156,8 @@ def test_numba_reads_its_section_at_load_and_hands_classes_to_numpy(name, tmp_pa
         import numpy as np
         from fastlinear import _profile
         from fastlinear.backends import numba as nb
-        print(nb.ROWS_DOT_ROWS_MAX_WORK, sorted(nb.NUMPY_CLASSES))
+        print(nb.ROWS_DOT_ROWS_MAX_WORK, nb.BLAS_SPIN_SECONDS,
+              nb._numba_blas.BLAS_THREADS_MIN_WORK, sorted(nb.NUMPY_CLASSES))
         X, W, b = np.ones((3, 4)), np.ones((4, 5)), np.ones(5)
         assert np.allclose(nb.forward(X, W, b, None), X @ W + b)
     """)
@@ -167,20 +168,23 @@ def test_numba_reads_its_section_at_load_and_hands_classes_to_numpy(name, tmp_pa
         done = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        return done.stdout.split(maxsplit=1)
+        return done.stdout.split(maxsplit=3)
 
-    assert run() == ["0", "[]\n"]  # no profile: the safe default
+    from fastlinear.backends import _numba_blas
     from fastlinear.backends import numba as nb
 
+    defaults = ["0", str(nb.BLAS_SPIN_SECONDS), str(_numba_blas.BLAS_THREADS_MIN_WORK), "[]\n"]
+    assert run() == defaults  # no profile: the safe defaults
     kind = nb.shape_class("forward", 3, 4, 5, np.float64)
     path = tmp_path / "fastlinear" / _profile.FILE_NAME
     _profile.write_section("numba", nb.profile_key(),
-                           {"rows_dot_rows_max_work": 1 << 18, "numpy_classes": [kind]}, path)
-    assert run() == [str(1 << 18), f"['{kind}']\n"]
-    assert run(FASTLINEAR_TUNE="off") == ["0", "[]\n"]
+                           {"rows_dot_rows_max_work": 1 << 18, "numpy_classes": [kind],
+                            "blas_spin_seconds": 0.113, "blas_threads_min_work": 1 << 19}, path)
+    assert run() == [str(1 << 18), "0.113", str(1 << 19), f"['{kind}']\n"]
+    assert run(FASTLINEAR_TUNE="off") == defaults
     _profile.write_section("numba", {**nb.profile_key(), "numba": "0.0"},
-                           {"rows_dot_rows_max_work": 1 << 18}, path)
-    assert run() == ["0", "[]\n"]  # measured under another numba: stale
+                           {"rows_dot_rows_max_work": 1 << 18, "blas_spin_seconds": 0}, path)
+    assert run() == defaults  # measured under another numba: stale
 
 
 @pytest.mark.parametrize("name", [numba_param])
@@ -224,11 +228,15 @@ def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, c
     monkeypatch.setattr(grid, "DTYPES", ("float32",))
     monkeypatch.setattr(tune, "ROWS_PROBES", ((8, 16, 128),))
     monkeypatch.setattr(tune, "SKINNY_SIDES", (64, 128))
+    monkeypatch.setattr(tune, "SPIN_WATCH", 0.05)
+    monkeypatch.setattr(tune, "THREADS_PROBE_BITS", (14, 15, 16))
+    from fastlinear.backends import _numba_blas
+
+    monkeypatch.setattr(_numba_blas, "BLAS_THREADS_MIN_WORK", _numba_blas.BLAS_THREADS_MIN_WORK)
     from fastlinear.backends import cupy_launch
 
     for attribute in ("ROWS_DOT_ROWS_MAX_WORK", "ROWS_DOT_ROWS_MIN_M", "SKINNY_MIN_WEIGHTS",
-                      "NUMPY_CLASSES",
-                      "_numpy_keys"):
+                      "NUMPY_CLASSES", "_numpy_keys", "BLAS_SPIN_SECONDS"):
         monkeypatch.setattr(nb, attribute, getattr(nb, attribute))  # restored after
     path = tmp_path / "profile.json"
     table = tmp_path / "table.txt"
@@ -240,8 +248,10 @@ def test_tune_quick_measures_and_writes_a_profile(name, tmp_path, monkeypatch, c
         cupy_launch.apply_thresholds(cupy_before)
     out = capsys.readouterr().out
     values = _profile.read_section("numba", nb.profile_key, nb.PROFILE_SCHEMA, path)
-    assert set(values) == set(nb.PROFILE_SCHEMA)
+    assert set(values) | {"blas_threads_min_work"} == set(nb.PROFILE_SCHEMA)  # kept if none
     assert values["rows_dot_rows_max_work"] in (0, 1 << 18)
+    assert 0 <= values["blas_spin_seconds"] <= tune.SPIN_WATCH
+    assert values.get("blas_threads_min_work", 1 << 14) == 1 << 14  # three in a row, or none
     assert "8x16x16" in out and "numpy/numba" in table.read_text()
 
 
@@ -278,10 +288,16 @@ def test_the_schema_checks_items_and_ranges():
     from fastlinear.backends import numba as nb
 
     good = nb.shape_class("forward", 6, 5, 4, np.float32)
-    assert _profile._valid_values({"numpy_classes": [good]}, nb.PROFILE_SCHEMA)
+    assert _profile._valid_values({"numpy_classes": [good], "blas_spin_seconds": 0.11,
+                                   "blas_threads_min_work": 1 << 19}, nb.PROFILE_SCHEMA)
+    assert _profile._valid_values({"blas_spin_seconds": 0}, nb.PROFILE_SCHEMA)
     for bad in ({"numpy_classes": ["bogus"]}, {"numpy_classes": ["forward:gemm:nodtype:3"]},
                 {"numpy_classes": [7]}, {"rows_dot_rows_max_work": -1},
-                {"rows_dot_rows_min_m": 0}, {"skinny_min_weights": True}):
+                {"rows_dot_rows_min_m": 0}, {"skinny_min_weights": True},
+                {"blas_spin_seconds": -0.1}, {"blas_spin_seconds": True},
+                {"blas_spin_seconds": "0.1"}, {"blas_spin_seconds": 11.0},
+                {"blas_spin_seconds": float("nan")}, {"blas_threads_min_work": 0},
+                {"blas_threads_min_work": 2.0**20}):
         assert not _profile._valid_values(bad, nb.PROFILE_SCHEMA), bad
     assert not _profile._valid_values({"tiled_max_work": 0}, cupy_backend.PROFILE_SCHEMA)
 

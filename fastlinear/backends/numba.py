@@ -57,7 +57,9 @@ _numpy_keys: frozenset[tuple] = frozenset()  # the same as _class_key tuples, fo
 # OpenBLAS's workers spin-wait for about this long after each call; a prange function started
 # in that window shares the cores with them and runs slower than on one thread. So the skinny
 # backward runs on the calling thread alone this soon after a skinny forward (a training step).
-BLAS_SPIN_SECONDS = 0.1
+# OpenBLAS's default is 2**28 cycles (0.11 s at 2.45 GHz); ``tune`` measures it (CPU time burnt
+# after a call); without a profile, 0.25 s is safe down to about 1 GHz.
+BLAS_SPIN_SECONDS = 0.25
 
 
 def _missing_dependency():
@@ -103,7 +105,9 @@ def _is_class_name(name):
 PROFILE_SCHEMA = {"rows_dot_rows_max_work": _profile.int_at_least(0),
                   "rows_dot_rows_min_m": _profile.int_at_least(1),
                   "skinny_min_weights": _profile.int_at_least(0),
-                  "numpy_classes": _profile.list_of(_is_class_name)}
+                  "numpy_classes": _profile.list_of(_is_class_name),
+                  "blas_spin_seconds": _profile.seconds_at_most(10.0),
+                  "blas_threads_min_work": _profile.int_at_least(1)}
 
 
 def profile_key():
@@ -117,7 +121,7 @@ def profile_key():
 def apply_profile(values):
     """Put measured thresholds in force (names of ``PROFILE_SCHEMA``; the rest keep theirs)."""
     global ROWS_DOT_ROWS_MAX_WORK, ROWS_DOT_ROWS_MIN_M, SKINNY_MIN_WEIGHTS, NUMPY_CLASSES
-    global _numpy_keys
+    global _numpy_keys, BLAS_SPIN_SECONDS
     classes = frozenset(str(name) for name in values.get("numpy_classes", NUMPY_CLASSES))
     keys = set()
     for name in classes:  # all checked before anything changes
@@ -127,6 +131,9 @@ def apply_profile(values):
     ROWS_DOT_ROWS_MIN_M = values.get("rows_dot_rows_min_m", ROWS_DOT_ROWS_MIN_M)
     SKINNY_MIN_WEIGHTS = values.get("skinny_min_weights", SKINNY_MIN_WEIGHTS)
     NUMPY_CLASSES, _numpy_keys = classes, frozenset(keys)
+    BLAS_SPIN_SECONDS = float(values.get("blas_spin_seconds", BLAS_SPIN_SECONDS))
+    _numba_blas.BLAS_THREADS_MIN_WORK = values.get("blas_threads_min_work",
+                                                   _numba_blas.BLAS_THREADS_MIN_WORK)
 
 
 def _class_key(pass_name, N, D, M, dtype):
