@@ -1,14 +1,14 @@
 """``fastlinear.Sequential``: the user's ``Linear`` layers as one network, trained a step at a time.
 
 The network keeps every layer's parameters in one flat arena (and their gradients and the SGD
-velocity in two more of the same layout); each layer's ``W``, ``b``, ``dW`` and ``db`` are views
-into them. So the layers passed in are the layers trained: after a step they hold the new values,
-in-place edits (``layer.W *= 2``) are seen by the next step, and an assigned array
-(``layer.W = ...``) is copied into the arena before the next step, after which ``layer.W`` is the
-arena's view again. On the numba backend a whole ``forward``, ``backward`` or ``train_step`` is
-one compiled call over the arenas (``fastlinear.backends._numba_network``); the numpy backend is
-the reference, the math spelled out below; the cupy backend runs layer by layer through
-``fastlinear.functional``.
+velocity in two more of the same layout, the three being rows of one array); each layer's ``W``,
+``b``, ``dW`` and ``db`` are views into them. So the layers passed in are the layers trained:
+after a step they hold the new values, in-place edits (``layer.W *= 2``) are seen by the next
+step, and an assigned array (``layer.W = ...``) is copied into the arena before the next step,
+after which ``layer.W`` is the arena's view again. On the numba backend a whole ``forward``,
+``backward`` or ``train_step`` is one compiled call over the arenas
+(``fastlinear.backends._numba_network``); the numpy backend is the reference, the math spelled
+out below; the cupy backend runs layer by layer through ``fastlinear.functional``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = ["Sequential"]
 STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (a dtype: == is faster)
+_CROSS_ENTROPY = "softmax_cross_entropy"
 # Backends that run a whole network call natively (one compiled call); the others run layer by
 # layer through fastlinear.functional, and numpy runs the reference math.
 NATIVE_STEP_BACKENDS = frozenset({"numba"})
@@ -57,6 +58,8 @@ def _resolve(backend: str | None, library: str, check: Any) -> Any:
 class _Native(NamedTuple):
     blas: Any  # fastlinear.backends._numba_blas
     network_call: Any  # fastlinear.backends._numba_network.network_call
+    gemm: int = 0  # the address of the network's dtype's gemm (_numba_blas.blas_routines)
+    int_bits: int = 0
 
 
 @functools.cache
@@ -167,9 +170,14 @@ class Sequential:
         # Workspace floats per batch row (see _numba_network) and multiply-adds per batch row.
         self._work_per_row = 3 * int(layout[:, _M].sum())
         self._macs_per_row = int((layout[:, _D] * layout[:, _M]).sum())
-        self._params = xp.empty(position, self.dtype)
-        self._grads = xp.zeros(position, self.dtype)
-        self._velocity = xp.zeros(position, self.dtype)
+        # The three arenas are the rows of one array, so the compiled call takes one argument;
+        # rows within 256 bytes of a multiple of 4 KiB apart are padded apart: the update reads
+        # p[k], g[k], v[k] together, which would alias in the L1 cache's disambiguation.
+        stride = position * self.dtype.itemsize % 4096
+        width = position + (512 // self.dtype.itemsize if stride < 256 or stride > 3840 else 0)
+        self._arenas = xp.zeros((3, width), self.dtype)
+        self._params, self._grads, self._velocity = (self._arenas[row, :position]
+                                                     for row in range(3))
         self._views = [self._arena_views(self._params, index) for index in range(len(layers))]
         self._grad_views = [self._arena_views(self._grads, index) for index in range(len(layers))]
         self.velocity = [self._arena_views(self._velocity, index) for index in range(len(layers))]
@@ -185,7 +193,7 @@ class Sequential:
         self._in_width, self._out_width = layers[0].in_features, layers[-1].out_features
         self._remember_layers()
         self._work = np.empty(0, self.dtype)  # the numba step's workspace (see its module)
-        self._blas: Any = None  # the BLAS routines the numba step calls, found at its first call
+        self._native_call: _Native | None = None  # the compiled call, set at its first use
         self._cache: Any = None  # what backward needs from the last forward:
         # (backend, X, state, the activations it ran with)
         self._no_cache = "backward() called before forward(): call forward(X) first"
@@ -439,7 +447,15 @@ class Sequential:
             For bad input, before anything changes: parameters, velocity and gradients keep
             their values.
         """
-        X, y, loss_name, rate, keep = self._check_step(X, y, loss, lr, momentum)
+        if (type(X) is np.ndarray and type(y) is np.ndarray and type(loss) is str
+                and loss == _CROSS_ENTROPY and type(lr) is float and 0.0 <= lr < math.inf
+                and type(momentum) is float and 0.0 <= momentum < math.inf
+                and X.dtype == self.dtype and X.ndim == 2 and X.shape[0]
+                and X.shape[1] == self._in_width and X.flags.c_contiguous
+                and y.dtype == _LABELS and y.shape == (X.shape[0],)):
+            loss_name, rate, keep = loss, lr, momentum  # the common case, checked inline
+        else:
+            X, y, loss_name, rate, keep = self._check_step(X, y, loss, lr, momentum)
         module = self._module()
         if module.NAME in NATIVE_STEP_BACKENDS:
             code = losses.LOSS_CODES[loss_name]
@@ -473,19 +489,24 @@ class Sequential:
                 lr: float, momentum: float, work: Any = None) -> float:
         """One ``network_call``; ``work`` is the last forward's workspace for a backward (the
         network's own, grown to the batch, otherwise)."""
-        native = _native_module()
+        native = self._native_call or self._find_native()
         rows = X.shape[0]
         if work is None:
             if self._work.shape[0] < rows * self._work_per_row:
                 self._work = np.empty(rows * self._work_per_row, self.dtype)
             work = self._work
-        if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:
-            native.blas.match_blas_threads()
-        blas = self._blas or native.blas.blas_routines(self.dtype)
-        self._blas = blas
-        return native.network_call(mode, blas.gemm, blas.int_bits, self._layout, self._params,
-                                   self._velocity, self._grads, X, work, outer, labels, dX,
-                                   loss_code, lr, momentum)
+        if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:  # read each call:
+            native.blas.match_blas_threads()  # the threshold may be changed at run time
+        return native.network_call(mode, native.gemm, native.int_bits, self._layout,
+                                   self._arenas, X, work, outer, labels, dX, loss_code, lr,
+                                   momentum)
+
+    def _find_native(self) -> _Native:
+        """The compiled call and the BLAS routines it takes, looked up once per network."""
+        native = _native_module()
+        blas = native.blas.blas_routines(self.dtype)
+        self._native_call = native._replace(gemm=blas.gemm, int_bits=blas.int_bits)
+        return self._native_call
 
     # --- numpy (the reference) and cupy: layer by layer ------------------------------------------
 

@@ -174,6 +174,63 @@ def test_relu_special_values_as_the_reference():
     np.testing.assert_array_equal(outs[1][0], [np.nan, 0, np.inf, 0, 0, 0, 3, 1e-300])
 
 
+def test_the_numba_float32_softmax_exp_matches_np_exp():
+    """The numba step's vectorised float32 exp of shifted logits (all <= 0): within 2 ulp of the
+    exact exp wherever that is a normal float32, 0 below (an absolute error under 1.2e-38), and
+    exp(-inf) = 0, exp(0) = 1, NaN stays NaN."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear.backends._numba_network import _exp_nonpositive_f32
+
+    x = np.concatenate([-np.linspace(0, 110, 400_001), [-0.0, 0.0, -np.inf, np.nan, -1e-45,
+                                                        -1e30, -87.3365, -87.3366]])
+    x = x.astype(np.float32)
+    e = x.copy()
+    _exp_nonpositive_f32(e)
+    exact = np.exp(x.astype(np.float64))
+    normal = exact >= np.finfo(np.float32).tiny
+    ulps = np.abs(e[normal] - exact[normal]) / np.spacing(exact[normal].astype(np.float32))
+    assert ulps.max() <= 2.0
+    assert np.all(e[~normal & ~np.isnan(x)] == 0)
+    np.testing.assert_array_equal(e[-8:-4], np.array([1, 1, 0, np.nan], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_with_underflowing_and_infinite_logits_as_the_reference(dtype):
+    """Logits 200 apart (probabilities that underflow to 0) and an infinite one: the numba
+    step's loss and gradients are the numpy backend's."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    W = np.array([[0.0, -200.0, 5.0, -np.inf, 100.0, -90.0, -100.0, 1.0, 2.0, 3.0]], dtype)
+    X, y = np.array([[1.0], [0.5], [2.0]], dtype), np.array([0, 2, 4])
+    nets = []
+    for backend in ("numpy", "numba"):
+        layer = Linear(1, W.shape[1], dtype=dtype, backend=backend)
+        layer.W, layer.b = W.copy(), np.zeros(W.shape[1], dtype)
+        nets.append(Sequential(layer, backend=backend))
+    with np.errstate(invalid="ignore", over="ignore"):
+        values = [net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1) for net in nets]
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-6)
+    for name in ("dW", "db", "W", "b"):
+        np.testing.assert_allclose(getattr(nets[1].layers[0], name),
+                                   getattr(nets[0].layers[0], name), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("inputs, dtype",
+                         [(1024, np.float32), (512, np.float64), (1000, np.float32)])
+def test_the_arenas_are_rows_of_one_array_padded_off_4k_multiples(inputs, dtype):
+    """Parameters, gradients and velocity are rows of one array, the layers' views into them;
+    rows whose distance would be within 256 bytes of a multiple of 4 KiB are padded apart."""
+    net = Sequential(Linear(inputs, 1, bias=False, dtype=dtype, rng=0), backend="numpy")
+    params, grads, velocity = net._params, net._grads, net._velocity
+    assert params.shape == grads.shape == velocity.shape == (inputs,)
+    for row, arena in enumerate((params, grads, velocity)):
+        assert np.shares_memory(arena, net._arenas[row])
+    distance = (grads.ctypes.data - params.ctypes.data) % 4096
+    assert 256 <= distance <= 3840
+    assert np.shares_memory(net.layers[0].W, params) and np.shares_memory(net.layers[0].dW, grads)
+
+
 def test_relu_turns_negative_zero_into_positive_zero_as_the_reference():
     """-0.0 never reaches the ReLU through the step (the gemm gives +0.0), so the compiled
     activation is applied to it directly: +0.0, as np.maximum (torch.relu keeps -0.0)."""

@@ -18,7 +18,9 @@ loss value is summed in float64.
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from fastlinear.backends._numba_activations import (
     GELU,
@@ -64,7 +66,8 @@ def _product(gemm, int_bits, A, transpose_a, B, transpose_b, C, beta):
 @njit(cache=True)
 def _layer_forward(gemm, int_bits, A, W, b, H, Z, code):
     """``H = act(A @ W + b)``; ``Z = A @ W + b`` for the GELUs. Bias rows first, then gemm with
-    ``beta=1`` adds the product; each row, still in cache, is then activated."""
+    ``beta=1`` adds the product; then the whole block is activated in one pass (``H`` and ``Z``
+    are C-contiguous: one loop over all elements, not a call per row)."""
     beta = 0.0
     if b.shape[0] > 0:
         beta = 1.0
@@ -73,11 +76,10 @@ def _layer_forward(gemm, int_bits, A, W, b, H, Z, code):
             for j in range(H.shape[1]):
                 row[j] = b[j]
     _product(gemm, int_bits, A, False, W, False, H, beta)
-    keeps_z = code == GELU or code == GELU_TANH
-    for n in range(H.shape[0]):
-        if keeps_z:
-            _copy(H[n], Z[n])
-        activate(code, H[n])
+    flat = H.reshape(H.size)
+    if code == GELU or code == GELU_TANH:
+        _copy(flat, Z.reshape(Z.size))
+    activate(code, flat)
 
 
 @njit(cache=True)
@@ -89,12 +91,22 @@ def _copy(source, target):
 
 
 @njit(cache=True)
+def _column_sums(G, total):
+    """``total[:] = G.sum(0)``, the rows added in order (``G`` has at least one row)."""
+    _copy(G[0], total)
+    for n in range(1, G.shape[0]):
+        row = G[n]
+        for j in range(G.shape[1]):
+            total[j] += row[j]
+
+
+@njit(cache=True)
 def _activation_grad_in_place(code, g, saved):
-    """``g *= act'`` for one row, ``g`` holding ``dy`` on entry (``_numba_activations``'s
-    formulas). ReLU, tanh and sigmoid have their own loops here: the shared
-    ``activation_grad(code, dy, saved, g)`` called with ``dy`` and ``g`` the same row ran
-    several times slower inside the step (a loop over two arguments that may alias); for ReLU,
-    the same select in both, still 0.2-0.5 against 1.4-5.5 ns an element
+    """``g *= act'`` for a row, or a whole C-contiguous block as one vector, ``g`` holding ``dy``
+    on entry (``_numba_activations``'s formulas). ReLU, tanh and sigmoid have their own loops
+    here: the shared ``activation_grad(code, dy, saved, g)`` called with ``dy`` and ``g`` the
+    same row ran several times slower inside the step (a loop over two arguments that may
+    alias); for ReLU, the same select in both, still 0.2-0.5 against 1.4-5.5 ns an element
     (``benchmarks/relu_grad_in_place.py``)."""
     real = g.dtype.type
     zero, one = real(0.0), real(1.0)
@@ -113,25 +125,77 @@ def _activation_grad_in_place(code, g, saved):
         activation_grad(code, g, saved, g)
 
 
+# float32 exp for arguments <= 0 (the shifted logits of a softmax): x = n ln2 + r, |r| <= ln2/2,
+# ln2 split in two (Cody-Waite) so n ln2 is exact; exp(r) by Cephes' expf polynomial; 2^n built
+# from its bits. Written as selects and casts so the loop vectorises (libm's expf is one call an
+# element here: ~9 ns, against ~1 ns).
+_F32 = np.float32
+_EXP_LOW = _F32(-87.33654)  # ln of float32's smallest normal: below it, 0 (np.exp: subnormal)
+_LOG2E, _LN2_HI, _LN2_LO = _F32(1.44269504088896341), _F32(0.693359375), _F32(-2.12194440e-4)
+_EXP_POLY = (_F32(1.9875691500e-4), _F32(1.3981999507e-3), _F32(8.3334519073e-3),
+             _F32(4.1665795894e-2), _F32(1.6666665459e-1), _F32(5.0000001201e-1))
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the integer ``bits`` (its low 32 bits)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True)
+def _exp_nonpositive_f32(x):
+    """``exp`` of the float32 vector ``x`` (every element <= 0, or NaN) in place: within 2 ulp
+    of ``np.exp`` down to -87.3; 0 below, where ``np.exp`` is subnormal (an absolute error under
+    1.2e-38); ``exp(-inf) = 0``; NaN stays NaN."""
+    zero, half = _F32(0.0), _F32(0.5)
+    c0, c1, c2, c3, c4, c5 = _EXP_POLY
+    for k in range(x.shape[0]):
+        v = x[k]
+        low = v < _EXP_LOW
+        t = _EXP_LOW if low else v  # NaN passes here but its result is replaced below
+        t = zero if t != t else t
+        n = np.floor(t * _LOG2E + half)
+        r = t - n * _LN2_HI - n * _LN2_LO
+        p = (((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * r * r + r + _F32(1.0)
+        e = p * _float32_from_bits((np.int32(n) + 127) << 23)
+        e = zero if low else e
+        x[k] = v if v != v else e
+
+
 @njit(cache=True)
 def _cross_entropy(logits, labels, dlogits):
     """Mean softmax cross-entropy of ``logits`` (N, C) against ``labels`` over the N rows; its
-    gradient ``(softmax - onehot) / N`` into ``dlogits``."""
+    gradient ``(softmax - onehot) / N`` into ``dlogits`` (C-contiguous). float32 takes the
+    exponentials in one vectorised pass over the block (``_exp_nonpositive_f32``)."""
     rows, classes = logits.shape
     real = logits.dtype.type
     inv_rows = real(1.0 / rows)
-    total = 0.0
+    total = 0.0  # of top - z[label] per row here; of log(norm) below
     for n in range(rows):
         z, g = logits[n], dlogits[n]
         top = z[0]
-        for j in range(1, classes):
-            if z[j] > top or math.isnan(z[j]):
-                top = z[j]
+        for j in range(1, classes):  # a NaN, once met, stays the top
+            v = z[j]
+            top = v if v > top or v != v else top
+        total += float(top) - float(z[labels[n]])
+        for j in range(classes):
+            g[j] = z[j] - top
+    flat = dlogits.reshape(rows * classes)
+    if dlogits.itemsize == 4:
+        _exp_nonpositive_f32(flat)
+    else:
+        for k in range(flat.shape[0]):
+            flat[k] = math.exp(flat[k])
+    for n in range(rows):
+        g = dlogits[n]
         norm = real(0.0)
         for j in range(classes):
-            g[j] = math.exp(z[j] - top)
             norm += g[j]
-        total += float(top) + math.log(float(norm)) - float(z[labels[n]])
+        total += math.log(float(norm))
         scale = inv_rows / norm
         for j in range(classes):
             g[j] *= scale
@@ -230,17 +294,9 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, v
         saved = _block(work, offsets[i] + rows * M, rows, M) if (
             code == GELU or code == GELU_TANH) else H
         G = _block(work, offsets[i] + 2 * rows * M, rows, M)
-        db = grads[b_at:b_at + M] if b_at >= 0 else grads[0:0]
-        for n in range(rows):
-            row = G[n]
-            _activation_grad_in_place(code, row, saved[n])
-            if b_at < 0:
-                continue
-            if n == 0:  # db = G.sum(0), each row added while it is in cache
-                _copy(row, db)
-            else:
-                for j in range(M):
-                    db[j] += row[j]
+        _activation_grad_in_place(code, G.reshape(G.size), saved.reshape(saved.size))
+        if b_at >= 0:
+            _column_sums(G, grads[b_at:b_at + M])
         dW = _block(grads, w_at, D, M)
         if i > 0:
             A = _block(work, offsets[i - 1], rows, layout[i - 1, 1])
@@ -258,9 +314,10 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, v
 
 
 @njit(cache=True)
-def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work, outer, labels,
-                 dX, loss_code, lr, momentum):
-    """One native call on the arenas; ``mode`` says which:
+def network_call(mode, gemm, int_bits, layout, arenas, X, work, outer, labels, dX, loss_code,
+                 lr, momentum):
+    """One native call on the arenas, the rows of ``arenas`` (3, P): parameters, gradients and
+    velocity; ``mode`` says which:
 
     * ``FORWARD``: ``outer`` (N, M_last) receives the network's output; returns 0.0.
     * ``BACKWARD``: from ``outer`` = the output's gradient and the workspace of the last
@@ -271,6 +328,7 @@ def network_call(mode, gemm, int_bits, layout, params, velocity, grads, X, work,
       ``W`` (so midway some layers hold new parameters, others old); returns the loss. A label
       out of range returns ``-(1 + its index)`` before anything is written.
     """
+    params, grads, velocity = arenas[0], arenas[1], arenas[2]
     rows = X.shape[0]
     last = layout.shape[0] - 1
     classes = layout[last, 1]
