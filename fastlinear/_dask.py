@@ -14,8 +14,8 @@ Graph shape
 * The feature axis (the last one) is rechunked to one chunk: a task needs its rows' whole
   feature vectors to multiply by the whole ``W`` it holds anyway, and row chunks are the
   unit that the products split along. Row chunks are kept as they come.
-* forward: one task per row chunk plans and runs the forward on the worker (``_plan``, as
-  ``fastlinear.linear_forward`` does); ``Y`` has
+* forward: one task per row chunk plans and runs the forward on the worker (``_plan``'s
+  general branch: at a chunk's size its few microseconds do not count); ``Y`` has
   ``X``'s row chunks. With ``return_saved`` and a GELU (which saves the pre-activation ``Z``)
   the task returns ``(Y, Z)`` and two cheap tasks per chunk pick them apart.
 * backward: one task per row chunk plans and runs the backward and returns
@@ -167,16 +167,14 @@ def _naming_the_worker():
 def _forward_chunk(X, W, b, *, backend, activation, return_saved):
     """Run on a worker: the planned forward of one row chunk (``(Y, Z)`` with return_saved)."""
     with _naming_the_worker():
-        run, args = _plan.forward(X, W, b, activation, backend, None, return_saved, "safe")
-        return run(*args)
+        return _plan.forward(X, W, b, activation, backend, None, return_saved, "safe")
 
 
 def _backward_chunk(dY, X, saved, W, *, backend, activation, has_bias, need_dX):
     """Run on a worker: ``(dX_i, dW_i, db_i)`` of one row chunk, planned there."""
     with _naming_the_worker():
-        run, args = _plan.backward(dY, X, W, activation, saved, has_bias, need_dX, backend,
-                                   False, None, None, None, "safe")
-        return run(*args)
+        return _plan.backward(dY, X, W, activation, saved, has_bias, need_dX, backend, False,
+                              None, None, None, "safe")
 
 
 def _pick(results, index, lead_ndim=0):

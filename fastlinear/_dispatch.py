@@ -114,6 +114,14 @@ class Registry:
         self._interim: dict[str, Any] = {}  # array library -> auto's choice while one loads
         self._chosen: str | None = None  # set_backend's name
         self._environment: str | None = None  # FASTLINEAR_BACKEND's name, read at first use
+        # For the plain branch of a call on NumPy arrays (fastlinear.functional), the usual
+        # answers in one dict: each loaded backend that takes NumPy arrays by its canonical
+        # name, and ``auto``'s choice for them (``renting_for_numpy`` while that is the interim
+        # one, whose calls are counted); and the default's name (``set_backend``'s, else the
+        # environment's; None until first read).
+        self.for_numpy: dict[str, Any] = {}
+        self.renting_for_numpy = False
+        self.default_name: str | None = None
         self._load_mode: str | None = None  # FASTLINEAR_AUTO_LOAD, read at first need
         _registries.add(self)
 
@@ -138,17 +146,18 @@ class Registry:
         raw = os.environ.get(ENV_VAR, "")
         name = self.normalize(raw, f"{ENV_VAR} value") if raw.strip() else AUTO
         self._environment = name
+        self.default_name = self._chosen or name
         return name
 
     def set_default(self, name: str | None) -> None:
         """Make ``name`` the process default (``None``: ``FASTLINEAR_BACKEND``, read again)."""
         if name is None:
-            self._chosen = self._environment = None
+            self._chosen = self._environment = self.default_name = None
             return
         canonical = self.normalize(name)
         if canonical != AUTO:
             self.load(canonical)  # fail here, not at the next call
-        self._chosen = canonical
+        self._chosen = self.default_name = canonical
 
     def requested(self, backend: str | None = None) -> str:
         """The backend name asked for, by precedence: argument, context, default."""
@@ -158,6 +167,7 @@ class Registry:
 
     def _after_fork_in_child(self) -> None:
         self._environment = self._load_mode = None  # the child reads its own
+        self.default_name = self._chosen
         # A load lock held at fork time (by a thread the child does not have) is never released
         # in the child: fresh locks, or its first load of that backend would hang.
         self._locks = {}
@@ -197,6 +207,8 @@ class Registry:
             else:
                 if why is None:
                     self._modules[name] = module
+                    if "numpy" in module.ARRAY_LIBRARIES:
+                        self.for_numpy[name] = module
                     return module
                 reason = f"backend {name!r} is not available: {why}"
             self._unavailable[name] = reason
@@ -216,6 +228,7 @@ class Registry:
             self._unavailable[name] = (f"backend {name!r} failed in its background load: "
                                        f"{type(exc).__name__}: {exc}")
             self._modules.pop(name, None)
+            self.for_numpy.pop(name, None)
 
     def unavailable_reason(self, name: str) -> str | None:
         """``None`` if backend ``name`` can run here, else the reason it cannot."""
@@ -263,6 +276,8 @@ class Registry:
         is, else for the interim."""
         module, for_good = self._pick(library, self.interim_calls, start=True)
         (self._auto if for_good else self._interim)[library] = module
+        if library == "numpy":
+            self.for_numpy[AUTO], self.renting_for_numpy = module, not for_good
         return module
 
     def count_calls(self, library: str, calls: int) -> None:

@@ -1,36 +1,30 @@
-"""Planning a call: convert, promote and check its arrays once, pick its backend, say what runs.
+"""The general branch of a call: convert, promote and check its arrays once, pick its backend,
+then run it.
 
-``forward`` and ``backward`` take a call's arguments as the public functions do and return a
-plan, ``(run, args)``: ``run(*args)`` computes the result and gives it back in the caller's
-array library. Planning raises every error a call can raise, before anything is allocated or
-written, so a failing call changes no state; running only computes.
-
-A plain call (2-D NumPy ``X`` and ``W``, a 1-D bias or none, one dtype, no buffers, small
-outputs) needs no conversion: its plan is the backend's own function, found with two type
-checks and one registry lookup. Any other call takes the general branch, which accepts it or
-says what is wrong. Conventions (the classic NumPy layer's): ``W`` is ``(in_features,
-out_features)`` = ``(D, M)``, ``X`` is ``(N, D)``, ``(*, D)`` or ``(D,)``, ``b`` broadcasts to
-``(M,)``.
+``forward`` and ``backward`` take a call's arguments as the public functions do; they first
+plan the call (a ``_Forward`` or ``_Backward``), raising every error it can raise before
+anything is allocated or written, so a failing call changes no state; then they run it and give
+the result back in the caller's array library. The public functions send here every call but
+the plain ones (2-D NumPy ``X`` and ``W``, a 1-D bias or none, one dtype, no buffers, small
+outputs), which they run directly (``fastlinear.functional``). Conventions (the classic NumPy
+layer's): ``W`` is ``(in_features, out_features)`` = ``(D, M)``, ``X`` is ``(N, D)``, ``(*, D)``
+or ``(D,)``, ``b`` broadcasts to ``(M,)``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from fastlinear import _arrays, _dispatch, activations
 
-__all__ = ["Plan", "forward", "backward", "check_backend", "check_rows", "check_upstream"]
-
-Plan = tuple[Callable[..., Any], tuple[Any, ...]]
-"""What a call runs: ``run(*args)``."""
+__all__ = ["forward", "backward", "forward_saving", "check_backend", "check_rows",
+           "check_upstream"]
 
 _library = _arrays.library
-_ndarray = np.ndarray
 
 
 def _host_memory_bytes() -> int:
@@ -44,9 +38,9 @@ def _host_memory_bytes() -> int:
 
 HOST_MEMORY_BYTES = _host_memory_bytes()
 
-# Outputs up to this many bytes may take the plain branch (larger calls spend too long in the
-# product for the general checks to matter); counted as elements of Y, or of X and W, at the
-# widest dtype, twice over (Y and Z) for the forward.
+# Outputs up to this many bytes may take the plain branch of ``fastlinear.functional`` (larger
+# calls spend too long in the product for the general checks to matter); counted as elements
+# of Y, or of X and W, at the widest dtype, twice over (Y and Z) for the forward.
 PLAIN_MAX_ELEMENTS = min(1 << 24, HOST_MEMORY_BYTES) // 16
 
 
@@ -218,31 +212,17 @@ def _give_back(result: Any, converter: _arrays.Converter) -> Any:
 # -- forward ----------------------------------------------------------------------------------
 
 def forward(X: Any, W: Any, b: Any, activation: str | None, backend: str | None, out: Any,
-            return_saved: bool, casting: str) -> Plan:
-    """The plan of ``linear_forward(X, W, b, ...)`` (the public function documents the
-    arguments)."""
+            return_saved: bool, casting: str) -> Any:
+    """``linear_forward(X, W, b, ...)`` in the general branch (the public function documents
+    the arguments)."""
     if activation is not None:
         activation = activations.check_activation(activation)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if out is None and type(X) is _ndarray and type(W) is _ndarray:
-        try:
-            (N, D), (K, M) = X.shape, W.shape
-        except ValueError:  # not two matrices: D != K sends the call to the general branch
-            N, D, K, M = 0, 0, -1, 0
-        dtype = W.dtype
-        if (D == K and X.dtype is dtype and N * M <= PLAIN_MAX_ELEMENTS
-                and (b is None or (type(b) is _ndarray and b.ndim == 1 and len(b) == M
-                                   and b.dtype is dtype))):
-            module = _dispatch.registry.resolve(backend, "numpy")
-            if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-                if return_saved:
-                    return _forward_saving, (module, X, W, b, activation)
-                return module.forward, (X, W, b, None, activation)
-    return _forward_general(X, W, b, activation, backend, out, return_saved, casting)
+    return _run_forward(_plan_forward(X, W, b, activation, backend, out, return_saved, casting))
 
 
-def _forward_saving(module: Any, X: Any, W: Any, b: Any, activation: str | None) -> Any:
+def forward_saving(module: Any, X: Any, W: Any, b: Any, activation: str | None) -> Any:
     """``(Y, saved)`` of a plain call: ``saved`` is what the activation's backward reads."""
     if activations.saved_for_backward(activation) != "preactivation":
         Y = module.forward(X, W, b, None, activation=activation)
@@ -265,8 +245,8 @@ class _Forward(NamedTuple):
     saves_z: bool
 
 
-def _forward_general(X: Any, W: Any, b: Any, activation: str | None, backend: str | None,
-                     out: Any, return_saved: bool, casting: str) -> Plan:
+def _plan_forward(X: Any, W: Any, b: Any, activation: str | None, backend: str | None,
+                  out: Any, return_saved: bool, casting: str) -> _Forward:
     call = _convert(W, (("X", X), ("b", b)), backend, casting)
     X, b = call.arrays
     D, M = call.W.shape
@@ -282,8 +262,7 @@ def _forward_general(X: Any, W: Any, b: Any, activation: str | None, backend: st
     elif X2.shape[0] * M * call.dtype.itemsize * (1 + saves_z) > HOST_MEMORY_BYTES \
             and _library(X) == "numpy":
         _check_size([("Y", shape)] + [("Z", shape)] * saves_z, call.dtype)
-    return _run_forward, (_Forward(call, X2, b, shape, out, out_2d, activation, return_saved,
-                                   saves_z),)
+    return _Forward(call, X2, b, shape, out, out_2d, activation, return_saved, saves_z)
 
 
 def _run_forward(plan: _Forward) -> Any:
@@ -304,31 +283,17 @@ def _run_forward(plan: _Forward) -> Any:
 
 def backward(dY: Any, X: Any, W: Any, activation: str | None, saved: Any, has_bias: bool,
              need_dX: bool, backend: str | None, accumulate: bool, dX: Any, dW: Any, db: Any,
-             casting: str) -> Plan:
-    """The plan of ``linear_backward(dY, X, W, ...)`` (the public function documents the
-    arguments)."""
+             casting: str) -> Any:
+    """``linear_backward(dY, X, W, ...)`` in the general branch (the public function documents
+    the arguments)."""
     if activation is not None:
         activation = activations.check_activation(activation)
         activations.check_saved(activation, saved)
     if casting != "safe":
         _arrays.check_casting(casting)
-    if (type(dY) is _ndarray and type(X) is _ndarray and type(W) is _ndarray and dX is None
-            and dW is None and db is None and not accumulate):
-        try:
-            (N, D), (K, M) = X.shape, W.shape
-        except ValueError:  # not two matrices: D != K sends the call to the general branch
-            N, D, K, M = 0, 0, -1, 0
-        dtype = W.dtype
-        if (D == K and dY.shape == (N, M) and X.dtype is dtype is dY.dtype
-                and (activation is None or (type(saved) is _ndarray and saved.shape == (N, M)
-                                            and saved.dtype is dtype))
-                and (N + M) * D <= PLAIN_MAX_ELEMENTS):
-            module = _dispatch.registry.resolve(backend, "numpy")
-            if dtype in module.DTYPES and "numpy" in module.ARRAY_LIBRARIES:
-                return module.backward, (dY, X, W, bool(has_bias), bool(need_dX), False, None,
-                                         None, None, activation, saved)
-    return _backward_general(dY, X, W, activation, saved, bool(has_bias), bool(need_dX),
-                             backend, bool(accumulate), (dX, dW, db), casting)
+    return _run_backward(_plan_backward(dY, X, W, activation, saved, bool(has_bias),
+                                        bool(need_dX), backend, bool(accumulate), (dX, dW, db),
+                                        casting))
 
 
 def _gradient_buffers(call: _Call, given: tuple[Any, Any, Any],
@@ -382,9 +347,9 @@ class _Backward(NamedTuple):
     activation: str | None
 
 
-def _backward_general(dY: Any, X: Any, W: Any, activation: str | None, saved: Any,
-                      has_bias: bool, need_dX: bool, backend: str | None, accumulate: bool,
-                      given: tuple[Any, Any, Any], casting: str) -> Plan:
+def _plan_backward(dY: Any, X: Any, W: Any, activation: str | None, saved: Any,
+                   has_bias: bool, need_dX: bool, backend: str | None, accumulate: bool,
+                   given: tuple[Any, Any, Any], casting: str) -> _Backward:
     call = _convert(W, (("dY", dY), ("X", X), ("saved", saved if activation else None)),
                     backend, casting)
     dY, X, saved = call.arrays
@@ -398,8 +363,8 @@ def _backward_general(dY: Any, X: Any, W: Any, activation: str | None, saved: An
     inputs = (("dY", dY), ("X", X), ("W", call.W), ("saved", saved2))
     buffers = _gradient_buffers(call, given, shapes, inputs, has_bias, need_dX, accumulate)
     _check_backward_size(call, X2, dY, shapes, buffers, has_bias, need_dX)
-    return _run_backward, (_Backward(call, dY2, X2, saved2, X.shape, given, buffers, has_bias,
-                                     need_dX, accumulate, activation),)
+    return _Backward(call, dY2, X2, saved2, X.shape, given, buffers, has_bias, need_dX,
+                     accumulate, activation)
 
 
 def _run_backward(plan: _Backward) -> tuple[Any, Any, Any]:

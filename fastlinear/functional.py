@@ -1,10 +1,17 @@
-"""The functional API: ``linear_forward`` and ``linear_backward``: plan the call, then run it.
+"""The functional API: ``linear_forward`` and ``linear_backward``: check the call, then run it.
 
 Conventions (the classic NumPy layer's, not PyTorch's): ``W`` has shape ``(in_features,
 out_features)`` = ``(D, M)``, ``X`` has shape ``(N, D)``, ``(*, D)`` or ``(D,)``, ``b``
 broadcasts to ``(M,)``, ``Y`` has ``X``'s leading shape and ``M`` columns. The README's "Rules"
-section states the rest. ``fastlinear._plan`` converts, promotes and checks a call once and
-picks what runs; dask arrays go to ``fastlinear._dask``, which builds a graph of planned calls.
+section states the rest.
+
+Each function is the one entrance for its pass (``Linear`` and the dask tasks call it too). A
+plain call (2-D NumPy ``X`` and ``W`` of one dtype, a 1-D bias or none, no buffers, a canonical
+activation name) is checked here in a few comparisons and runs its backend's function
+directly: at a small layer every bytecode on this path is a measurable part of the call (the
+overhead table of ``python -m fastlinear bench --overhead``). Any other call goes to
+``fastlinear._plan``, which converts, promotes and checks it, or says what is wrong; dask
+arrays go to ``fastlinear._dask``, which builds a graph of these calls.
 """
 
 from __future__ import annotations
@@ -13,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from fastlinear import _dask, _plan
+from fastlinear import _dask, _dispatch, _plan, activations
 
 __all__ = ["linear_forward", "linear_backward"]
 
 _ndarray = np.ndarray
+_context_backend = _dispatch._context_backend
+_AUTO = _dispatch.AUTO
+_CANONICAL = frozenset(activations.ACTIVATIONS)  # names the plain branch takes as they are
 
 
 def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = None,
@@ -66,11 +76,25 @@ def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = No
     fastlinear.BackendUnavailableError
         The backend asked for cannot run here (the message says why and what to install).
     """
-    if type(X) is not _ndarray and _dask.is_dask(X):  # one task per row chunk, on the workers
+    if type(X) is _ndarray and type(W) is _ndarray and out is None and casting == "safe":
+        try:
+            (N, D), (K, M) = X.shape, W.shape
+        except ValueError:  # not two matrices: the general branch says what is wrong
+            N = D = M = 0
+            K = -1
+        dtype = W.dtype
+        if (D == K and X.dtype is dtype and N * M <= _plan.PLAIN_MAX_ELEMENTS
+                and (b is None or (type(b) is _ndarray and b.shape == (M,) and b.dtype is dtype))
+                and (activation is None or activation in _CANONICAL)):
+            module = _numpy_backend(backend)
+            if module is not None and dtype in module.DTYPES:
+                if return_saved:
+                    return _plan.forward_saving(module, X, W, b, activation)
+                return module.forward(X, W, b, None, activation)
+    elif _dask.is_dask(X):  # one task per row chunk, on the workers
         return _dask.linear_forward(X, W, b, activation=activation, backend=backend, out=out,
                                     return_saved=return_saved, casting=casting)
-    run, args = _plan.forward(X, W, b, activation, backend, out, return_saved, casting)
-    return run(*args)
+    return _plan.forward(X, W, b, activation, backend, out, return_saved, casting)
 
 
 def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, saved: Any = None,
@@ -114,11 +138,45 @@ def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, s
     (dX, dW, db) : ``dX`` in dY's array library, ``dW`` and ``db`` in W's; ``dX`` is ``None``
     without ``need_dX``, ``db`` is ``None`` without ``has_bias``.
     """
-    if (type(X) is not _ndarray or type(dY) is not _ndarray) \
-            and (_dask.is_dask(dY) or _dask.is_dask(X)):  # row chunks on the workers
+    if (type(dY) is _ndarray and type(X) is _ndarray and type(W) is _ndarray and dW is None
+            and dX is None and db is None and not accumulate and casting == "safe"):
+        try:
+            (N, D), (K, M) = X.shape, W.shape
+        except ValueError:  # not two matrices: the general branch says what is wrong
+            N = D = M = 0
+            K = -1
+        dtype = W.dtype
+        if (D == K and dY.shape == (N, M) and X.dtype is dtype and dY.dtype is dtype
+                and (N + M) * D <= _plan.PLAIN_MAX_ELEMENTS
+                and (activation is None
+                     or (activation in _CANONICAL and type(saved) is _ndarray
+                         and saved.shape == (N, M) and saved.dtype is dtype))):
+            module = _numpy_backend(backend)
+            if module is not None and dtype in module.DTYPES:
+                return module.backward(dY, X, W, bool(has_bias), bool(need_dX), False, None,
+                                       None, None, activation, saved)
+    elif _dask.is_dask(dY) or _dask.is_dask(X):  # row chunks on the workers
         return _dask.linear_backward(dY, X, W, activation=activation, saved=saved,
                                      has_bias=has_bias, need_dX=need_dX, backend=backend,
                                      accumulate=accumulate, dX=dX, dW=dW, db=db, casting=casting)
-    run, args = _plan.backward(dY, X, W, activation, saved, has_bias, need_dX, backend,
-                               accumulate, dX, dW, db, casting)
-    return run(*args)
+    return _plan.backward(dY, X, W, activation, saved, has_bias, need_dX, backend, accumulate,
+                          dX, dW, db, casting)
+
+
+def _numpy_backend(backend: str | None) -> Any:
+    """The backend module of a plain call, or None where it does not take NumPy arrays (the
+    general branch says so): ``Registry.resolve``'s answer, whose precedence this follows
+    (argument, ``use_backend``, the default), read from its dict of the usual answers."""
+    registry = _dispatch.registry
+    if backend is None:
+        backend = _context_backend.get() or registry.default_name
+    module = registry.for_numpy.get(backend)  # type: ignore[arg-type]
+    if module is None:  # a first load, another spelling, no backend for NumPy arrays
+        module = registry.resolve(backend, "numpy")
+        return module if "numpy" in module.ARRAY_LIBRARIES else None
+    if registry.renting_for_numpy and backend == _AUTO:  # counted as resolve counts them
+        calls = registry.interim_calls + 1
+        if calls >= registry.load_after_calls:
+            return registry.resolve(backend, "numpy")  # this call's count; may start the load
+        registry.interim_calls = calls
+    return module

@@ -13,14 +13,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fastlinear import _arrays, _dispatch, _plan, activations
+from fastlinear import _arrays, _dispatch, activations
 from fastlinear.functional import linear_backward, linear_forward
 
 __all__ = ["Linear"]
 
 
 _CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_ndarray = np.ndarray
 
 
 def _check_served(dtype: np.dtype, backend: str | None) -> None:
@@ -188,14 +187,8 @@ class Linear:
         or the pre-activation that its derivative needs).
         """
         activation = self.activation
-        if type(X) is _ndarray:  # planned here: the public function's keywords cost time
-            run, args = _plan.forward(X, self.W, self._b, activation, self.backend, None,
-                                      activation is not None, self.casting)
-            result = run(*args)
-        else:  # dask, lists, foreign arrays: the public function routes them
-            result = linear_forward(X, self.W, self._b, activation=activation,
-                                    backend=self.backend, return_saved=activation is not None,
-                                    casting=self.casting)
+        result = linear_forward(X, self.W, self._b, activation=activation, backend=self.backend,
+                                return_saved=activation is not None, casting=self.casting)
         Y, saved = (result, None) if activation is None else result
         self.X, self._saved = X, saved
         return Y
@@ -223,11 +216,10 @@ class Linear:
         has_bias = self._b is not None
         # The plan validates everything before a backend writes, so a call that raises leaves
         # the stored gradients untouched, also when accumulating into them in place.
-        if not accumulate and type(dY) is _ndarray and type(self.X) is _ndarray:  # as forward
-            run, args = _plan.backward(dY, self.X, self.W, self.activation, self._saved,
-                                       has_bias, need_dX, self.backend, False, None, None, None,
-                                       self.casting)
-            dX, self.dW, self.db = run(*args)
+        if not accumulate:
+            dX, self.dW, self.db = linear_backward(
+                dY, self.X, self.W, activation=self.activation, saved=self._saved,
+                has_bias=has_bias, need_dX=need_dX, backend=self.backend, casting=self.casting)
             return dX
         in_place = accumulate and self._accumulates_in_place(dY)
         dW, db = (self.dW, self.db) if in_place else (None, None)

@@ -31,6 +31,10 @@ class Recorder:
         self.calls.append("forward")
         return self._ref.forward(*args, **kwargs)
 
+    def backward(self, *args, **kwargs):
+        self.calls.append("backward")
+        return self._ref.backward(*args, **kwargs)
+
 
 @pytest.fixture
 def fakes(monkeypatch):
@@ -320,3 +324,42 @@ def test_bad_environment_value_fails_the_layer_call_not_silently(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown FASTLINEAR_BACKEND value 'Tensorflow '"):
         layer.forward(X)
     assert layer.X is None
+
+
+def test_plain_and_general_calls_resolve_and_count_alike(fakes):
+    """The public functions answer plain calls (2-D NumPy operands) from the registry's dict of
+    usual answers and send the rest through ``Registry.resolve``: both follow one precedence,
+    and both count toward auto's switch, one call each."""
+    registry = _dispatch.registry
+    registry._auto.clear()
+    registry.for_numpy.pop(_dispatch.AUTO, None)
+    registry._interim["numpy"] = fakes["numpy"]
+    registry.for_numpy[_dispatch.AUTO], registry.renting_for_numpy = fakes["numpy"], True
+    registry.interim_calls, registry.load_after_calls = 0, 1 << 40
+    dY = np.ones((2, 4))
+    fastlinear.linear_forward(X, W)  # plain
+    fastlinear.linear_forward(X[0], W)  # one sample: the general branch
+    fastlinear.linear_backward(dY, X, W)  # plain
+    fastlinear.linear_backward(dY[0], X[0], W)  # general
+    fastlinear.linear_forward(X, W, activation="ReLU")  # another spelling: general
+    assert registry.interim_calls == 5
+    assert used(fakes) == ["numpy"]
+    fastlinear.linear_forward(X, W, backend="numba")  # named: nothing counted
+    with fastlinear.use_backend("cupy"):
+        fastlinear.linear_forward(X, W)
+    assert used(fakes) == ["numba", "cupy"] and registry.interim_calls == 5
+
+
+def test_plain_call_never_runs_a_backend_that_takes_no_numpy_arrays(monkeypatch):
+    """A backend named for NumPy arrays that takes only another library's arrays is refused
+    with the general branch's error, not handed the NumPy arrays."""
+    device_only = Recorder("cupy")
+    device_only.ARRAY_LIBRARIES = ("cupy",)
+    modules = {path: (device_only if name == "cupy" else Recorder(name))
+               for name, path in _dispatch.BACKENDS.items()}
+    install_registry(monkeypatch, import_module=modules.__getitem__)
+    for name in ("linear_forward", "linear_backward"):
+        args = (X, W) if name == "linear_forward" else (np.ones((2, 4)), X, W)
+        with pytest.raises(TypeError, match="the 'cupy' backend takes cupy arrays"):
+            getattr(fastlinear, name)(*args, backend="cupy")
+    assert device_only.calls == []

@@ -10,6 +10,7 @@ import numpy as np
 from fastlinear import activations
 
 NAME = "numpy"
+_sum_rows = np.add.reduce
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 ARRAY_LIBRARIES = ("numpy",)
 
@@ -21,9 +22,10 @@ def unavailable_reason():
 
 def forward(X, W, b, out, activation=None, preactivation=None):
     """``Y = act(X @ W + b)`` into ``out`` (or a new array); see ``fastlinear.backends``."""
-    # np.dot, the classic notebook's product: the same BLAS gemm as ``@``, without the matmul
-    # ufunc's dispatch, which costs about 0.5 us a call (a third of a 32x64x64 float32 product)
-    Y = np.dot(X, W, out)
+    # ndarray.dot, the classic notebook's product: the same BLAS gemm as ``@``, without the
+    # matmul ufunc's dispatch nor np.dot's array-function dispatch: 1.0 and 0.3 us less a call
+    # at 32x64x64 float32 (benchmarks/results/numpy_kernel_calls_2026-11-29.txt)
+    Y = X.dot(W, out)
     if b is not None:
         Y += b  # NumPy's matmul has no beta=1 (accumulate) form
     if activation is not None:
@@ -37,15 +39,16 @@ def backward(dY, X, W, has_bias, need_dX, accumulate, dX, dW, db, activation=Non
              saved=None):
     """Gradients from ``dY``, through the activation; see ``fastlinear.backends``."""
     G = dY if activation is None else activations.grad(activation, dY, saved)
-    dX = np.dot(G, W.T, dX) if need_dX else None  # np.dot: see forward
+    dX = G.dot(W.T, dX) if need_dX else None  # ndarray.dot: see forward
     if accumulate:
-        dW += np.dot(X.T, G)
+        dW += X.T.dot(G)
     else:
-        dW = np.dot(X.T, G, dW)
+        dW = X.T.dot(G, dW)
     if not has_bias:
         return dX, dW, None
+    # np.add.reduce is what G.sum(0) runs (the same pairwise sums), without its Python wrapper
     if accumulate:
-        db += G.sum(0)
+        db += _sum_rows(G, 0)
     else:
-        db = G.sum(0) if db is None else G.sum(0, out=db)
+        db = _sum_rows(G, 0, None, db)
     return dX, dW, db
