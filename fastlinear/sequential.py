@@ -275,8 +275,10 @@ class Sequential:
                                  strict=True)]
 
     def _layers_changed(self) -> bool:
+        # ``_b``: what ``Linear.b``'s setter stores, read without the property's call (4 of them
+        # were 0.2-0.3 us of the step's Python side).
         for layer, W, b, dW, db, act in self._expected:
-            if (layer.W is not W or layer.b is not b or layer.dW is not dW or layer.db is not db
+            if (layer.W is not W or layer._b is not b or layer.dW is not dW or layer.db is not db
                     or layer.activation != act):
                 return True
         return False
