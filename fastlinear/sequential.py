@@ -366,10 +366,11 @@ class Sequential:
         if registry is known[0] and name == known[1] and known[2].get(known[3]) is known[4]:
             return known[4]
         module = _resolve(self.backend, self._library, self._check_backend)
-        table, key = ((registry._auto, self._library) if name == _dispatch.AUTO
-                      else (registry._modules, name))
-        if name is not None and table.get(key) is module:
-            self._known = (registry, name, table, key, module)
+        if name is not None:  # None: the environment not read yet
+            table, key = ((registry._auto, self._library) if name == _dispatch.AUTO
+                          else (registry._modules, name))
+            if table.get(key) is module:
+                self._known = (registry, name, table, key, module)
         return module
 
     def _check_backend(self, module: Any) -> None:
