@@ -2,6 +2,7 @@
 momentum) step by step, property tests over sizes, activations and batches, bad input (which must
 change nothing) and the layers' views of the arenas."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -736,3 +737,32 @@ def test_x_is_converted_to_the_networks_dtype(backend):
     with pytest.raises(TypeError, match="complex128; expected float32"):
         net.forward(xp.ones((5, 3), dtype=np.complex128))
     assert "converted to the network's dtype" in Sequential.__doc__
+
+
+def test_kept_backend_answer_follows_context_default_and_registry(monkeypatch):
+    """``_module`` keeps its last answer only while the name asked for and the registry's answer
+    for it stay the same: a ``use_backend``, a ``set_backend`` or a new registry between calls
+    is honoured, and the steps' values match a network that resolved afresh each time."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    install_registry(monkeypatch)
+    fastlinear.set_backend("numba")
+    net = Sequential(*make_layers((3, 4, 2), ("relu", None), np.float64, seed=31))
+    twin = Sequential(*make_layers((3, 4, 2), ("relu", None), np.float64, seed=31))
+    X, y = np.random.default_rng(32).standard_normal((5, 3)), np.array([0, 1, 1, 0, 1])
+    seen = []
+    for context, default in (("numpy", "numba"), (None, "numba"), (None, "numpy"),
+                             ("numba", "numpy"), (None, "numba")):
+        fastlinear.set_backend(default)
+        with fastlinear.use_backend(context) if context else contextlib.nullcontext():
+            seen.append(net._module().NAME)
+            value = net.train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+            twin._known = (None, None, {}, None, None)  # forget: resolve afresh
+            assert value == twin.train_step(X, y, loss="softmax_cross_entropy", lr=0.1,
+                                            momentum=0.9)
+    assert seen == ["numpy", "numba", "numpy", "numba", "numba"]
+    fresh = install_registry(monkeypatch)
+    fresh.set_default("numpy")
+    assert net._module().NAME == "numpy"
+    for mine, other in zip(net.layers, twin.layers, strict=True):
+        np.testing.assert_allclose(mine.W, other.W, rtol=1e-12, atol=1e-12)
