@@ -72,7 +72,9 @@ VALID_NAMES = (*BACKENDS, AUTO)
 # number are in benchmarks/results/cold_start_2026-11-25.txt.
 AUTO_LOAD_AFTER_CALLS = 100_000
 
-_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+# ``use_backend``'s name in this thread/context (None outside any): read by ``Registry.resolve``
+# and by the plain branches that read ``Registry.for_numpy`` (functional, Sequential).
+context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "fastlinear_backend", default=None)
 
 
@@ -163,7 +165,7 @@ class Registry:
         """The backend name asked for, by precedence: argument, context, default."""
         if backend is not None:
             return backend if backend in self._canonical else self.normalize(backend)
-        return _context_backend.get() or self.default()
+        return context_backend.get() or self.default()
 
     def _after_fork_in_child(self) -> None:
         self._environment = self._load_mode = None  # the child reads its own
@@ -249,7 +251,7 @@ class Registry:
         ``_resolve_slowly``.
         """
         if backend is None:  # the precedence of ``requested``, written out
-            backend = (_context_backend.get() or self._chosen or self._environment
+            backend = (context_backend.get() or self._chosen or self._environment
                        or self._read_environment())
         if backend == AUTO:
             module = self._auto.get(library)
@@ -470,8 +472,8 @@ def use_backend(name: str) -> Iterator[str]:
     canonical = registry.normalize(name)
     if canonical != AUTO:
         registry.load(canonical)  # fail at the `with`, not at the first call inside it
-    token = _context_backend.set(canonical)
+    token = context_backend.set(canonical)
     try:
         yield canonical
     finally:
-        _context_backend.reset(token)
+        context_backend.reset(token)

@@ -25,7 +25,7 @@ from fastlinear import _dask, _dispatch, _plan, activations
 __all__ = ["linear_forward", "linear_backward"]
 
 _ndarray = np.ndarray
-_context_backend = _dispatch._context_backend
+_context_backend = _dispatch.context_backend
 _AUTO = _dispatch.AUTO
 _CANONICAL = frozenset(activations.ACTIVATIONS)  # names the plain branch takes as they are
 
