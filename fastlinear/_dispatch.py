@@ -115,12 +115,11 @@ class Registry:
         self._auto: dict[str, Any] = {}  # array library -> auto's choice, for good
         self._interim: dict[str, Any] = {}  # array library -> auto's choice while one loads
         self._chosen: str | None = None  # set_backend's name
-        self._environment: str | None = None  # FASTLINEAR_BACKEND's name, read at first use
         # For the plain branch of a call on NumPy arrays (fastlinear.functional), the usual
         # answers in one dict: each loaded backend that takes NumPy arrays by its canonical
         # name, and ``auto``'s choice for them (``renting_for_numpy`` while that is the interim
-        # one, whose calls are counted); and the default's name (``set_backend``'s, else the
-        # environment's; None until first read).
+        # one, whose calls are counted). And the default's name: ``set_backend``'s, else
+        # FASTLINEAR_BACKEND's (read at first use); None until then.
         self.for_numpy: dict[str, Any] = {}
         self.renting_for_numpy = False
         self.default_name: str | None = None
@@ -142,19 +141,18 @@ class Registry:
 
     def default(self) -> str:
         """The process default: ``set_backend``'s name, else ``FASTLINEAR_BACKEND``'s, else auto."""
-        return self._chosen or self._environment or self._read_environment()
+        return self.default_name or self._read_environment()
 
     def _read_environment(self) -> str:
         raw = os.environ.get(ENV_VAR, "")
         name = self.normalize(raw, f"{ENV_VAR} value") if raw.strip() else AUTO
-        self._environment = name
         self.default_name = self._chosen or name
         return name
 
     def set_default(self, name: str | None) -> None:
         """Make ``name`` the process default (``None``: ``FASTLINEAR_BACKEND``, read again)."""
         if name is None:
-            self._chosen = self._environment = self.default_name = None
+            self._chosen = self.default_name = None
             return
         canonical = self.normalize(name)
         if canonical != AUTO:
@@ -168,7 +166,7 @@ class Registry:
         return context_backend.get() or self.default()
 
     def _after_fork_in_child(self) -> None:
-        self._environment = self._load_mode = None  # the child reads its own
+        self._load_mode = None  # the child reads its own, and its FASTLINEAR_BACKEND
         self.default_name = self._chosen
         # A load lock held at fork time (by a thread the child does not have) is never released
         # in the child: fresh locks, or its first load of that backend would hang.
@@ -251,8 +249,7 @@ class Registry:
         ``_resolve_slowly``.
         """
         if backend is None:  # the precedence of ``requested``, written out
-            backend = (context_backend.get() or self._chosen or self._environment
-                       or self._read_environment())
+            backend = context_backend.get() or self.default_name or self._read_environment()
         if backend == AUTO:
             module = self._auto.get(library)
             if module is not None:

@@ -21,8 +21,7 @@ import numpy as np
 
 from fastlinear import _arrays, _dispatch, activations
 
-__all__ = ["forward", "backward", "forward_saving", "check_backend", "check_rows",
-           "check_upstream"]
+__all__ = ["forward", "backward", "check_backend", "check_rows", "check_upstream"]
 
 _library = _arrays.library
 
@@ -220,15 +219,6 @@ def forward(X: Any, W: Any, b: Any, activation: str | None, backend: str | None,
     if casting != "safe":
         _arrays.check_casting(casting)
     return _run_forward(_plan_forward(X, W, b, activation, backend, out, return_saved, casting))
-
-
-def forward_saving(module: Any, X: Any, W: Any, b: Any, activation: str | None) -> Any:
-    """``(Y, saved)`` of a plain call: ``saved`` is what the activation's backward reads."""
-    if activations.saved_for_backward(activation) != "preactivation":
-        Y = module.forward(X, W, b, None, activation=activation)
-        return Y, (None if activation is None else Y)
-    Z = np.empty((X.shape[0], W.shape[1]), W.dtype)
-    return module.forward(X, W, b, None, activation=activation, preactivation=Z), Z
 
 
 class _Forward(NamedTuple):

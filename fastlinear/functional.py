@@ -89,7 +89,7 @@ def linear_forward(X: Any, W: Any, b: Any = None, *, activation: str | None = No
             module = _numpy_backend(backend)
             if module is not None and dtype in module.DTYPES:
                 if return_saved:
-                    return _plan.forward_saving(module, X, W, b, activation)
+                    return _forward_saving(module, X, W, b, activation)
                 return module.forward(X, W, b, None, activation)
     elif _dask.is_dask(X):  # one task per row chunk, on the workers
         return _dask.linear_forward(X, W, b, activation=activation, backend=backend, out=out,
@@ -161,6 +161,15 @@ def linear_backward(dY: Any, X: Any, W: Any, *, activation: str | None = None, s
                                      accumulate=accumulate, dX=dX, dW=dW, db=db, casting=casting)
     return _plan.backward(dY, X, W, activation, saved, has_bias, need_dX, backend, accumulate,
                           dX, dW, db, casting)
+
+
+def _forward_saving(module: Any, X: Any, W: Any, b: Any, activation: str | None) -> Any:
+    """``(Y, saved)`` of a plain call: ``saved`` is what the activation's backward reads."""
+    if activations.saved_for_backward(activation) != "preactivation":
+        Y = module.forward(X, W, b, None, activation=activation)
+        return Y, (None if activation is None else Y)
+    Z = np.empty((X.shape[0], W.shape[1]), W.dtype)
+    return module.forward(X, W, b, None, activation=activation, preactivation=Z), Z
 
 
 def _numpy_backend(backend: str | None) -> Any:
