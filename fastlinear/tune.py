@@ -90,7 +90,9 @@ def _median_seconds(calls: list[Callable[[], Any]], rounds: int,
 def _block_seconds(calls: list[Callable[[], Any]], rounds: int, block_time: float,
                    budget: float = COMPARISON_BUDGET) -> list[list[float]]:
     """Seconds per call of each of ``calls`` in each of its interleaved blocks: ``rounds``
-    rounds, fewer where they would take more than ``budget`` seconds (never fewer than 3)."""
+    rounds, fewer where they would take more than ``budget`` seconds (never fewer than 3). The
+    budget holds on the clock too: under load a 2-thread BLAS call can take 25 times what the
+    sizing call took, so the rounds stop once ``budget`` seconds have passed."""
     for call in calls:  # warm up (compile, caches), then size the blocks
         call()
     counts, round_seconds = [], 0.0
@@ -102,7 +104,10 @@ def _block_seconds(calls: list[Callable[[], Any]], rounds: int, block_time: floa
         round_seconds += counts[-1] * seconds
     rounds = max(3, min(rounds, int(budget / round_seconds)))
     samples: list[list[float]] = [[] for _ in calls]
+    started = time.perf_counter()
     for round_index in range(rounds):
+        if round_index >= 3 and time.perf_counter() - started > budget:
+            break
         order = list(range(len(calls)))
         if round_index % 2:
             order.reverse()

@@ -478,3 +478,22 @@ def test_a_class_is_handed_to_numpy_only_when_the_re_measure_confirms(monkeypatc
     asked = scripted_timings(monkeypatch, [(1.01, 1.0), (1.0, 1.0)])
     assert tune._numpy_classes(_FakeNumba, ((2, 3, 4),), ("float32",), 5, 0.01) == []
     assert len(asked) == 2
+
+
+def test_block_seconds_stops_its_rounds_when_the_budget_is_spent(monkeypatch):
+    """Calls that turn slow after the sizing call (a loaded machine) do not stretch the
+    comparison past its budget: a fake clock, advanced by the calls themselves."""
+    from fastlinear import tune
+
+    clock = {"now": 0.0, "step": 0.001, "calls": 0}
+
+    def call():
+        clock["calls"] += 1
+        clock["now"] += clock["step"]
+        if clock["calls"] == 4:  # warm-up and sizing of both done: from now on 100x slower
+            clock["step"] = 0.1
+
+    monkeypatch.setattr(tune.time, "perf_counter", lambda: clock["now"])
+    mine, plain = tune._block_seconds([call, call], 40, 0.01, budget=5.0)
+    assert len(mine) == len(plain) == 3  # the budget gone within the first 3 rounds (6 s)
+    assert mine == pytest.approx([0.1] * 3) and plain == pytest.approx([0.1] * 3)
