@@ -413,9 +413,10 @@ class Sequential:
         ``W`` or ``b`` changed since (assigned or edited in place) is used as it is now, as
         ``Linear.backward`` uses the current ``W``: ``dX`` and the earlier layers' gradients
         flow back through the new ``W``; ``dW`` and ``db`` come from the saved activations."""
-        if type(self._cache) is str:
-            raise RuntimeError(self._cache)
-        name, X, state, forward_activations = self._cache
+        cache = self._cache
+        if isinstance(cache, str):
+            raise RuntimeError(cache)
+        name, X, state, forward_activations = cache
         dY = self._check_rows(dY, "dY", self._out_width, "columns")
         if dY.shape[0] != X.shape[0]:
             raise ValueError(f"dY has {dY.shape[0]} rows but the last forward had {X.shape[0]}")
