@@ -33,6 +33,9 @@ STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (a dtype: == is faster)
 _CROSS_ENTROPY = "softmax_cross_entropy"
+# Why backward has nothing to differentiate (Sequential._cache holds one of these then).
+_NO_FORWARD = "backward() called before forward(): call forward(X) first"
+_AFTER_STEP = "train_step() keeps no activations; call forward(X) before backward(dY)"
 # Backends that run a whole network call natively (one compiled call); the others run layer by
 # layer through fastlinear.functional, and numpy runs the reference math.
 NATIVE_STEP_BACKENDS = frozenset({"numba"})
@@ -194,11 +197,12 @@ class Sequential:
         self._remember_layers()
         self._work = np.empty(0, self.dtype)  # the numba step's workspace (see its module)
         self._native_call: _Native | None = None  # the compiled call, set at its first use
-        self._cache: Any = None  # what backward needs from the last forward:
-        # (backend, X, state, the activations it ran with)
-        self._no_cache = "backward() called before forward(): call forward(X) first"
+        # What backward needs from the last forward, (backend, X, state, the activations it
+        # ran with), or the reason there is none (_NO_FORWARD, _AFTER_STEP).
+        self._cache: tuple | str = _NO_FORWARD
         self._backends_checked: set[str] = set()  # backends that take the network (_module)
-        self._dummies = (np.empty((0, 0), self.dtype), np.empty(0, np.int64))
+        # The compiled call's stand-ins for the arguments a call does not use.
+        self._no_rows, self._no_labels = np.empty((0, 0), self.dtype), np.empty(0, _LABELS)
 
     # --- arenas and the layers' views ---------------------------------------------------------
 
@@ -390,7 +394,7 @@ class Sequential:
             self._sync_layers()
         if module.NAME in NATIVE_STEP_BACKENDS:
             out = np.empty((X.shape[0], self._out_width), self.dtype)
-            self._native(0, X, out, self._dummies[1], self._dummies[0], 0, 0.0, 0.0)
+            self._native(0, X, out, self._no_labels, self._no_rows, 0, 0.0, 0.0)
             # The workspace holding this forward's activations: a later call (a refused step
             # with a bigger batch) may replace self._work, and backward must not read that.
             self._cache = ("native", X, self._work, self._activations)
@@ -409,9 +413,10 @@ class Sequential:
         ``W`` or ``b`` changed since (assigned or edited in place) is used as it is now, as
         ``Linear.backward`` uses the current ``W``: ``dX`` and the earlier layers' gradients
         flow back through the new ``W``; ``dW`` and ``db`` come from the saved activations."""
-        if self._cache is None:
-            raise RuntimeError(self._no_cache)
-        name, X, state, forward_activations = self._cache
+        cache = self._cache
+        if isinstance(cache, str):
+            raise RuntimeError(cache)
+        name, X, state, forward_activations = cache
         dY = self._check_rows(dY, "dY", self._out_width, "columns")
         if dY.shape[0] != X.shape[0]:
             raise ValueError(f"dY has {dY.shape[0]} rows but the last forward had {X.shape[0]}")
@@ -420,7 +425,7 @@ class Sequential:
             self._sync_layers()
         if name == "native":
             dX = np.empty(X.shape, self.dtype)
-            self._native(1, X, dY, self._dummies[1], dX, 0, 0.0, 0.0, work=state)
+            self._native(1, X, dY, self._no_labels, dX, 0, 0.0, 0.0, work=state)
             return dX
         return self._layered_backward(name, X, state, dY, need_dX=True)
 
@@ -462,41 +467,41 @@ class Sequential:
             For bad input, before anything changes: parameters, velocity and gradients keep
             their values.
         """
-        if (type(X) is np.ndarray and type(y) is np.ndarray and type(loss) is str
-                and loss == _CROSS_ENTROPY and type(lr) is float and 0.0 <= lr < math.inf
-                and type(momentum) is float and 0.0 <= momentum < math.inf
-                and X.dtype == self.dtype and X.ndim == 2 and X.shape[0]
-                and X.shape[1] == self._in_width and X.flags.c_contiguous
-                and y.dtype == _LABELS and y.shape == (X.shape[0],)):
-            loss_name, rate, keep = loss, lr, momentum  # the common case, checked inline
+        # The common case is checked inline: a C-contiguous 2-D X and int64 labels y of the
+        # network's dtypes (dtypes by identity, shape read once: each read builds a tuple).
+        common = (type(X) is np.ndarray and type(y) is np.ndarray and type(loss) is str
+                  and loss == _CROSS_ENTROPY and type(lr) is float and 0.0 <= lr < math.inf
+                  and type(momentum) is float and 0.0 <= momentum < math.inf
+                  and X.dtype is self.dtype and y.dtype is _LABELS)
+        if common:
+            shape = X.shape
+            common = (len(shape) == 2 and shape[0] > 0 and shape[1] == self._in_width
+                      and y.shape == shape[:1] and X.flags.c_contiguous)
+        if common:
+            loss_name, rate, keep = loss, lr, momentum
         else:
             X, y, loss_name, rate, keep = self._check_step(X, y, loss, lr, momentum)
         module = self._module()
         if module.NAME in NATIVE_STEP_BACKENDS:
             code = losses.LOSS_CODES[loss_name]
-            labels, targets = (y, self._dummies[0]) if code == 0 else (self._dummies[1], y)
+            labels, targets = (y, self._no_rows) if code == 0 else (self._no_labels, y)
             if self._layers_changed():
                 if code == 0:  # the compiled call checks the labels, but after this sync
                     self._check_label_range(y)
                 self._sync_layers()
-            value = self._native(2, X, targets, labels, self._dummies[0], code, rate, keep)
+            value = self._native(2, X, targets, labels, self._no_rows, code, rate, keep)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
-            self._forget_forward()
-            return value
-        if loss_name == "softmax_cross_entropy":
-            self._check_label_range(y)
-        if self._layers_changed():
-            self._sync_layers()
-        value = self._layered_step(module.NAME, X, y, loss_name, rate, keep)
-        self._forget_forward()
+        else:
+            if loss_name == "softmax_cross_entropy":
+                self._check_label_range(y)
+            if self._layers_changed():
+                self._sync_layers()
+            value = self._layered_step(module.NAME, X, y, loss_name, rate, keep)
+        # backward needs a fresh forward (one rule on every backend and batch size: a step's
+        # activations are gone or stale after its update)
+        self._cache = _AFTER_STEP
         return value
-
-    def _forget_forward(self) -> None:
-        """After a step: ``backward`` needs a fresh ``forward`` (the same rule on every backend
-        and batch size; the step's activations are gone or stale after its update)."""
-        self._cache = None
-        self._no_cache = "train_step() keeps no activations; call forward(X) before backward(dY)"
 
     # --- numba: one compiled call ---------------------------------------------------------------
 
@@ -505,11 +510,11 @@ class Sequential:
         """One ``network_call``; ``work`` is the last forward's workspace for a backward (the
         network's own, grown to the batch, otherwise)."""
         native = self._native_call or self._find_native()
-        rows = X.shape[0]
+        rows = len(X)
         if work is None:
-            if self._work.shape[0] < rows * self._work_per_row:
-                self._work = np.empty(rows * self._work_per_row, self.dtype)
             work = self._work
+            if len(work) < rows * self._work_per_row:
+                work = self._work = np.empty(rows * self._work_per_row, self.dtype)
         if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:  # read each call:
             native.blas.match_blas_threads()  # the threshold may be changed at run time
         return native.network_call(mode, native.gemm, native.int_bits, self._layout,

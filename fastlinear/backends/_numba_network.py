@@ -125,6 +125,37 @@ def _activation_grad_in_place(code, g, saved):
         activation_grad(code, g, saved, g)
 
 
+@njit(cache=True)
+def _output_gradient(code, G, saved, total):
+    """``G *= act'`` in place (``G`` holding ``dH`` on entry) and ``total[:] = G.sum(0)`` unless
+    ``total`` is empty, the rows added in order. For the identity, ReLU, tanh and sigmoid the
+    sums are taken in the pass that writes ``G`` (one pass over the block, not two); the sums
+    start from -0.0, which adds exactly as copying the first row would."""
+    fused = code == NONE or code == RELU or code == TANH or code == SIGMOID
+    if total.shape[0] == 0 or not fused:
+        _activation_grad_in_place(code, G.reshape(G.size), saved.reshape(saved.size))
+        if total.shape[0] > 0:
+            _column_sums(G, total)
+        return
+    real = G.dtype.type
+    zero, one = real(0.0), real(1.0)
+    for j in range(total.shape[0]):
+        total[j] = -zero
+    for n in range(G.shape[0]):
+        g, y = G[n], saved[n]
+        for j in range(G.shape[1]):
+            if code == RELU:  # NaN outputs pass the gradient, as torch's threshold_backward
+                v = zero if y[j] <= zero else g[j]
+            elif code == TANH:
+                v = g[j] * (one - y[j] * y[j])
+            elif code == SIGMOID:
+                v = g[j] * (y[j] * (one - y[j]))
+            else:
+                v = g[j]
+            g[j] = v
+            total[j] += v
+
+
 # float32 exp for arguments <= 0 (the shifted logits of a softmax): x = n ln2 + r, |r| <= ln2/2,
 # ln2 split in two (Cody-Waite) so n ln2 is exact; exp(r) by Cephes' expf polynomial; 2^n built
 # from its bits. Written as selects and casts so the loop vectorises (libm's expf is one call an
@@ -294,9 +325,7 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, v
         saved = _block(work, offsets[i] + rows * M, rows, M) if (
             code == GELU or code == GELU_TANH) else H
         G = _block(work, offsets[i] + 2 * rows * M, rows, M)
-        _activation_grad_in_place(code, G.reshape(G.size), saved.reshape(saved.size))
-        if b_at >= 0:
-            _column_sums(G, grads[b_at:b_at + M])
+        _output_gradient(code, G, saved, grads[b_at:b_at + M] if b_at >= 0 else grads[0:0])
         dW = _block(grads, w_at, D, M)
         if i > 0:
             A = _block(work, offsets[i - 1], rows, layout[i - 1, 1])
