@@ -396,3 +396,104 @@ def test_the_parser_is_built_without_the_profile_path(monkeypatch):
     parser = tune.build_parser()
     assert _profile.FILE_NAME in parser.format_help()
     assert parser.parse_args(["--quick"]).profile is None
+
+
+class _FakeNumba:
+    """What ``ratio_table`` and ``_numpy_classes`` ask of the backend, without compiling."""
+
+    NUMPY_CLASSES = frozenset()
+
+    @staticmethod
+    def shape_class(pass_name, N, D, M, dtype):
+        return f"{pass_name}:gemm:{dtype}:{(N * D * M).bit_length()}"
+
+    forward = backward = None
+
+
+def scripted_timings(monkeypatch, script):
+    """``tune._block_seconds`` replaced: each call returns the next ``(numba's, NumPy's)``
+    seconds per call of ``script`` (as many samples as rounds were asked); the calls' rounds
+    and budgets are recorded. No clock is read."""
+    from fastlinear import tune
+
+    asked = []
+
+    def fake(calls, rounds, block_time, budget=tune.COMPARISON_BUDGET):
+        asked.append((rounds, budget))
+        mine, plain = script.pop(0)
+        return [[mine] * rounds, [plain] * rounds]
+
+    monkeypatch.setattr(tune, "_block_seconds", fake)
+    monkeypatch.setattr(tune._dispatch, "load_backend", lambda name: _FakeNumba)
+    return asked
+
+
+def test_a_cell_below_the_target_is_re_measured_and_reported_by_the_re_measure(monkeypatch):
+    from fastlinear import tune
+
+    # forward: 0.90 at first, 1.00 re-measured; backward: 1.00 at once (not re-measured)
+    asked = scripted_timings(monkeypatch, [(1.0, 0.9), (1.0, 1.0), (1.0, 1.0)])
+    lines = tune.ratio_table(((2, 3, 4),), ("float64",), 5, 0.01)
+    assert asked == [(5, tune.COMPARISON_BUDGET),
+                     (5 * tune.REMEASURE_FACTOR, tune.REMEASURE_SECONDS),
+                     (5, tune.COMPARISON_BUDGET)]
+    forward, backward = lines[1:3]
+    assert forward.split()[5] == "1.000" and "(re-measured, 15 rounds)" in forward
+    assert backward.split()[5] == "1.000" and "re-measured" not in backward
+    assert lines[-1].startswith("2 of 2 cells at numpy/numba >= 0.97")
+
+
+def test_a_cell_still_below_after_the_re_measure_stays_a_miss(monkeypatch):
+    from fastlinear import tune
+
+    scripted_timings(monkeypatch, [(1.0, 0.9), (1.0, 0.95), (1.0, 1.1)])
+    lines = tune.ratio_table(((2, 3, 4),), ("float64",), 5, 0.01)
+    assert lines[1].split()[5] == "0.950" and "(re-measured, 15 rounds)" in lines[1]
+    assert lines[-1].startswith("1 of 2 cells at numpy/numba >= 0.97")
+
+
+def test_re_measures_stop_when_their_time_is_spent(monkeypatch):
+    from fastlinear import tune
+
+    asked = scripted_timings(monkeypatch, [(1.0, 0.9), (1.0, 0.9)])
+    lines = tune.ratio_table(((2, 3, 4),), ("float64",), 5, 0.01, recheck_seconds=0.0)
+    assert len(asked) == 2  # no re-measure: each cell reported by its first figure, a miss
+    assert "re-measured" not in lines[1] and lines[-1].startswith("0 of 2 cells")
+    asked = scripted_timings(monkeypatch, [(1.0, 0.9), (1.0, 1.0), (1.0, 1.0)])
+    tune.ratio_table(((2, 3, 4),), ("float64",), 5, 0.01, recheck_seconds=0.25)
+    assert asked[1] == (15, 0.25)  # within what is left of the table's budget
+
+
+def test_a_class_is_handed_to_numpy_only_when_the_re_measure_confirms(monkeypatch):
+    from fastlinear import tune
+
+    # float32: NumPy 10 % faster, then even in the re-measure: handed over. float64: 10 %
+    # faster at first, level in the re-measure: kept. Backward: never faster: not re-measured.
+    asked = scripted_timings(monkeypatch, [(1.1, 1.0), (1.1, 1.0), (1.0, 1.0),
+                                           (1.1, 1.0), (1.0, 1.0), (1.0, 1.0)])
+    classes = tune._numpy_classes(_FakeNumba, ((2, 3, 4),), ("float32", "float64"), 5, 0.01)
+    assert classes == [_FakeNumba.shape_class("forward", 2, 3, 4, "float32")]
+    assert [rounds for rounds, _ in asked] == [5, 15, 5, 5, 15, 5]
+    # within the margin (1.01): not re-measured, not handed
+    asked = scripted_timings(monkeypatch, [(1.01, 1.0), (1.0, 1.0)])
+    assert tune._numpy_classes(_FakeNumba, ((2, 3, 4),), ("float32",), 5, 0.01) == []
+    assert len(asked) == 2
+
+
+def test_block_seconds_stops_its_rounds_when_the_budget_is_spent(monkeypatch):
+    """Calls that turn slow after the sizing call (a loaded machine) do not stretch the
+    comparison past its budget: a fake clock, advanced by the calls themselves."""
+    from fastlinear import tune
+
+    clock = {"now": 0.0, "step": 0.001, "calls": 0}
+
+    def call():
+        clock["calls"] += 1
+        clock["now"] += clock["step"]
+        if clock["calls"] == 4:  # warm-up and sizing of both done: from now on 100x slower
+            clock["step"] = 0.1
+
+    monkeypatch.setattr(tune.time, "perf_counter", lambda: clock["now"])
+    mine, plain = tune._block_seconds([call, call], 40, 0.01, budget=5.0)
+    assert len(mine) == len(plain) == 3  # the budget gone within the first 3 rounds (6 s)
+    assert mine == pytest.approx([0.1] * 3) and plain == pytest.approx([0.1] * 3)
