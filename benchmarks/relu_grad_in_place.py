@@ -1,6 +1,6 @@
-"""The ReLU gradient in place, row by row as ``_numba_network._backward_all`` calls it: the
-network module's own loop (``_activation_grad_in_place``) against the shared
-``_numba_activations.activation_grad(code, g, saved, g)`` with ``dy`` and ``g`` the same row.
+"""The ReLU gradient in place: the network module's own loop (``_output_gradient``, without
+bias sums) against the shared ``_numba_activations.activation_grad(code, g, saved, g)`` with
+``dy`` and ``g`` the same row, both row by row.
 
 Both are the same select; the shared one's two arguments may alias, which kept its loop from
 vectorising. Rounds alternate the order; prints ns per element, median and minimum.
@@ -15,14 +15,15 @@ import numpy as np
 from numba import njit
 
 from fastlinear.backends._numba_activations import RELU, activation_grad
-from fastlinear.backends._numba_network import _activation_grad_in_place
+from fastlinear.backends._numba_network import _output_gradient
 
 
 @njit
 def own_loop(G, saved, repeats):
+    no_sums = G[0, :0]
     for _ in range(repeats):
         for n in range(G.shape[0]):
-            _activation_grad_in_place(RELU, G[n], saved[n])
+            _output_gradient(RELU, G[n:n + 1], saved[n:n + 1], no_sums)
 
 
 @njit

@@ -31,7 +31,7 @@ __all__ = ["Sequential"]
 # tens of layer calls save (issue 17's measurements: 50-100 us a step, 1-3 us a layer call).
 STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (a dtype: == is faster)
+_LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (compared by identity)
 _CROSS_ENTROPY = "softmax_cross_entropy"
 # Why backward has nothing to differentiate (Sequential._cache holds one of these then).
 _NO_FORWARD = "backward() called before forward(): call forward(X) first"

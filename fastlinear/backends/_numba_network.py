@@ -25,7 +25,6 @@ from numba.extending import intrinsic
 from fastlinear.backends._numba_activations import (
     GELU,
     GELU_TANH,
-    NONE,
     RELU,
     SIGMOID,
     TANH,
@@ -101,51 +100,31 @@ def _column_sums(G, total):
 
 
 @njit(cache=True)
-def _activation_grad_in_place(code, g, saved):
-    """``g *= act'`` for a row, or a whole C-contiguous block as one vector, ``g`` holding ``dy``
-    on entry (``_numba_activations``'s formulas). ReLU, tanh and sigmoid have their own loops
-    here: the shared ``activation_grad(code, dy, saved, g)`` called with ``dy`` and ``g`` the
-    same row ran several times slower inside the step (a loop over two arguments that may
-    alias); for ReLU, the same select in both, still 0.2-0.5 against 1.4-5.5 ns an element
-    (``benchmarks/relu_grad_in_place.py``)."""
-    real = g.dtype.type
-    zero, one = real(0.0), real(1.0)
-    if code == RELU:
-        for j in range(g.shape[0]):  # NaN outputs pass the gradient, as torch's threshold_backward
-            g[j] = zero if saved[j] <= zero else g[j]  # a select: vectorises, unlike an if
-    elif code == TANH:
-        for j in range(g.shape[0]):
-            y = saved[j]
-            g[j] = g[j] * (one - y * y)
-    elif code == SIGMOID:
-        for j in range(g.shape[0]):
-            y = saved[j]
-            g[j] = g[j] * (y * (one - y))
-    elif code != NONE:
-        activation_grad(code, g, saved, g)
-
-
-@njit(cache=True)
 def _output_gradient(code, G, saved, total):
-    """``G *= act'`` in place (``G`` holding ``dH`` on entry) and ``total[:] = G.sum(0)`` unless
-    ``total`` is empty, the rows added in order. For the identity, ReLU, tanh and sigmoid the
-    sums are taken in the pass that writes ``G`` (one pass over the block, not two); the sums
-    start from -0.0, which adds exactly as copying the first row would."""
-    fused = code == NONE or code == RELU or code == TANH or code == SIGMOID
-    if total.shape[0] == 0 or not fused:
-        _activation_grad_in_place(code, G.reshape(G.size), saved.reshape(saved.size))
+    """``G *= act'`` in place (``G`` holding ``dH`` on entry, ``_numba_activations``'s formulas)
+    and ``total[:] = G.sum(0)`` unless ``total`` is empty, the rows added in order. For the
+    identity, ReLU, tanh and sigmoid the sums are taken in the pass that writes ``G`` (one pass
+    over the block, not two; the sums start from -0.0, which adds exactly as copying the first
+    row would). These loops are written here, not taken from the shared
+    ``activation_grad(code, dy, saved, g)``: called with ``dy`` and ``g`` the same row, its
+    loop over two arguments that may alias ran several times slower inside the step (for ReLU,
+    1.4-5.5 against 0.2-0.5 ns an element, ``benchmarks/relu_grad_in_place.py``)."""
+    if code == GELU or code == GELU_TANH:
+        flat = G.reshape(G.size)
+        activation_grad(code, flat, saved.reshape(saved.size), flat)
         if total.shape[0] > 0:
             _column_sums(G, total)
         return
     real = G.dtype.type
     zero, one = real(0.0), real(1.0)
+    sums = total.shape[0] > 0
     for j in range(total.shape[0]):
         total[j] = -zero
     for n in range(G.shape[0]):
         g, y = G[n], saved[n]
         for j in range(G.shape[1]):
             if code == RELU:  # NaN outputs pass the gradient, as torch's threshold_backward
-                v = zero if y[j] <= zero else g[j]
+                v = zero if y[j] <= zero else g[j]  # a select: vectorises, unlike an if
             elif code == TANH:
                 v = g[j] * (one - y[j] * y[j])
             elif code == SIGMOID:
@@ -153,7 +132,8 @@ def _output_gradient(code, G, saved, total):
             else:
                 v = g[j]
             g[j] = v
-            total[j] += v
+            if sums:
+                total[j] += v
 
 
 # float32 exp for arguments <= 0 (the shifted logits of a softmax): x = n ln2 + r, |r| <= ln2/2,
