@@ -217,6 +217,25 @@ def test_cross_entropy_with_underflowing_and_infinite_logits_as_the_reference(dt
                                    getattr(nets[0].layers[0], name), rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_of_many_rows_of_many_classes_as_float64_math(dtype):
+    """3000 classes of nearly equal logits over 300 rows: the numba step sums the rows' log
+    norms as logs of partial products (each norm near 3000, the product taken into the total
+    about every 70 rows); the loss is the float64 log-sum-exp's to rounding."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    rng = np.random.default_rng(12)
+    layer = Linear(4, 3000, dtype=dtype, rng=3, backend="numba")
+    layer.W = (rng.standard_normal((4, 3000)) * 0.01).astype(dtype)
+    X, y = rng.standard_normal((300, 4)).astype(dtype), rng.integers(0, 3000, 300)
+    Z = X.astype(np.float64) @ layer.W.astype(np.float64) + layer.b.astype(np.float64)
+    top = Z.max(axis=1)
+    exact = np.mean(top + np.log(np.exp(Z - top[:, None]).sum(axis=1)) - Z[np.arange(300), y])
+    value = Sequential(layer, backend="numba").train_step(X, y, loss="softmax_cross_entropy",
+                                                           lr=0.0)
+    assert value == pytest.approx(exact, rel=1e-5 if dtype == np.float32 else 1e-13)
+
+
 @pytest.mark.parametrize("inputs, dtype",
                          [(1024, np.float32), (512, np.float64), (1000, np.float32)])
 def test_the_arenas_are_rows_of_one_array_padded_off_4k_multiples(inputs, dtype):

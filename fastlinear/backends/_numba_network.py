@@ -174,7 +174,14 @@ def _exp_nonpositive_f32(x):
         p = (((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5) * r * r + r + _F32(1.0)
         e = p * _float32_from_bits((np.int32(n) + 127) << 23)
         e = zero if low else e
-        x[k] = v if v != v else e
+        # ``v + zero``, not ``v``: storing back the loaded value made LLVM write the loop with
+        # masked stores, several times slower on Zen 3 than this blend (see _numba_activations)
+        x[k] = v + zero if v != v else e
+
+
+# Where _cross_entropy takes its product of norms into the total: far below float64's 1.8e308
+# even times one more norm (at most the number of classes).
+_PRODUCT_LIMIT = 1e250
 
 
 @njit(cache=True)
@@ -201,17 +208,24 @@ def _cross_entropy(logits, labels, dlogits):
     else:
         for k in range(flat.shape[0]):
             flat[k] = math.exp(flat[k])
+    # The rows' log(norm) summed as the log of their product: one libm call, not one a row.
+    # Every norm lies in [1, classes] (the top logit adds exp(0) = 1) or is NaN, so the product
+    # only grows; it is taken into the total before it could overflow.
+    product = 1.0
     for n in range(rows):
         g = dlogits[n]
         norm = real(0.0)
         for j in range(classes):
             norm += g[j]
-        total += math.log(float(norm))
+        product *= float(norm)
+        if product > _PRODUCT_LIMIT:
+            total += math.log(product)
+            product = 1.0
         scale = inv_rows / norm
         for j in range(classes):
             g[j] *= scale
         g[labels[n]] -= inv_rows
-    return total / rows
+    return (total + math.log(product)) / rows
 
 
 @njit(cache=True)
