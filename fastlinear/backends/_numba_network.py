@@ -21,6 +21,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
 from fastlinear.backends._numba_activations import (
     GELU,
@@ -41,10 +42,36 @@ FORWARD, BACKWARD, STEP = 0, 1, 2
 CROSS_ENTROPY, MSE = 0, 1
 
 
+@intrinsic
+def _borrowed_matrix(typingctx, vector, offset, rows, cols):
+    """The (rows, cols) C-contiguous matrix over ``vector[offset:offset + rows * cols]``, built
+    directly: no ``reshape`` (a helper call that inspects strides) and no reference count (its
+    memory-info is null, so numba's incref and decref of it are no-ops, not atomic operations).
+    It borrows ``vector``'s memory: valid while ``vector`` lives, never to be returned to
+    Python; bounds are the caller's (``_block``)."""
+    matrix = types.Array(vector.dtype, 2, "C")
+
+    def codegen(context, builder, signature, args):
+        data, start, height, width = args
+        source = context.make_array(signature.args[0])(context, builder, data)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+            context.get_data_type(vector.dtype)))
+        result = context.make_array(matrix)(context, builder)
+        populate_array(result, data=builder.gep(source.data, [start]), shape=[height, width],
+                       strides=[builder.mul(width, itemsize), itemsize], itemsize=itemsize,
+                       meminfo=None)
+        return result._getvalue()
+
+    return matrix(vector, types.intp, types.intp, types.intp), codegen
+
+
 @njit(cache=True)
 def _block(work, offset, rows, cols):
-    """The (rows, cols) C-contiguous matrix at ``work[offset:]``."""
-    return work[offset:offset + rows * cols].reshape((rows, cols))
+    """The (rows, cols) C-contiguous matrix at ``work[offset:]``, borrowed
+    (``_borrowed_matrix``): only for use inside the compiled call that holds ``work``."""
+    if offset < 0 or rows < 0 or cols < 0 or offset + rows * cols > work.shape[0]:
+        raise IndexError("a workspace block out of its arena")
+    return _borrowed_matrix(work, offset, rows, cols)
 
 
 _N, _T = ord("N"), ord("T")
