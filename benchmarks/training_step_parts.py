@@ -40,17 +40,16 @@ def _gemms(k, gemm, int_bits, layout, params, grads, X, work):
 
 @njit
 def _forward(k, gemm, int_bits, layout, arenas, X, work):
-    offsets = network._offsets(layout, X.shape[0])
     for _ in range(k):
-        network._forward_all(gemm, int_bits, layout, arenas[0], X, work, offsets)
+        network._forward_all(gemm, int_bits, layout, arenas[0], X, work)
 
 
 @njit
 def _loss(k, layout, X, work, labels):
     rows, last = X.shape[0], layout.shape[0] - 1
-    offsets, classes = network._offsets(layout, rows), layout[last, 1]
-    out = network._block(work, offsets[last], rows, classes)
-    grad = network._block(work, offsets[last] + 2 * rows * classes, rows, classes)
+    at, classes = network._offset(layout, rows, last), layout[last, 1]
+    out = network._block(work, at, rows, classes)
+    grad = network._block(work, at + 2 * rows * classes, rows, classes)
     total = 0.0
     for _ in range(k):
         total += network._cross_entropy(out, labels, grad)
@@ -59,10 +58,9 @@ def _loss(k, layout, X, work, labels):
 
 @njit
 def _backward(k, gemm, int_bits, layout, arenas, X, work, none, update):
-    offsets = network._offsets(layout, X.shape[0])
     for _ in range(k):
-        network._backward_all(gemm, int_bits, layout, arenas[0], arenas[1], X, work, offsets,
-                              none, arenas[2], 0.0, 0.9, update)
+        network._backward_all(gemm, int_bits, layout, arenas[0], arenas[1], X, work, none,
+                              arenas[2], 0.0, 0.9, update)
 
 
 @njit

@@ -43,35 +43,55 @@ CROSS_ENTROPY, MSE = 0, 1
 
 
 @intrinsic
-def _borrowed_matrix(typingctx, vector, offset, rows, cols):
-    """The (rows, cols) C-contiguous matrix over ``vector[offset:offset + rows * cols]``, built
-    directly: no ``reshape`` (a helper call that inspects strides) and no reference count (its
-    memory-info is null, so numba's incref and decref of it are no-ops, not atomic operations).
-    It borrows ``vector``'s memory: valid while ``vector`` lives, never to be returned to
-    Python; bounds are the caller's (``_block``)."""
-    matrix = types.Array(vector.dtype, 2, "C")
+def _borrowed(typingctx, array, offset, shape):
+    """The C-contiguous array of ``shape`` (a tuple of one or two sizes) over the elements
+    ``offset:offset + prod(shape)`` of the C-contiguous ``array``, built directly: no slice or
+    ``reshape`` (a helper call that inspects strides) and no reference count (its memory-info is
+    null, so numba's increfs and decrefs of it are no-ops, not atomic operations; ~2 us of a
+    step). It borrows ``array``'s memory: valid while ``array`` lives, never to be returned to
+    Python; bounds are the caller's (``_block``, ``_vector``, ``_flat``)."""
+    if not (isinstance(array, types.Array) and array.layout == "C"
+            and isinstance(shape, types.UniTuple) and shape.count in (1, 2)):
+        return None
+    result_type = types.Array(array.dtype, shape.count, "C")
 
     def codegen(context, builder, signature, args):
-        data, start, height, width = args
-        source = context.make_array(signature.args[0])(context, builder, data)
+        source, start, sizes = args
+        data = context.make_array(signature.args[0])(context, builder, source).data
         itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
-            context.get_data_type(vector.dtype)))
-        result = context.make_array(matrix)(context, builder)
-        populate_array(result, data=builder.gep(source.data, [start]), shape=[height, width],
-                       strides=[builder.mul(width, itemsize), itemsize], itemsize=itemsize,
-                       meminfo=None)
+            context.get_data_type(array.dtype)))
+        dims = [builder.extract_value(sizes, k) for k in range(shape.count)]
+        strides = [itemsize] if shape.count == 1 else [builder.mul(dims[1], itemsize), itemsize]
+        result = context.make_array(result_type)(context, builder)
+        populate_array(result, data=builder.gep(data, [start]), shape=dims, strides=strides,
+                       itemsize=itemsize, meminfo=None)
         return result._getvalue()
 
-    return matrix(vector, types.intp, types.intp, types.intp), codegen
+    return result_type(array, types.intp, types.UniTuple(types.intp, shape.count)), codegen
+
+
+@njit(cache=True)
+def _vector(array, offset, length):
+    """``array.flat[offset:offset + length]`` (C-contiguous ``array``), borrowed
+    (``_borrowed``): only for use inside the compiled call that holds ``array``."""
+    if offset < 0 or length < 0 or offset + length > array.size:
+        raise IndexError("a vector out of its arena")
+    return _borrowed(array, offset, (length,))
 
 
 @njit(cache=True)
 def _block(work, offset, rows, cols):
-    """The (rows, cols) C-contiguous matrix at ``work[offset:]``, borrowed
-    (``_borrowed_matrix``): only for use inside the compiled call that holds ``work``."""
-    if offset < 0 or rows < 0 or cols < 0 or offset + rows * cols > work.shape[0]:
+    """The (rows, cols) C-contiguous matrix at ``work[offset:]``, borrowed (``_borrowed``):
+    only for use inside the compiled call that holds ``work``."""
+    if offset < 0 or rows < 0 or cols < 0 or offset + rows * cols > work.size:
         raise IndexError("a workspace block out of its arena")
-    return _borrowed_matrix(work, offset, rows, cols)
+    return _borrowed(work, offset, (rows, cols))
+
+
+@njit(cache=True)
+def _flat(block):
+    """The C-contiguous ``block``'s elements as one vector, borrowed (``_borrowed``)."""
+    return _borrowed(block, 0, (block.size,))
 
 
 _N, _T = ord("N"), ord("T")
@@ -102,9 +122,9 @@ def _layer_forward(gemm, int_bits, A, W, b, H, Z, code):
             for j in range(H.shape[1]):
                 row[j] = b[j]
     _product(gemm, int_bits, A, False, W, False, H, beta)
-    flat = H.reshape(H.size)
+    flat = _flat(H)
     if code == GELU or code == GELU_TANH:
-        _copy(flat, Z.reshape(Z.size))
+        _copy(flat, _flat(Z))
     activate(code, flat)
 
 
@@ -137,8 +157,8 @@ def _output_gradient(code, G, saved, total):
     loop over two arguments that may alias ran several times slower inside the step (for ReLU,
     1.4-5.5 against 0.2-0.5 ns an element, ``benchmarks/relu_grad_in_place.py``)."""
     if code == GELU or code == GELU_TANH:
-        flat = G.reshape(G.size)
-        activation_grad(code, flat, saved.reshape(saved.size), flat)
+        flat = _flat(G)
+        activation_grad(code, flat, _flat(saved), flat)
         if total.shape[0] > 0:
             _column_sums(G, total)
         return
@@ -229,7 +249,7 @@ def _cross_entropy(logits, labels, dlogits):
         total += float(top) - float(z[labels[n]])
         for j in range(classes):
             g[j] = z[j] - top
-    flat = dlogits.reshape(rows * classes)
+    flat = _flat(dlogits)
     if dlogits.itemsize == 4:
         _exp_nonpositive_f32(flat)
     else:
@@ -295,8 +315,17 @@ def first_bad_label(labels, classes):
 
 
 @njit(cache=True)
+def _offset(layout, rows, i):
+    """Offset of layer ``i``'s three workspace blocks."""
+    position = 0
+    for k in range(i):
+        position += 3 * rows * layout[k, 1]
+    return position
+
+
+@njit(cache=True)
 def _offsets(layout, rows):
-    """Offset of each layer's three workspace blocks."""
+    """Offset of each layer's three workspace blocks, as an array (for the bench's floor)."""
     offsets = np.empty(layout.shape[0], np.int64)
     position = 0
     for i in range(layout.shape[0]):
@@ -310,28 +339,30 @@ def _parameters(params, layout, i):
     """Layer ``i``'s ``W`` (D, M) and ``b`` (M,) (empty without a bias) in ``params``."""
     D, M, w_at, b_at = layout[i, 0], layout[i, 1], layout[i, 2], layout[i, 3]
     W = _block(params, w_at, D, M)
-    b = params[b_at:b_at + M] if b_at >= 0 else params[0:0]
+    b = _vector(params, b_at, M) if b_at >= 0 else _vector(params, 0, 0)
     return W, b
 
 
 @njit(cache=True)
-def _forward_all(gemm, int_bits, layout, params, X, work, offsets):
+def _forward_all(gemm, int_bits, layout, params, X, work):
     """Every layer's forward pass; returns the last layer's output block."""
     rows = X.shape[0]
     A = X
+    at = 0  # _offset(layout, rows, i)
     for i in range(layout.shape[0]):
         M = layout[i, 1]
         W, b = _parameters(params, layout, i)
-        H = _block(work, offsets[i], rows, M)
-        Z = _block(work, offsets[i] + rows * M, rows, M)
+        H = _block(work, at, rows, M)
+        Z = _block(work, at + rows * M, rows, M)
         _layer_forward(gemm, int_bits, A, W, b, H, Z, layout[i, 4])
         A = H
+        at += 3 * rows * M
     return A
 
 
 @njit(cache=True)
-def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, velocity, lr,
-                  momentum, update):
+def _backward_all(gemm, int_bits, layout, params, grads, X, work, dX, velocity, lr, momentum,
+                  update):
     """Every layer's gradients from ``dH`` of the last layer (in its workspace block); ``dX``
     (N, D_0) receives the input's gradient unless it has no rows. With ``update``, each layer's
     SGD update (``_sgd``) runs as soon as its last product that reads ``W`` is done, while its
@@ -342,17 +373,19 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, v
         D, M, w_at, b_at, code = layout[i, 0], layout[i, 1], layout[i, 2], layout[i, 3], \
             layout[i, 4]
         W, _ = _parameters(params, layout, i)
-        H = _block(work, offsets[i], rows, M)
-        saved = _block(work, offsets[i] + rows * M, rows, M) if (
+        at = _offset(layout, rows, i)
+        H = _block(work, at, rows, M)
+        saved = _block(work, at + rows * M, rows, M) if (
             code == GELU or code == GELU_TANH) else H
-        G = _block(work, offsets[i] + 2 * rows * M, rows, M)
-        _output_gradient(code, G, saved, grads[b_at:b_at + M] if b_at >= 0 else grads[0:0])
+        G = _block(work, at + 2 * rows * M, rows, M)
+        _output_gradient(code, G, saved,
+                         _vector(grads, b_at, M) if b_at >= 0 else _vector(grads, 0, 0))
         dW = _block(grads, w_at, D, M)
         if i > 0:
-            A = _block(work, offsets[i - 1], rows, layout[i - 1, 1])
+            before = _offset(layout, rows, i - 1)  # layer i - 1's blocks, D columns each
+            A = _block(work, before, rows, D)
             _product(gemm, int_bits, A, True, G, False, dW, 0.0)
-            dA = _block(work, offsets[i - 1] + 2 * rows * layout[i - 1, 1], rows,
-                        layout[i - 1, 1])
+            dA = _block(work, before + 2 * rows * D, rows, D)
             _product(gemm, int_bits, G, False, W, True, dA, 0.0)
         else:
             _product(gemm, int_bits, X, True, G, False, dW, 0.0)
@@ -360,7 +393,8 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, v
                 _product(gemm, int_bits, G, False, W, True, dX, 0.0)
         if update:  # W and b adjacent in the arenas (Sequential.__init__): one pass over both
             end = w_at + D * M + (M if b_at >= 0 else 0)
-            _sgd(params[w_at:end], velocity[w_at:end], grads[w_at:end], lr, momentum)
+            _sgd(_vector(params, w_at, end - w_at), _vector(velocity, w_at, end - w_at),
+                 _vector(grads, w_at, end - w_at), lr, momentum)
 
 
 @njit(cache=True)
@@ -378,7 +412,9 @@ def network_call(mode, gemm, int_bits, layout, arenas, X, work, outer, labels, d
       ``W`` (so midway some layers hold new parameters, others old); returns the loss. A label
       out of range returns ``-(1 + its index)`` before anything is written.
     """
-    params, grads, velocity = arenas[0], arenas[1], arenas[2]
+    size = arenas.shape[1]
+    params, grads = _vector(arenas, 0, size), _vector(arenas, size, size)
+    velocity = _vector(arenas, 2 * size, size)
     rows = X.shape[0]
     last = layout.shape[0] - 1
     classes = layout[last, 1]
@@ -386,15 +422,14 @@ def network_call(mode, gemm, int_bits, layout, arenas, X, work, outer, labels, d
         bad = first_bad_label(labels, classes)
         if bad >= 0:
             return -1.0 - bad
-    offsets = _offsets(layout, rows)
-    dlast = _block(work, offsets[last] + 2 * rows * classes, rows, classes)
+    dlast = _block(work, _offset(layout, rows, last) + 2 * rows * classes, rows, classes)
     if mode == BACKWARD:
         for n in range(rows):
             _copy(outer[n], dlast[n])
-        _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, velocity,
-                      0.0, 0.0, False)
+        _backward_all(gemm, int_bits, layout, params, grads, X, work, dX, velocity, 0.0, 0.0,
+                      False)
         return 0.0
-    output = _forward_all(gemm, int_bits, layout, params, X, work, offsets)
+    output = _forward_all(gemm, int_bits, layout, params, X, work)
     if mode == FORWARD:
         for n in range(rows):
             _copy(output[n], outer[n])
@@ -403,6 +438,6 @@ def network_call(mode, gemm, int_bits, layout, arenas, X, work, outer, labels, d
         loss = _cross_entropy(output, labels, dlast)
     else:
         loss = _mse(output, outer, dlast)
-    _backward_all(gemm, int_bits, layout, params, grads, X, work, offsets, dX, velocity, lr,
-                  momentum, True)
+    _backward_all(gemm, int_bits, layout, params, grads, X, work, dX, velocity, lr, momentum,
+                  True)
     return loss
