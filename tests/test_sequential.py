@@ -197,6 +197,82 @@ def test_the_numba_float32_softmax_exp_matches_np_exp():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("classes", [1, 7, 8, 9, 10, 17])
+def test_cross_entropy_rows_with_nan_inf_and_negative_zero(dtype, classes):
+    """The numba step's loss pass row by row against float64 NumPy: a NaN in the first, a
+    middle or the last class makes its row's gradient all NaN (and the loss NaN), as does +inf
+    or a row of -inf; -inf elsewhere gives 0, -0.0 a logit like 0.0; N = 1 too."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear.backends._numba_network import _cross_entropy
+
+    rng = np.random.default_rng(classes)
+    rows = [rng.standard_normal(classes) * 3 for _ in range(8)]
+    for row, (at, value) in zip(rows[1:], [(0, np.nan), (classes // 2, np.nan),
+                                           (classes - 1, np.nan), (classes // 2, np.inf),
+                                           (slice(1, None), -np.inf), (slice(None), -np.inf),
+                                           (0, -0.0)], strict=True):
+        row[at] = value
+    Z = np.array(rows, dtype)
+    labels = rng.integers(0, classes, len(Z))
+
+    def reference(logits, labels):
+        logits = logits.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            e = np.exp(shifted)
+            norm = e.sum(axis=1, keepdims=True)
+            grad = (e / norm - np.eye(classes)[labels]) / len(logits)
+            loss = np.mean(np.log(norm[:, 0]) - shifted[np.arange(len(logits)), labels])
+        return loss, grad
+
+    tolerance = {"rtol": 2e-5 if dtype == np.float32 else 1e-13, "atol": 1e-7}
+    for logits, y in ((Z, labels), (Z[:1], labels[:1]), (Z[[0, 7]], labels[[0, 7]])):
+        grad = np.empty_like(logits)
+        loss = _cross_entropy(np.ascontiguousarray(logits), np.ascontiguousarray(y), grad)
+        expected_loss, expected_grad = reference(logits, y)
+        np.testing.assert_allclose(grad, expected_grad, **tolerance)
+        np.testing.assert_allclose(loss, expected_loss, **tolerance)
+    bad = np.isnan(reference(Z, labels)[1]).any(axis=1)
+    assert bad.tolist() == [False, True, True, True, True, False, True, False]
+
+
+def test_borrowed_workspace_views_are_the_arena_elements():
+    """The numba step's views into its arenas (``_block``, ``_vector``, ``_flat``: built without
+    a reshape or a reference count) read and write the elements NumPy's slice and reshape name,
+    for widths 1, 7, 8, 9, 10, 17, one row and none; a view past the arena's end raises."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from numba import njit
+
+    from fastlinear.backends._numba_network import _block, _flat, _vector
+
+    @njit
+    def probe(arena, offset, rows, cols):
+        block = _block(arena, offset, rows, cols)
+        flat, vector = _flat(block), _vector(arena, offset, rows * cols)
+        copies = block.copy(), flat.copy(), vector.copy()
+        if block.size > 0:
+            block[rows - 1, cols - 1] = -1.0
+        return copies
+
+    arena = np.arange(300, dtype=np.float32)
+    for rows, cols, offset in [(3, 1, 5), (2, 7, 0), (4, 8, 11), (1, 9, 2), (3, 10, 270),
+                               (5, 17, 215), (0, 10, 300), (1, 17, 283)]:
+        expected = arena[offset:offset + rows * cols].copy()
+        block, flat, vector = probe(arena, offset, rows, cols)
+        np.testing.assert_array_equal(block, expected.reshape(rows, cols))
+        np.testing.assert_array_equal(flat, expected)
+        np.testing.assert_array_equal(vector, expected)
+        if rows:
+            assert arena[offset + rows * cols - 1] == -1.0
+            arena[offset + rows * cols - 1] = expected[-1]
+    for rows, cols, offset in [(1, 1, 300), (2, 10, 281), (1, 1, -1)]:
+        with pytest.raises(IndexError, match="out of its arena"):
+            probe(arena, offset, rows, cols)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cross_entropy_with_underflowing_and_infinite_logits_as_the_reference(dtype):
     """Logits 200 apart (probabilities that underflow to 0) and an infinite one: the numba
     step's loss and gradients are the numpy backend's."""

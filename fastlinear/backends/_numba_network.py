@@ -243,9 +243,12 @@ def _cross_entropy(logits, labels, dlogits):
     for n in range(rows):
         z, g = logits[n], dlogits[n]
         top = z[0]
-        for j in range(1, classes):  # a NaN, once met, stays the top
+        for j in range(1, classes):
+            # One vmaxss a class: NaNs after the first class are passed over, but a row with a
+            # NaN ends all NaN all the same (its shifted NaN makes the norm NaN below). Keeping
+            # NaN as the top took a compare, an or and a blend on the chain, ~3x the latency.
             v = z[j]
-            top = v if v > top or v != v else top
+            top = v if v > top else top
         total += float(top) - float(z[labels[n]])
         for j in range(classes):
             g[j] = z[j] - top
