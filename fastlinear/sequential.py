@@ -33,6 +33,7 @@ STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (compared by identity)
 _CROSS_ENTROPY = "softmax_cross_entropy"
+_INF = math.inf  # a module constant: train_step's inline check reads it twice a call
 # Why backward has nothing to differentiate (Sequential._cache holds one of these then).
 _NO_FORWARD = "backward() called before forward(): call forward(X) first"
 _AFTER_STEP = "train_step() keeps no activations; call forward(X) before backward(dY)"
@@ -63,6 +64,23 @@ class _Native(NamedTuple):
     network_call: Any  # fastlinear.backends._numba_network.network_call
     gemm: int = 0  # the address of the network's dtype's gemm (_numba_blas.blas_routines)
     int_bits: int = 0
+    # What a step whose arguments train_step has checked calls: network_call until its first
+    # such call has compiled it, then the compiled function itself (_compiled_entry).
+    checked_call: Any = None
+
+
+def _compiled_entry(dispatcher: Any, args: tuple) -> Any:
+    """The compiled function numba's ``dispatcher`` runs for ``args``, to be called with
+    arguments of exactly these types (the dispatcher's type resolution skipped: ~1 us of the
+    step's 13 arguments); the dispatcher itself where numba does not expose it.
+
+    The caller must guarantee the types: the compiled function unboxes an array of another
+    layout or dimension without complaint (it refuses another dtype)."""
+    try:
+        key = tuple(dispatcher.typeof_pyval(arg) for arg in args)
+        return dispatcher.overloads[key].entry_point
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return dispatcher
 
 
 @functools.cache
@@ -316,7 +334,8 @@ class Sequential:
 
     def _check_labels(self, y: Any, X: Any) -> Any:
         rows = X.shape[0]
-        if type(y) is np.ndarray and y.dtype == _LABELS and y.shape == (rows,):
+        if (type(y) is np.ndarray and y.dtype == _LABELS and y.shape == (rows,)
+                and y.flags.c_contiguous):
             return y
         y = _arrays.namespace(X).asarray(y)
         if y.dtype.kind not in "iu":
@@ -325,7 +344,8 @@ class Sequential:
         if y.shape != (rows,):
             raise ValueError(f"y must have shape ({rows},) (one label per row of X), got "
                              f"{tuple(y.shape)}")
-        return y.astype(_LABELS, copy=False)
+        # contiguous: the compiled step is compiled for contiguous labels only
+        return _arrays.namespace(y).ascontiguousarray(y.astype(_LABELS, copy=False))
 
     def _labels_out_of_range(self, y: Any, bad_row: int | None = None) -> ValueError:
         classes = self._out_width
@@ -467,16 +487,19 @@ class Sequential:
             For bad input, before anything changes: parameters, velocity and gradients keep
             their values.
         """
-        # The common case is checked inline: a C-contiguous 2-D X and int64 labels y of the
-        # network's dtypes (dtypes by identity, shape read once: each read builds a tuple).
+        # The common case is checked inline: a 2-D X and labels y, aligned, writeable and
+        # C-contiguous (``flags.carray``), of the network's dtype and int64 (by identity),
+        # cross-entropy, float rates (X's shape read once: each read builds a tuple). It calls
+        # the compiled step directly (``_native``'s ``checked``), which needs exactly these.
         common = (type(X) is np.ndarray and type(y) is np.ndarray and type(loss) is str
-                  and loss == _CROSS_ENTROPY and type(lr) is float and 0.0 <= lr < math.inf
-                  and type(momentum) is float and 0.0 <= momentum < math.inf
+                  and loss == _CROSS_ENTROPY and type(lr) is float and 0.0 <= lr < _INF
+                  and type(momentum) is float and 0.0 <= momentum < _INF
                   and X.dtype is self.dtype and y.dtype is _LABELS)
         if common:
             shape = X.shape
             common = (len(shape) == 2 and shape[0] > 0 and shape[1] == self._in_width
-                      and y.shape == shape[:1] and X.flags.c_contiguous)
+                      and y.ndim == 1 and len(y) == shape[0] and X.flags.carray
+                      and y.flags.carray)
         if common:
             loss_name, rate, keep = loss, lr, momentum
         else:
@@ -489,7 +512,8 @@ class Sequential:
                 if code == 0:  # the compiled call checks the labels, but after this sync
                     self._check_label_range(y)
                 self._sync_layers()
-            value = self._native(2, X, targets, labels, self._no_rows, code, rate, keep)
+            value = self._native(2, X, targets, labels, self._no_rows, code, rate, keep,
+                                 checked=common)
             if value <= -1.0:
                 raise self._labels_out_of_range(y, int(-value - 1.0))
         else:
@@ -506,9 +530,12 @@ class Sequential:
     # --- numba: one compiled call ---------------------------------------------------------------
 
     def _native(self, mode: int, X: Any, outer: Any, labels: Any, dX: Any, loss_code: int,
-                lr: float, momentum: float, work: Any = None) -> float:
+                lr: float, momentum: float, work: Any = None, checked: bool = False) -> float:
         """One ``network_call``; ``work`` is the last forward's workspace for a backward (the
-        network's own, grown to the batch, otherwise)."""
+        network's own, grown to the batch, otherwise). ``checked``: ``train_step``'s common
+        case vouches for the arguments' exact types (``X`` and ``labels`` aligned, writeable,
+        C-contiguous arrays of the network's dtype and int64, ``lr`` and ``momentum`` floats),
+        so the compiled function may be called directly."""
         native = self._native_call or self._find_native()
         rows = len(X)
         if work is None:
@@ -517,15 +544,22 @@ class Sequential:
                 work = self._work = np.empty(rows * self._work_per_row, self.dtype)
         if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:  # read each call:
             native.blas.match_blas_threads()  # the threshold may be changed at run time
-        return native.network_call(mode, native.gemm, native.int_bits, self._layout,
-                                   self._arenas, X, work, outer, labels, dX, loss_code, lr,
-                                   momentum)
+        call = native.checked_call if checked else native.network_call
+        value = call(mode, native.gemm, native.int_bits, self._layout, self._arenas, X, work,
+                     outer, labels, dX, loss_code, lr, momentum)
+        if checked and call is native.network_call:  # compiled now: call it directly from now
+            entry = _compiled_entry(call, (mode, native.gemm, native.int_bits, self._layout,
+                                           self._arenas, X, work, outer, labels, dX, loss_code,
+                                           lr, momentum))
+            self._native_call = native._replace(checked_call=entry)
+        return value
 
     def _find_native(self) -> _Native:
         """The compiled call and the BLAS routines it takes, looked up once per network."""
         native = _native_module()
         blas = native.blas.blas_routines(self.dtype)
-        self._native_call = native._replace(gemm=blas.gemm, int_bits=blas.int_bits)
+        self._native_call = native._replace(gemm=blas.gemm, int_bits=blas.int_bits,
+                                            checked_call=native.network_call)
         return self._native_call
 
     # --- numpy (the reference) and cupy: layer by layer ------------------------------------------

@@ -816,6 +816,54 @@ def test_the_blas_threads_threshold_is_the_numba_blas_one(threshold, calls, monk
     assert len(matched) == calls
 
 
+def test_checked_steps_call_the_compiled_step_directly_with_the_same_results():
+    """train_step's common case (C-contiguous float X and int64 labels, checked inline) calls
+    numba's compiled step itself from its second step on, skipping the dispatcher's type
+    resolution; every other input goes through the dispatcher. Both give the same bits."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear.backends import _numba_network
+
+    nets = [Sequential(*make_layers((6, 9, 4), ("tanh", None), np.float32, seed=80),
+                       backend="numba") for _ in range(2)]
+    rng = np.random.default_rng(81)
+    X = rng.standard_normal((7, 6)).astype(np.float32)
+    labels = np.empty(14, np.int64)
+    labels[::2] = rng.integers(0, 4, 7)
+    y = labels[::2]  # strided: not the common case
+    for step in range(3):
+        fast = nets[0].train_step(X, y.copy(), loss="softmax_cross_entropy", lr=0.1,
+                                  momentum=0.9)
+        slow = nets[1].train_step(np.asfortranarray(X), y, loss="softmax_cross_entropy",
+                                  lr=0.1, momentum=0.9)
+        assert fast == slow, step
+        np.testing.assert_array_equal(nets[0]._arenas, nets[1]._arenas)
+    entry = nets[0]._native_call.checked_call
+    assert entry is not _numba_network.network_call  # numba still exposes its compiled entry
+    assert nets[1]._native_call.checked_call is _numba_network.network_call  # never checked
+
+
+def test_the_compiled_entry_is_the_dispatcher_where_numba_does_not_expose_it():
+    """A numba without ``overloads`` or ``typeof_pyval`` (or an uncompiled signature) leaves
+    the dispatcher in place."""
+    from fastlinear.sequential import _compiled_entry
+
+    class Bare:
+        pass
+
+    bare = Bare()
+    assert _compiled_entry(bare, (1, 2.0)) is bare
+
+    class Uncompiled:
+        overloads: dict = {}
+
+        def typeof_pyval(self, value):
+            return type(value)
+
+    uncompiled = Uncompiled()
+    assert _compiled_entry(uncompiled, (1, 2.0)) is uncompiled
+
+
 def test_x_is_converted_to_the_networks_dtype(backend):
     """As documented: float64 X into a float32 network computes in float32 (the result is the
     float32 X's); integer X is accepted; complex X is refused."""
