@@ -154,7 +154,10 @@ class Sequential:
     float32; any dtype that casts to the network's under ``same_kind`` is accepted, others
     (complex) raise ``TypeError``. A step keeps no activations: after ``train_step``,
     ``backward`` needs a fresh ``forward``. ``backward`` differentiates the last ``forward``:
-    an activation changed in between raises ``RuntimeError``; a new ``W`` or ``b`` is used.
+    an activation changed in between raises ``RuntimeError``; a new ``W`` or ``b`` is used. A
+    layer in two networks shares its parameters: each network's call takes in the values the
+    layer holds then (the other network's updates included) and leaves its own in the layer;
+    each network keeps its own velocity.
 
     Attributes
     ----------

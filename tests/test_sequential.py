@@ -408,6 +408,31 @@ def test_layers_are_the_trained_layers_and_assignments_are_used(backend):
     np.testing.assert_allclose(layers[1].b, model[2].bias.detach().numpy(), atol=1e-12)
 
 
+def test_a_layer_in_two_networks_carries_each_ones_updates_to_the_other(backend):
+    """A layer shared by two networks: each step starts from the values the other left in the
+    layer, as two torch models sharing the module do (each with its own optimizer, momentum)."""
+    if backend == "cupy":
+        pytest.skip("the layer-by-layer cupy path shares the same adoption code")
+    first, shared = make_layers((4, 5, 3), ("relu", None), np.float64, seed=90)
+    (other,) = make_layers((6, 5), ("tanh",), np.float64, seed=91)
+    models = [torch_model([first, shared]), torch_model([other])]
+    models[1].append(models[0][2])  # the same torch Linear: shared parameters
+    nets = [Sequential(first, shared, backend=backend), Sequential(other, shared, backend=backend)]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) for model in models]
+    rng = np.random.default_rng(92)
+    for step in range(4):
+        index = step % 2
+        X, y = rng.standard_normal((5, (4, 6)[index])), rng.integers(0, 3, 5)
+        nets[index].train_step(X, y, loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+        optimizers[index].zero_grad()
+        torch.nn.CrossEntropyLoss()(models[index](torch.from_numpy(X)),
+                                    torch.from_numpy(y)).backward()
+        optimizers[index].step()
+        np.testing.assert_allclose(shared.W, models[0][2].weight.detach().numpy().T,
+                                   atol=1e-12)
+        np.testing.assert_allclose(shared.b, models[0][2].bias.detach().numpy(), atol=1e-12)
+
+
 def test_an_assigned_activation_is_used():
     layers = make_layers((3, 4, 2), ("relu", None), np.float64, seed=10)
     net = Sequential(*layers, backend="numpy")
