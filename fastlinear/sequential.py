@@ -31,7 +31,8 @@ __all__ = ["Sequential"]
 # tens of layer calls save (issue 17's measurements: 50-100 us a step, 1-3 us a layer call).
 STEP_WEIGHT_IN_CALLS = 32
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_LABELS = np.dtype(np.int64)  # the labels' dtype the compiled step takes (compared by identity)
+# The labels' dtype the compiled step takes (compared by identity in train_step's inline check).
+_LABELS = np.dtype(np.int64)
 _CROSS_ENTROPY = "softmax_cross_entropy"
 _INF = math.inf  # a module constant: train_step's inline check reads it twice a call
 # Why backward has nothing to differentiate (Sequential._cache holds one of these then).
@@ -64,15 +65,16 @@ class _Native(NamedTuple):
     network_call: Any  # fastlinear.backends._numba_network.network_call
     gemm: int = 0  # the address of the network's dtype's gemm (_numba_blas.blas_routines)
     int_bits: int = 0
-    # What a step whose arguments train_step has checked calls: network_call until its first
-    # such call has compiled it, then the compiled function itself (_compiled_entry).
+    # What a step whose arguments train_step has checked calls: None until its first such call
+    # (through network_call) has compiled it, then the compiled function itself, or
+    # network_call where numba does not expose that (_compiled_entry).
     checked_call: Any = None
 
 
 def _compiled_entry(dispatcher: Any, args: tuple) -> Any:
     """The compiled function numba's ``dispatcher`` runs for ``args``, to be called with
-    arguments of exactly these types (the dispatcher's type resolution skipped: ~1 us of the
-    step's 13 arguments); the dispatcher itself where numba does not expose it.
+    arguments of exactly these types (the dispatcher's type resolution of every argument
+    skipped); the dispatcher itself where numba does not expose it.
 
     The caller must guarantee the types: the compiled function unboxes an array of another
     layout or dimension without complaint (it refuses another dtype)."""
@@ -122,7 +124,7 @@ def _check_layers(layers: tuple[Any, ...]) -> tuple[np.dtype, str]:
 
 def _check_rate(name: str, value: object) -> float:
     """``lr`` or ``momentum`` as a float; raise unless a finite number >= 0."""
-    if type(value) is float and value >= 0 and value != math.inf:
+    if type(value) is float and 0.0 <= value < _INF:
         return value  # the common case, checked in a few nanoseconds (NaN fails value >= 0)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
@@ -347,7 +349,8 @@ class Sequential:
         if y.shape != (rows,):
             raise ValueError(f"y must have shape ({rows},) (one label per row of X), got "
                              f"{tuple(y.shape)}")
-        # contiguous: the compiled step is compiled for contiguous labels only
+        # contiguous: one compiled specialization serves every call (strided labels would
+        # compile another)
         return _arrays.namespace(y).ascontiguousarray(y.astype(_LABELS, copy=False))
 
     def _labels_out_of_range(self, y: Any, bad_row: int | None = None) -> ValueError:
@@ -547,10 +550,10 @@ class Sequential:
                 work = self._work = np.empty(rows * self._work_per_row, self.dtype)
         if rows * self._macs_per_row >= native.blas.BLAS_THREADS_MIN_WORK:  # read each call:
             native.blas.match_blas_threads()  # the threshold may be changed at run time
-        call = native.checked_call if checked else native.network_call
+        call = (native.checked_call or native.network_call) if checked else native.network_call
         value = call(mode, native.gemm, native.int_bits, self._layout, self._arenas, X, work,
                      outer, labels, dX, loss_code, lr, momentum)
-        if checked and call is native.network_call:  # compiled now: call it directly from now
+        if checked and native.checked_call is None:  # compiled now: look its entry up once
             entry = _compiled_entry(call, (mode, native.gemm, native.int_bits, self._layout,
                                            self._arenas, X, work, outer, labels, dX, loss_code,
                                            lr, momentum))
@@ -561,8 +564,7 @@ class Sequential:
         """The compiled call and the BLAS routines it takes, looked up once per network."""
         native = _native_module()
         blas = native.blas.blas_routines(self.dtype)
-        self._native_call = native._replace(gemm=blas.gemm, int_bits=blas.int_bits,
-                                            checked_call=native.network_call)
+        self._native_call = native._replace(gemm=blas.gemm, int_bits=blas.int_bits)
         return self._native_call
 
     # --- numpy (the reference) and cupy: layer by layer ------------------------------------------

@@ -864,8 +864,20 @@ def test_checked_steps_call_the_compiled_step_directly_with_the_same_results():
         assert fast == slow, step
         np.testing.assert_array_equal(nets[0]._arenas, nets[1]._arenas)
     entry = nets[0]._native_call.checked_call
-    assert entry is not _numba_network.network_call  # numba still exposes its compiled entry
-    assert nets[1]._native_call.checked_call is _numba_network.network_call  # never checked
+    assert entry is not None and entry is not _numba_network.network_call  # numba exposes it
+    assert nets[1]._native_call.checked_call is None  # never a checked step
+    # Inputs the inline check must turn away from the compiled entry (which would misread
+    # them): strided labels, F-ordered X, a one-row view of X with a row stride of its own.
+    big = np.repeat(X, 2, axis=0)
+    for odd_X, odd_y in [(X, y), (np.asfortranarray(X), y.copy()), (big[::2], y.copy()),
+                         (big[2::3][:1], y[:1].copy()), (X[:1], labels[:2:2])]:
+        fast = nets[0].train_step(odd_X, odd_y, loss="softmax_cross_entropy", lr=0.1,
+                                  momentum=0.9)
+        slow = nets[1].train_step(np.asfortranarray(odd_X), np.repeat(odd_y, 2)[::2],
+                                  loss="softmax_cross_entropy", lr=0.1, momentum=0.9)
+        assert fast == slow
+        np.testing.assert_array_equal(nets[0]._arenas, nets[1]._arenas)
+    assert nets[0]._native_call.checked_call is entry  # looked up once
 
 
 def test_the_compiled_entry_is_the_dispatcher_where_numba_does_not_expose_it():
@@ -887,6 +899,27 @@ def test_the_compiled_entry_is_the_dispatcher_where_numba_does_not_expose_it():
 
     uncompiled = Uncompiled()
     assert _compiled_entry(uncompiled, (1, 2.0)) is uncompiled
+
+
+def test_a_numba_without_the_compiled_entry_looks_it_up_once(monkeypatch):
+    """Where numba does not expose its compiled function, the checked step keeps calling the
+    dispatcher, and the lookup is not repeated at every step."""
+    if fastlinear.available_backends()["numba"] is not None:
+        pytest.skip("numba backend not available")
+    from fastlinear import sequential
+    from fastlinear.backends import _numba_network
+
+    lookups = []
+
+    def unexposed(dispatcher, args):
+        lookups.append(args)
+        return dispatcher
+
+    monkeypatch.setattr(sequential, "_compiled_entry", unexposed)
+    net = Sequential(*make_layers((5, 3), (None,), np.float64, seed=84), backend="numba")
+    for _ in range(3):
+        net.train_step(np.ones((2, 5)), np.array([0, 2]), loss="softmax_cross_entropy", lr=0.1)
+    assert len(lookups) == 1 and net._native_call.checked_call is _numba_network.network_call
 
 
 def test_x_is_converted_to_the_networks_dtype(backend):

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 from numba.np.arrayobj import populate_array
 
 from fastlinear.backends._numba_activations import (
@@ -47,13 +47,14 @@ def _borrowed(typingctx, array, offset, shape):
     """The C-contiguous array of ``shape`` (a tuple of one or two sizes) over the elements
     ``offset:offset + prod(shape)`` of the C-contiguous ``array``, built directly: no slice or
     ``reshape`` (a helper call that inspects strides) and no reference count (its memory-info is
-    null, so numba's increfs and decrefs of it are no-ops, not atomic operations; ~2 us of a
-    step). It borrows ``array``'s memory: valid while ``array`` lives, never to be returned to
-    Python; bounds are the caller's (``_block``, ``_vector``, ``_flat``)."""
+    null, so numba's increfs and decrefs of it are no-ops, not atomic operations). It borrows
+    ``array``'s memory: valid while ``array`` lives, never to be returned to Python; bounds are
+    the caller's (``_block``, ``_vector``, ``_flat``, which compile only into compiled callers:
+    called from Python they would hand out an array that owns nothing)."""
     if not (isinstance(array, types.Array) and array.layout == "C"
             and isinstance(shape, types.UniTuple) and shape.count in (1, 2)):
         return None
-    result_type = types.Array(array.dtype, shape.count, "C")
+    result_type = types.Array(array.dtype, shape.count, "C", readonly=not array.mutable)
 
     def codegen(context, builder, signature, args):
         source, start, sizes = args
@@ -70,7 +71,7 @@ def _borrowed(typingctx, array, offset, shape):
     return result_type(array, types.intp, types.UniTuple(types.intp, shape.count)), codegen
 
 
-@njit(cache=True)
+@register_jitable
 def _vector(array, offset, length):
     """``array.flat[offset:offset + length]`` (C-contiguous ``array``), borrowed
     (``_borrowed``): only for use inside the compiled call that holds ``array``."""
@@ -79,7 +80,7 @@ def _vector(array, offset, length):
     return _borrowed(array, offset, (length,))
 
 
-@njit(cache=True)
+@register_jitable
 def _block(work, offset, rows, cols):
     """The (rows, cols) C-contiguous matrix at ``work[offset:]``, borrowed (``_borrowed``):
     only for use inside the compiled call that holds ``work``."""
@@ -88,7 +89,7 @@ def _block(work, offset, rows, cols):
     return _borrowed(work, offset, (rows, cols))
 
 
-@njit(cache=True)
+@register_jitable
 def _flat(block):
     """The C-contiguous ``block``'s elements as one vector, borrowed (``_borrowed``)."""
     return _borrowed(block, 0, (block.size,))
@@ -154,8 +155,8 @@ def _output_gradient(code, G, saved, total):
     over the block, not two; the sums start from -0.0, which adds exactly as copying the first
     row would). These loops are written here, not taken from the shared
     ``activation_grad(code, dy, saved, g)``: called with ``dy`` and ``g`` the same row, its
-    loop over two arguments that may alias ran several times slower inside the step (for ReLU,
-    1.4-5.5 against 0.2-0.5 ns an element, ``benchmarks/relu_grad_in_place.py``)."""
+    loop over two arguments that may alias ran several times slower inside the step
+    (``benchmarks/relu_grad_in_place.py``)."""
     if code == GELU or code == GELU_TANH:
         flat = _flat(G)
         activation_grad(code, flat, _flat(saved), flat)
@@ -185,8 +186,8 @@ def _output_gradient(code, G, saved, total):
 
 # float32 exp for arguments <= 0 (the shifted logits of a softmax): x = n ln2 + r, |r| <= ln2/2,
 # ln2 split in two (Cody-Waite) so n ln2 is exact; exp(r) by Cephes' expf polynomial; 2^n built
-# from its bits. Written as selects and casts so the loop vectorises (libm's expf is one call an
-# element here: ~9 ns, against ~1 ns).
+# from its bits. Written as selects and casts so the loop vectorises (libm's expf would be one
+# call an element).
 _F32 = np.float32
 _EXP_LOW = _F32(-87.33654)  # ln of float32's smallest normal: below it, 0 (np.exp: subnormal)
 _LOG2E, _LN2_HI, _LN2_LO = _F32(1.44269504088896341), _F32(0.693359375), _F32(-2.12194440e-4)
@@ -222,7 +223,7 @@ def _exp_nonpositive_f32(x):
         e = p * _float32_from_bits((np.int32(n) + 127) << 23)
         e = zero if low else e
         # ``v + zero``, not ``v``: storing back the loaded value made LLVM write the loop with
-        # masked stores, several times slower on Zen 3 than this blend (see _numba_activations)
+        # masked stores, much slower on Zen 3 than this blend (see _numba_activations)
         x[k] = v + zero if v != v else e
 
 
@@ -246,7 +247,7 @@ def _cross_entropy(logits, labels, dlogits):
         for j in range(1, classes):
             # One vmaxss a class: NaNs after the first class are passed over, but a row with a
             # NaN ends all NaN all the same (its shifted NaN makes the norm NaN below). Keeping
-            # NaN as the top took a compare, an or and a blend on the chain, ~3x the latency.
+            # NaN as the top put a compare, an or and a blend on the dependency chain.
             v = z[j]
             top = v if v > top else top
         total += float(top) - float(z[labels[n]])
@@ -324,17 +325,6 @@ def _offset(layout, rows, i):
     for k in range(i):
         position += 3 * rows * layout[k, 1]
     return position
-
-
-@njit(cache=True)
-def _offsets(layout, rows):
-    """Offset of each layer's three workspace blocks, as an array (for the bench's floor)."""
-    offsets = np.empty(layout.shape[0], np.int64)
-    position = 0
-    for i in range(layout.shape[0]):
-        offsets[i] = position
-        position += 3 * rows * layout[i, 1]
-    return offsets
 
 
 @njit(cache=True)
