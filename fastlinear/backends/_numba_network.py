@@ -341,7 +341,7 @@ def _forward_all(gemm, int_bits, layout, params, X, work):
     """Every layer's forward pass; returns the last layer's output block."""
     rows = X.shape[0]
     A = X
-    at = 0  # _offset(layout, rows, i)
+    at = 0  # layer i's blocks (_offset), walked up
     for i in range(layout.shape[0]):
         M = layout[i, 1]
         W, b = _parameters(params, layout, i)
@@ -362,11 +362,11 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, dX, velocity, 
     ``dW``, ``db`` and ``W`` are still in cache; no later product reads that layer's
     parameters, so the result is that of one update after the whole backward pass."""
     rows = X.shape[0]
+    at = _offset(layout, rows, layout.shape[0] - 1)  # layer i's blocks, walked down
     for i in range(layout.shape[0] - 1, -1, -1):
         D, M, w_at, b_at, code = layout[i, 0], layout[i, 1], layout[i, 2], layout[i, 3], \
             layout[i, 4]
         W, _ = _parameters(params, layout, i)
-        at = _offset(layout, rows, i)
         H = _block(work, at, rows, M)
         saved = _block(work, at + rows * M, rows, M) if (
             code == GELU or code == GELU_TANH) else H
@@ -374,8 +374,8 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, dX, velocity, 
         _output_gradient(code, G, saved,
                          _vector(grads, b_at, M) if b_at >= 0 else _vector(grads, 0, 0))
         dW = _block(grads, w_at, D, M)
+        before = at - 3 * rows * D  # layer i - 1's blocks (D columns each), where i > 0
         if i > 0:
-            before = _offset(layout, rows, i - 1)  # layer i - 1's blocks, D columns each
             A = _block(work, before, rows, D)
             _product(gemm, int_bits, A, True, G, False, dW, 0.0)
             dA = _block(work, before + 2 * rows * D, rows, D)
@@ -388,6 +388,7 @@ def _backward_all(gemm, int_bits, layout, params, grads, X, work, dX, velocity, 
             end = w_at + D * M + (M if b_at >= 0 else 0)
             _sgd(_vector(params, w_at, end - w_at), _vector(velocity, w_at, end - w_at),
                  _vector(grads, w_at, end - w_at), lr, momentum)
+        at = before
 
 
 @njit(cache=True)
